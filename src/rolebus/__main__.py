@@ -1,0 +1,3 @@
+from rolebus.cli import main
+
+main()

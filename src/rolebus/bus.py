@@ -1,0 +1,159 @@
+"""The client API: connect to the bus and publish typed messages.
+
+async with await Bus.connect(Settings.from_env()) as bus:
+    task, ack = await bus.publish_task("task.backend.implement", title="Orders API")
+"""
+
+from __future__ import annotations
+
+import secrets
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from rolebus import codec
+from rolebus.config import Settings
+from rolebus.errors import ConnectError, SubjectError
+from rolebus.messages import Envelope, Task
+from rolebus.roles import Team
+from rolebus.server import running_server_url
+from rolebus.subjects import TASK, Header, parse_subject, task_subject
+from rolebus.transport import Connection, PubAck, StreamLimits
+
+__all__ = ["Bus", "new_traceparent", "resolve_url"]
+
+log = structlog.get_logger("rolebus.bus")
+
+
+def resolve_url(settings: Settings) -> str:
+    """``NATS_URL`` if set, else the embedded server of this state folder, else an
+    error that says what to run."""
+    if settings.nats_url:
+        return settings.nats_url
+    url = running_server_url(settings.home)
+    if url is None:
+        raise ConnectError(
+            f"no NATS server: NATS_URL is not set and no embedded server runs for "
+            f"the state folder {str(settings.home)!r}",
+            hint="run `rolebus server` in another terminal (or `rolebus up` for the whole "
+            "team), or set NATS_URL=nats://host:4222 to use an existing server",
+        )
+    return url
+
+
+def new_traceparent() -> str:
+    """A W3C trace context header for a new flow."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def child_traceparent(parent: str | None) -> str:
+    """The same trace, a new span: what a follow-up of ``parent`` carries."""
+    if not parent or parent.count("-") != 3:
+        return new_traceparent()
+    version, trace_id, _, flags = parent.split("-")
+    return f"{version}-{trace_id}-{secrets.token_hex(8)}-{flags}"
+
+
+class Bus:
+    """A connection to the bus, with the streams provisioned."""
+
+    def __init__(self, connection: Connection, settings: Settings) -> None:
+        self.connection = connection
+        self.settings = settings
+
+    @classmethod
+    async def connect(
+        cls,
+        settings: Settings,
+        *,
+        name: str = "rolebus",
+        provision: bool = True,
+        limits: StreamLimits | None = None,
+        inbox_prefix: str | None = None,
+    ) -> Bus:
+        connection = await Connection.open(
+            settings, resolve_url(settings), name=name, inbox_prefix=inbox_prefix
+        )
+        try:
+            if provision:
+                await connection.provision(limits)
+        except BaseException:
+            await connection.close()
+            raise
+        return cls(connection, settings)
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def publish(
+        self,
+        subject: str,
+        message: Envelope,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> PubAck:
+        """Publish one message; its id is the Msg-Id, so publishing it again is a no-op."""
+        parse_subject(subject)
+        all_headers = {Header.TRACEPARENT: new_traceparent(), **(headers or {})}
+        return await self.connection.publish(
+            subject, codec.encode(message), msg_id=message.id, headers=all_headers
+        )
+
+    async def publish_task(
+        self,
+        subject: str,
+        *,
+        title: str,
+        kind: str | None = None,
+        payload: dict[str, Any] | None = None,
+        team: Team | None = None,
+        **fields: Any,
+    ) -> tuple[Task, PubAck]:
+        """Build and publish a Task. ``subject`` is ``task.<domain>.<kind>``, or
+        ``task.<domain>`` with ``kind``. With ``team``, the domain must have an owner."""
+        subject = task_subject_for(subject, kind)
+        parsed = parse_subject(subject)
+        if team is not None:
+            team.owner_of(parsed.second)
+        task = Task(kind=parsed.third, title=title, payload=payload or {}, **fields)
+        ack = await self.publish(subject, task)
+        log.debug("task published", task_id=task.id, subject=subject, seq=ack.seq)
+        return task, ack
+
+
+def task_subject_for(subject: str, kind: str | None) -> str:
+    """Complete ``task.<domain>`` with ``kind``; check a full subject agrees with it."""
+    tokens = subject.split(".")
+    if tokens[0] != TASK:
+        raise SubjectError(
+            f"{subject!r} is not a task subject",
+            subject=subject,
+            hint="tasks go to task.<domain>.<kind>, e.g. task.backend.implement",
+        )
+    if len(tokens) == 2:
+        if kind is None:
+            raise SubjectError(
+                f"subject {subject!r} has no kind",
+                subject=subject,
+                hint=f"give --kind, or publish to {subject}.<kind>",
+            )
+        return task_subject(tokens[1], kind)
+    if kind is not None and len(tokens) == 3 and tokens[2] != kind:
+        raise SubjectError(
+            f"--kind {kind!r} disagrees with the subject's kind {tokens[2]!r}",
+            subject=subject,
+            hint=f"publish to task.{tokens[1]}.{kind}, or drop --kind",
+        )
+    return subject

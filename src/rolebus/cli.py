@@ -1,0 +1,391 @@
+"""The ``rolebus`` command. The only place logging is configured.
+
+Every command turns a :class:`~rolebus.errors.RolebusError` into one clear
+message on stderr and exit code 1 (2 for bad usage); never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import structlog
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rolebus import subjects as names
+from rolebus.bus import Bus, task_subject_for
+from rolebus.config import Settings
+from rolebus.errors import ConfigError, RolebusError
+from rolebus.roles import Team, load_team
+from rolebus.server import serve
+from rolebus.subjects import parse_subject
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="rolebus",
+    help="An event-driven task bus for teams of role agents, on NATS JetStream.\n\n"
+    "Start a server with `rolebus server` (or set NATS_URL), publish tasks with "
+    "`rolebus publish`, run the team with `rolebus up`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+roles_app = typer.Typer(help="The team: list the roles, or check the role files.")
+app.add_typer(roles_app, name="roles")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+RolesOption = Annotated[
+    Path | None,
+    typer.Option("--roles", help="Folder of role files (default: roles/ or ROLEBUS_ROLES)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+@app.callback()
+def _configure(
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="debug, info, warning or error.")
+    ] = "warning",
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="console (readable) or json (one object a line).")
+    ] = "console",
+) -> None:
+    configure_logging(level=log_level, fmt=log_format)
+
+
+def configure_logging(*, level: str = "warning", fmt: str = "console") -> None:
+    """structlog to stderr: readable by default, JSON lines with ``fmt="json"``."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise typer.BadParameter(f"unknown log level {level!r}: use debug, info, warning, error")
+    if fmt not in ("console", "json"):
+        raise typer.BadParameter(f"unknown log format {fmt!r}: use console or json")
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def settings_for(roles: Path | None = None, **overrides: Any) -> Settings:
+    return Settings.from_env(roles_dir=roles, **overrides)
+
+
+def team_for(settings: Settings) -> Team:
+    return load_team(settings.roles_dir)
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+def print_json(value: Any) -> None:
+    out.print_json(json.dumps(value, default=str)) if sys.stdout.isatty() else print(
+        json.dumps(value, default=str)
+    )
+
+
+# --- server ------------------------------------------------------------------------------
+
+
+@app.command()
+def server(
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on (default 4222 or ROLEBUS_PORT; 0: any).")
+    ] = None,
+) -> None:
+    """Run the embedded NATS server (JetStream, fsync always) until Ctrl-C.
+
+    Its store lives in the state folder (`.rolebus/`, or ROLEBUS_HOME); every other
+    command in this folder finds it by itself.
+    """
+    settings = settings_for(port=port)
+    if settings.nats_url:
+        err.print(
+            f"[yellow]note:[/] NATS_URL={settings.nats_url} is set, so other commands "
+            "will use that server, not this one."
+        )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with serve(home=settings.home, port=settings.port, sync_interval=settings.sync_interval) as s:
+        run(_provision(settings.with_overrides(nats_url=s.url)))
+        out.print(f"rolebus server listening on [bold]{s.url}[/]")
+        out.print(
+            f"  JetStream store: {s.store_dir}  (sync_interval: {settings.sync_interval})\n"
+            f"  log: {s.log_path}\n  Stop with Ctrl-C."
+        )
+        while not stop.wait(0.5):
+            if not s.running:
+                raise RolebusError(
+                    "nats-server stopped unexpectedly", hint=f"see its log in {s.log_path}"
+                )
+    out.print("rolebus server stopped.")
+
+
+async def _provision(settings: Settings) -> None:
+    bus = await Bus.connect(settings, name="rolebus-provision")
+    await bus.close()
+
+
+@app.command()
+def provision() -> None:
+    """Create the streams and KV buckets (idempotent; reports incompatible ones)."""
+    settings = settings_for()
+    run(_provision(settings))
+    out.print("streams and buckets are ready: " + ", ".join(s.name for s in names.STREAMS))
+
+
+# --- publishing --------------------------------------------------------------------------
+
+
+def _payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:
+    if payload is not None and payload_file is not None:
+        raise ConfigError("give --payload or --payload-file, not both")
+    source = "--payload"
+    text = payload
+    if payload_file is not None:
+        source = f"--payload-file {payload_file}"
+        try:
+            text = payload_file.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"cannot read {source}: {error}") from error
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{source} is not JSON: {error.msg} at line {error.lineno} column {error.colno}",
+            hint='give a JSON object, e.g. --payload \'{"endpoint": "/orders"}\'',
+        ) from error
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{source} is a JSON {type(value).__name__}, not an object",
+            hint='wrap it in an object, e.g. {"items": [...]}',
+        )
+    return value
+
+
+@app.command()
+def publish(
+    subject: Annotated[
+        str, typer.Argument(help="task.<domain>.<kind> (or task.<domain> --kind K)")
+    ],
+    title: Annotated[str, typer.Option("--title", "-t", help="What the task is, in a line.")],
+    kind: Annotated[str | None, typer.Option(help="The task kind, if not in SUBJECT.")] = None,
+    payload: Annotated[str | None, typer.Option(help="A JSON object with the task's data.")] = None,
+    payload_file: Annotated[
+        Path | None, typer.Option(help="Read the JSON payload from this file.")
+    ] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher is more urgent.")] = None,
+    task_id: Annotated[
+        str | None, typer.Option("--id", help="Your own task id (publishing it twice is a no-op).")
+    ] = None,
+    roles: RolesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish a task; prints its id and stream sequence.
+
+    Example: `rolebus publish task.backend.implement -t "Orders API" --payload '{"v": 1}'`
+    """
+    settings = settings_for(roles)
+    team = team_for(settings)
+    team.owner_of(parse_subject(task_subject_for(subject, kind)).second)
+    data = _payload(payload, payload_file)
+    extra: dict[str, Any] = {"priority": priority}
+    if task_id is not None:
+        extra["id"] = task_id
+
+    async def go() -> tuple[Any, Any]:
+        async with await Bus.connect(settings, name="rolebus-publish") as bus:
+            return await bus.publish_task(
+                subject, title=title, kind=kind, payload=data, team=team, **extra
+            )
+
+    task, ack = run(go())
+    if as_json:
+        print_json(
+            {
+                "id": task.id,
+                "subject": f"task.{subject.split('.')[1]}.{task.kind}",
+                "stream": ack.stream,
+                "seq": ack.seq,
+                "duplicate": ack.duplicate,
+            }
+        )
+        return
+    note = " (duplicate: already stored, not added again)" if ack.duplicate else ""
+    out.print(f"published task [bold]{task.id}[/] ({ack.stream} seq {ack.seq}){note}")
+
+
+# --- catalog -----------------------------------------------------------------------------
+
+
+def subject_catalog(team: Team | None) -> list[dict[str, str]]:
+    """Every subject family with its stream, message type and who reads it."""
+
+    def owner(domain: str) -> str:
+        return team.domain_owner.get(domain, "?") if team else ""
+
+    rows = [
+        {
+            "subject": "task.<domain>.<kind>",
+            "stream": names.WORK_STREAM,
+            "message": "Task",
+            "read_by": "the role owning <domain>",
+        },
+        {
+            "subject": "handoff.<to_role>.<contract>",
+            "stream": names.WORK_STREAM,
+            "message": "Handoff",
+            "read_by": "<to_role>",
+        },
+        {
+            "subject": "escalation.<to_role>.<reason>",
+            "stream": names.WORK_STREAM,
+            "message": "Escalation",
+            "read_by": "<to_role>",
+        },
+        {
+            "subject": "decision.<to_role>.<escalation_id>",
+            "stream": names.WORK_STREAM,
+            "message": "Decision",
+            "read_by": "<to_role>",
+        },
+        {
+            "subject": "event.<entity>.<state>",
+            "stream": names.EVENTS_STREAM,
+            "message": "Event",
+            "read_by": "history, replay, projections",
+        },
+        {
+            "subject": "dlq.<original subject>",
+            "stream": names.DLQ_STREAM,
+            "message": "the original message",
+            "read_by": "`rolebus dlq`",
+        },
+    ]
+    if team is not None:
+        for domain in sorted(team.domain_owner):
+            rows.append(
+                {
+                    "subject": f"task.{domain}.>",
+                    "stream": names.WORK_STREAM,
+                    "message": "Task",
+                    "read_by": owner(domain),
+                }
+            )
+    return rows
+
+
+@app.command("subjects")
+def subjects_command(roles: RolesOption = None, as_json: JsonOption = False) -> None:
+    """Print the subject catalog (with the team's domains when roles/ is found).
+
+    subjects.md documents each subject's fields for publishers in other languages.
+    """
+    settings = settings_for(roles)
+    team: Team | None = None
+    if settings.roles_dir.is_dir():
+        team = team_for(settings)
+    rows = subject_catalog(team)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("subject", "stream", "message", "read by", title="rolebus subjects")
+    for row in rows:
+        table.add_row(row["subject"], row["stream"], row["message"], row["read_by"])
+    out.print(table)
+
+
+def _role_row(role: Any) -> dict[str, Any]:
+    handler = role.handler if isinstance(role.handler, str) else " ".join(role.handler.command)
+    return {
+        "id": role.id,
+        "title": role.title,
+        "reports_to": role.reports_to,
+        "domains": role.domains,
+        "handler": handler,
+        "concurrency": role.concurrency,
+        "never": [rule.what for rule in role.never],
+        "file": role.source,
+    }
+
+
+@roles_app.callback(invoke_without_command=True)
+def roles_list(ctx: typer.Context, roles: RolesOption = None, as_json: JsonOption = False) -> None:
+    """List the team (id, title, who they report to, domains, handler)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    team = team_for(settings_for(roles))
+    rows = [_role_row(role) for role in team]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("id", "title", "reports to", "domains", "handler", "never", title="the team")
+    for row in rows:
+        table.add_row(
+            row["id"],
+            row["title"],
+            row["reports_to"] or "(top)",
+            ", ".join(row["domains"]),
+            row["handler"],
+            "\n".join(row["never"]),
+        )
+    out.print(table)
+
+
+@roles_app.command("check")
+def roles_check(roles: RolesOption = None) -> None:
+    """Validate every role file and the team as a whole; exit 1 naming the problem."""
+    settings = settings_for(roles)
+    team = team_for(settings)
+    out.print(
+        f"{len(team)} roles OK in {settings.roles_dir}: " + ", ".join(role.id for role in team)
+    )
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning rolebus errors into clean exits."""
+    _run_app(app, argv)
+
+
+def _run_app(application: Callable[..., Any], argv: list[str] | None) -> None:
+    try:
+        application(args=argv, standalone_mode=True)
+    except RolebusError as error:
+        err.print(f"[bold red]error:[/] {error.message}", highlight=False)
+        if error.hint:
+            err.print(f"  [dim]hint:[/] {error.hint}", highlight=False)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,122 @@
+"""Settings: one frozen object, and the only reader of the environment.
+
+Variables (all optional):
+
+- ``NATS_URL``: join this server or cluster (comma-separated URLs) instead of the
+  embedded one.
+- ``NATS_CREDS``: a ``.creds`` file (JWT + nkey); ``NATS_USER``/``NATS_PASSWORD``;
+  ``NATS_NKEY``: an nkey seed file.
+- ``NATS_CA``, ``NATS_CERT``, ``NATS_KEY``: TLS (CA bundle, client cert and key).
+- ``ROLEBUS_HOME``: the state folder (embedded server store, its pid/url file);
+  default ``.rolebus`` in the current directory.
+- ``ROLEBUS_ROLES``: the folder of role files; default ``roles``.
+- ``ROLEBUS_PORT``: the embedded server's port; default 4222.
+- ``ROLEBUS_SYNC``: the embedded server's ``sync_interval``; default ``always``
+  (fsync every write; JetStream's own default of 2 minutes loses acknowledged
+  writes on power loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rolebus.errors import ConfigError
+
+__all__ = ["Settings"]
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigError(
+            f"ROLEBUS_PORT={value!r} is not a port number",
+            hint="use a number from 1 to 65535 (or 0 for any free port)",
+        )
+    return port
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Where the bus runs and how to reach it. Build with :meth:`from_env`."""
+
+    nats_url: str | None = None
+    creds_file: Path | None = None
+    user: str | None = None
+    password: str | None = None
+    nkey_seed_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    home: Path = Path(".rolebus")
+    roles_dir: Path = Path("roles")
+    port: int = 4222
+    sync_interval: str = "always"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read the environment; keyword overrides (from CLI options) win when not None."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {
+            "nats_url": env.get("NATS_URL") or None,
+            "creds_file": _optional_path(env.get("NATS_CREDS")),
+            "user": env.get("NATS_USER") or None,
+            "password": env.get("NATS_PASSWORD") or None,
+            "nkey_seed_file": _optional_path(env.get("NATS_NKEY")),
+            "tls_ca": _optional_path(env.get("NATS_CA")),
+            "tls_cert": _optional_path(env.get("NATS_CERT")),
+            "tls_key": _optional_path(env.get("NATS_KEY")),
+            "home": Path(env.get("ROLEBUS_HOME") or ".rolebus"),
+            "roles_dir": Path(env.get("ROLEBUS_ROLES") or "roles"),
+            "port": _port(env.get("ROLEBUS_PORT") or "4222"),
+            "sync_interval": env.get("ROLEBUS_SYNC") or "always",
+        }
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, naming the variable to fix."""
+        for name in ("creds_file", "nkey_seed_file", "tls_ca", "tls_cert", "tls_key"):
+            path: Path | None = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(
+                    f"{name.replace('_', ' ')} {str(path)!r} does not exist",
+                    hint="fix the path in the environment variable or CLI option",
+                )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(
+                "TLS needs both a client certificate and its key",
+                hint="set both NATS_CERT and NATS_KEY, or neither",
+            )
+        if self.nats_url is not None and not all(
+            url.strip().split("://", 1)[0] in ("nats", "tls", "ws", "wss")
+            for url in self.nats_url.split(",")
+        ):
+            raise ConfigError(
+                f"NATS_URL={self.nats_url!r} is not a NATS URL",
+                hint="use nats://host:4222 (or tls://...); separate several with commas",
+            )
+
+    @property
+    def server_urls(self) -> list[str]:
+        """The configured URLs as a list (``NATS_URL`` may hold several)."""
+        return [url.strip() for url in (self.nats_url or "").split(",") if url.strip()]
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with some fields replaced (None leaves a field as it is)."""
+        changes = {key: value for key, value in overrides.items() if value is not None}
+        settings = dataclasses.replace(self, **changes)
+        settings.check()
+        return settings

@@ -1,0 +1,763 @@
+"""Everything that talks to NATS. The only module that imports ``nats``.
+
+Domain code sees :class:`Connection`, :class:`InboundMessage`,
+:class:`StoredMessage` and rolebus errors; nats-py's types and exceptions stop
+here (translated at the boundary, ``raise ... from``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from rolebus.config import Settings
+from rolebus.errors import (
+    ConnectError,
+    IncompatibleStreamError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    StreamFullError,
+    TransportError,
+    UnavailableError,
+)
+from rolebus.subjects import BUCKETS, CONTENT_TYPE_MSGPACK, STREAMS, Header, StreamSpec
+
+__all__ = [
+    "Connection",
+    "ConsumerSpec",
+    "InboundMessage",
+    "PubAck",
+    "StoredMessage",
+    "StreamLimits",
+    "Subscription",
+]
+
+log = structlog.get_logger("rolebus.transport")
+
+_API = "$JS.API"
+_PING_INTERVAL = 3  # seconds: nats-py's default (120 s x 2) hides a frozen server for minutes
+_MAX_OUTSTANDING_PINGS = 2
+_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class PubAck:
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamLimits:
+    """How big streams may grow. Work streams refuse new messages when full."""
+
+    replicas: int = 1
+    work_max_bytes: int = 1 << 30
+    work_max_msgs: int = -1
+    max_age: float = 30 * _DAY
+    events_max_bytes: int = 4 << 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumerSpec:
+    """A role's durable pull consumer."""
+
+    stream: str
+    name: str
+    filter_subjects: tuple[str, ...]
+    ack_wait: float
+    max_deliver: int
+    max_ack_pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message read back from a stream (replay, DLQ, direct get)."""
+
+    stream: str
+    seq: int
+    subject: str
+    time: datetime
+    headers: Mapping[str, str]
+    data: bytes
+
+
+class InboundMessage:
+    """A message delivered to a worker by a pull consumer, with its acks."""
+
+    __slots__ = ("_msg", "delivered", "headers", "pending", "stream_seq", "subject", "time_ns")
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        self.subject: str = msg.subject
+        self.headers: Mapping[str, str] = msg.headers or {}
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>
+        # (older servers) or with a domain and account hash prepended (newer ones):
+        # the last six tokens have the same meaning in both.
+        tokens = (msg.reply or "").split(".")
+        self.delivered = int(tokens[-5])
+        self.stream_seq = int(tokens[-4])
+        self.time_ns = int(tokens[-2])
+        self.pending = int(tokens[-1])
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    async def ack(self) -> None:
+        await self._msg.ack()
+
+    async def ack_sync(self, timeout: float = 5.0) -> None:
+        """Ack and wait for the server to confirm (for acks that must not be lost)."""
+        await self._msg.ack_sync(timeout=timeout)
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._msg.nak(delay=delay)
+
+    async def term(self) -> None:
+        await self._msg.term()
+
+    async def in_progress(self) -> None:
+        await self._msg.in_progress()
+
+
+class Subscription:
+    """A core NATS subscription; ``close`` stops it."""
+
+    def __init__(self, subscription: Any) -> None:
+        self._subscription = subscription
+
+    async def close(self) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self._subscription.unsubscribe()
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls_ca is None and settings.tls_cert is None:
+        return None
+    context = ssl.create_default_context(
+        cafile=str(settings.tls_ca) if settings.tls_ca is not None else None
+    )
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    return context
+
+
+class Connection:
+    """One connection to NATS and its JetStream context. Open with :meth:`open`."""
+
+    def __init__(self, client: Client, url: str) -> None:
+        self._client = client
+        self._js: JetStreamContext = client.jetstream(timeout=5.0)
+        self.url = url
+        self._denials: dict[str, float] = {}  # subject -> when the server said no
+        self._reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
+        self._closing = False
+
+    # --- connecting ---------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        settings: Settings,
+        url: str,
+        *,
+        name: str = "rolebus",
+        inbox_prefix: str | None = None,
+        connect_timeout: float = 3.0,
+    ) -> Connection:
+        """Connect, or raise :class:`ConnectError` saying what to do."""
+        connection: Connection | None = None
+
+        async def on_error(error: Exception) -> None:
+            if connection is not None:
+                connection._on_error(error)
+
+        async def on_reconnected() -> None:
+            if connection is not None:
+                log.info("reconnected", url=connection._client.connected_url)
+                for listener in list(connection._reconnect_listeners):
+                    await listener()
+
+        async def on_disconnected() -> None:
+            if connection is not None and not connection._closing:
+                log.warning("disconnected from NATS; reconnecting", url=url)
+
+        options: dict[str, Any] = {
+            "servers": url.split(","),
+            "name": name,
+            "error_cb": on_error,
+            "reconnected_cb": on_reconnected,
+            "disconnected_cb": on_disconnected,
+            "connect_timeout": connect_timeout,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "ping_interval": _PING_INTERVAL,
+            "max_outstanding_pings": _MAX_OUTSTANDING_PINGS,
+            "tls": _ssl_context(settings),
+            "user": settings.user,
+            "password": settings.password,
+            "user_credentials": str(settings.creds_file) if settings.creds_file else None,
+            "nkeys_seed": str(settings.nkey_seed_file) if settings.nkey_seed_file else None,
+        }
+        if inbox_prefix is not None:
+            options["inbox_prefix"] = inbox_prefix
+        client = Client()
+        try:
+            # nats-py retries the initial connect forever when reconnects are unlimited
+            # (only for the first server in some versions): bound it ourselves.
+            await asyncio.wait_for(
+                client.connect(**{**options, "max_reconnect_attempts": 1}),
+                timeout=connect_timeout * 2 + 2,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as error:
+            with contextlib.suppress(Exception):
+                await client.close()
+            text = str(error) or type(error).__name__
+            if "authorization" in text.lower() or "authentication" in text.lower():
+                raise ConnectError(
+                    f"the NATS server at {url} refused our credentials: {text}",
+                    hint="check NATS_USER/NATS_PASSWORD, NATS_CREDS or NATS_NKEY "
+                    "(or --creds) for this server",
+                ) from error
+            raise ConnectError(
+                f"no NATS server reachable at {url} ({text})",
+                hint="start one with `rolebus server` in another terminal, or point "
+                "NATS_URL at a running server",
+            ) from error
+        # Reconnects after a successful start are unlimited: a worker outlives restarts.
+        client.options["max_reconnect_attempts"] = -1
+        connection = cls(client, url)
+        return connection
+
+    def _on_error(self, error: Exception) -> None:
+        text = str(error)
+        if "permissions violation" in text.lower():
+            # Denials reach only this callback; remember them so the operation that
+            # timed out can say why (see _explain_timeout).
+            subject = text.rsplit(" ", 1)[-1].strip("\"'")
+            self._denials[subject] = time.monotonic()
+            log.error("permission denied", subject=subject, detail=text)
+        elif not isinstance(error, nats.errors.SlowConsumerError):
+            log.warning("nats error", error=text or type(error).__name__)
+
+    def on_reconnect(self, listener: Callable[[], Awaitable[None]]) -> None:
+        self._reconnect_listeners.append(listener)
+
+    @property
+    def max_payload(self) -> int:
+        return int(self._client.max_payload)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._client.is_connected)
+
+    def new_inbox(self) -> str:
+        return str(self._client.new_inbox())
+
+    async def close(self) -> None:
+        self._closing = True
+        with contextlib.suppress(Exception):
+            await self._client.drain()
+        with contextlib.suppress(Exception):
+            await self._client.close()
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        await self._client.flush(timeout=int(max(1, timeout)))
+
+    def _denied(self, subject: str) -> bool:
+        return any(pattern == subject or _matches(pattern, subject) for pattern in self._denials)
+
+    def _explain_timeout(self, subject: str, error: Exception, what: str) -> TransportError:
+        if self._denied(subject):
+            return PermissionDeniedError(
+                f"permission denied: this user may not {what} {subject!r}",
+                subject=subject,
+                hint="the role's NATS user lacks this permission; see `rolebus auth`",
+            )
+        return UnavailableError(
+            f"JetStream did not answer in time to {what} {subject!r} ({type(error).__name__})",
+            subject=subject,
+            hint="the server may be restarting or without quorum; it retries by itself "
+            "once the server is back (`rolebus status` shows health)",
+        )
+
+    # --- publishing ------------------------------------------------------------------
+
+    def check_size(self, subject: str, data: bytes, headers: Mapping[str, str]) -> None:
+        size = len(data) + sum(len(key) + len(value) + 4 for key, value in headers.items()) + 12
+        if size > self.max_payload:
+            raise PayloadTooLargeError(size=size, limit=self.max_payload, subject=subject)
+
+    @staticmethod
+    def message_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = {Header.MSG_ID: msg_id, Header.CONTENT_TYPE: CONTENT_TYPE_MSGPACK}
+        if extra:
+            headers.update(extra)
+        return headers
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 5.0,
+        give_up_after: float = 30.0,
+    ) -> PubAck:
+        """Publish to JetStream and wait for its ack; retry with the same Msg-Id
+        (the server de-duplicates) until ``give_up_after`` seconds have passed."""
+        all_headers = self.message_headers(msg_id, headers)
+        self.check_size(subject, data, all_headers)
+        deadline = time.monotonic() + give_up_after
+        delay = 0.05
+        while True:
+            try:
+                reply = await self._client.request(
+                    subject, data, timeout=timeout, headers=all_headers
+                )
+                return self._pub_ack(subject, reply.data)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
+                failure: TransportError = self._explain_timeout(subject, error, "publish to")
+                if isinstance(error, nats.errors.NoRespondersError):
+                    failure = UnavailableError(
+                        f"no stream answered for {subject!r}",
+                        subject=subject,
+                        hint="the stream may be missing (run `rolebus provision`) or its "
+                        "leader is being elected; check `rolebus status`",
+                    )
+            except UnavailableError as error:
+                failure = error
+            except (nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError) as e:
+                failure = UnavailableError(f"connection lost publishing to {subject!r}: {e}")
+            except nats.errors.ConnectionClosedError as error:
+                raise ConnectError(f"connection closed publishing to {subject!r}") from error
+            if isinstance(failure, PermissionDeniedError) or time.monotonic() + delay > deadline:
+                raise failure
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _pub_ack(self, subject: str, body: bytes) -> PubAck:
+        response: dict[str, Any] = json.loads(body)
+        error = response.get("error")
+        if error:
+            description = str(error.get("description", ""))
+            code = int(error.get("code", 0))
+            if code == 503:
+                raise UnavailableError(
+                    f"JetStream unavailable for {subject!r}: {description}", subject=subject
+                )
+            if "maximum" in description or "resource" in description:
+                raise StreamFullError(
+                    f"the stream refused {subject!r}: {description}",
+                    subject=subject,
+                    hint="the stream is full (discard: new refuses rather than dropping "
+                    "old work): let workers catch up, purge handled history, or raise "
+                    "its limits",
+                )
+            raise TransportError(f"JetStream refused {subject!r}: {description}", subject=subject)
+        return PubAck(
+            stream=str(response["stream"]),
+            seq=int(response["seq"]),
+            duplicate=bool(response.get("duplicate", False)),
+        )
+
+    async def publish_many(
+        self,
+        items: list[tuple[str, bytes, str, Mapping[str, str] | None]],
+        *,
+        window: int = 1000,
+        timeout: float = 10.0,
+    ) -> list[PubAck]:
+        """Publish ``(subject, data, msg_id, headers)`` items with up to ``window``
+        unacknowledged at once; a timed-out one is retried alone (same Msg-Id)."""
+        for subject, data, msg_id, headers in items:
+            self.check_size(subject, data, self.message_headers(msg_id, headers))
+        results: list[PubAck | None] = [None] * len(items)
+        for start in range(0, len(items), window):
+            chunk = items[start : start + window]
+            futures = []
+            for subject, data, msg_id, headers in chunk:
+                futures.append(
+                    await self._js.publish_async(
+                        subject, data, headers=self.message_headers(msg_id, headers)
+                    )
+                )
+            done = await asyncio.gather(
+                *(asyncio.wait_for(future, timeout) for future in futures),
+                return_exceptions=True,
+            )
+            for offset, outcome in enumerate(done):
+                index = start + offset
+                if isinstance(outcome, BaseException):
+                    subject, data, msg_id, headers = items[index]
+                    results[index] = await self.publish(
+                        subject, data, msg_id=msg_id, headers=headers
+                    )
+                else:
+                    results[index] = PubAck(outcome.stream, outcome.seq, bool(outcome.duplicate))
+        return [ack for ack in results if ack is not None]
+
+    async def publish_core(self, subject: str, data: bytes, *, reply: str = "") -> None:
+        await self._client.publish(subject, data, reply=reply)
+
+    async def subscribe_core(
+        self, subject: str, callback: Callable[[Msg], Awaitable[None]]
+    ) -> Subscription:
+        """Low level: used by the pull loop and advisory listeners in this package."""
+        subscription = await self._client.subscribe(
+            subject, cb=callback, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        return Subscription(subscription)
+
+    # --- provisioning ------------------------------------------------------------------
+
+    async def provision(self, limits: StreamLimits | None = None) -> None:
+        """Create rolebus's streams and KV buckets when missing; never replace a
+        different existing configuration, report it instead."""
+        limits = limits or StreamLimits()
+        for spec in STREAMS:
+            await self._ensure_stream(spec, limits)
+        for bucket in BUCKETS:
+            await self._ensure_bucket(bucket, limits)
+
+    def _stream_config(self, spec: StreamSpec, limits: StreamLimits) -> StreamConfig:
+        return StreamConfig(
+            name=spec.name,
+            description=spec.description,
+            subjects=list(spec.subjects),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW if spec.work else DiscardPolicy.OLD,
+            max_bytes=limits.work_max_bytes if spec.work else limits.events_max_bytes,
+            max_msgs=limits.work_max_msgs if spec.work else -1,
+            max_age=limits.max_age,
+            num_replicas=limits.replicas,
+            duplicate_window=120.0,
+            allow_direct=True,
+        )
+
+    async def _ensure_stream(self, spec: StreamSpec, limits: StreamLimits) -> None:
+        wanted = self._stream_config(spec, limits)
+        try:
+            info = await self._js.stream_info(spec.name)
+        except nats.js.errors.NotFoundError:
+            info = None
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
+            raise self._no_jetstream(error) from error
+        if info is None:
+            try:
+                await self._js.add_stream(wanted)
+            except nats.js.errors.APIError as error:
+                raise self._translate_api(error, f"create stream {spec.name}") from error
+            log.info("stream created", stream=spec.name)
+            return
+        have = info.config
+        problems = []
+        if sorted(have.subjects or []) != sorted(spec.subjects):
+            problems.append(f"subjects are {have.subjects}, rolebus needs {list(spec.subjects)}")
+        if have.retention != RetentionPolicy.LIMITS:
+            problems.append(f"retention is {have.retention}, rolebus needs limits")
+        if spec.work and have.discard != DiscardPolicy.NEW:
+            problems.append("discard is 'old': a full stream would drop work silently")
+        if problems:
+            raise IncompatibleStreamError(
+                f"stream {spec.name} exists with an incompatible configuration: "
+                + "; ".join(problems),
+                hint="rolebus does not replace it for you: fix it with `nats stream edit`, "
+                "or delete it if its content is not needed",
+            )
+
+    async def _ensure_bucket(self, bucket: str, limits: StreamLimits) -> None:
+        try:
+            await self._js.key_value(bucket)
+            return
+        except nats.js.errors.BucketNotFoundError:
+            pass
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
+            raise self._no_jetstream(error) from error
+        await self._js.create_key_value(
+            KeyValueConfig(
+                bucket=bucket,
+                history=64,
+                storage=StorageType.FILE,
+                replicas=limits.replicas,
+            )
+        )
+        log.info("bucket created", bucket=bucket)
+
+    def _no_jetstream(self, error: Exception) -> TransportError:
+        if self._denied(f"{_API}.STREAM.INFO.>") or self._denials:
+            return PermissionDeniedError(
+                "permission denied using the JetStream API",
+                hint="provisioning needs the admin user; run it once as admin",
+            )
+        return UnavailableError(
+            f"JetStream is not answering on {self.url} ({type(error).__name__})",
+            hint="the server must run with JetStream enabled (`rolebus server` does); "
+            "in a cluster, a majority of nodes must be up",
+        )
+
+    def _translate_api(self, error: nats.js.errors.APIError, what: str) -> TransportError:
+        description = error.description or str(error)
+        if isinstance(error, nats.js.errors.ServiceUnavailableError):
+            return UnavailableError(f"cannot {what}: JetStream unavailable ({description})")
+        return TransportError(f"cannot {what}: {description} (code {error.err_code})")
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        """Create or update a role's durable pull consumer (it is ours to adjust)."""
+        config = ConsumerConfig(
+            durable_name=spec.name,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=spec.ack_wait,
+            max_deliver=spec.max_deliver,
+            max_ack_pending=spec.max_ack_pending,
+            filter_subjects=list(spec.filter_subjects),
+            max_waiting=512,
+        )
+        try:
+            await self._js.add_consumer(spec.stream, config)
+        except nats.js.errors.APIError as error:
+            raise self._translate_api(error, f"create consumer {spec.name}") from error
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
+            raise self._explain_timeout(
+                f"{_API}.CONSUMER.CREATE.{spec.stream}.{spec.name}", error, "create consumer"
+            ) from error
+
+    async def consumer_state(self, stream: str, consumer: str) -> dict[str, int]:
+        """Backlog and in-flight counts of one consumer."""
+        try:
+            info = await self._js.consumer_info(stream, consumer)
+        except nats.js.errors.NotFoundError:
+            return {"pending": 0, "ack_pending": 0, "redelivered": 0, "waiting": 0}
+        return {
+            "pending": int(info.num_pending or 0),
+            "ack_pending": int(info.num_ack_pending or 0),
+            "redelivered": int(info.num_redelivered or 0),
+            "waiting": int(info.num_waiting or 0),
+        }
+
+    async def stream_state(self, stream: str) -> dict[str, int]:
+        try:
+            info = await self._js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            raise TransportError(
+                f"stream {stream!r} does not exist",
+                hint="streams: ROLEBUS_WORK, ROLEBUS_EVENTS, ROLEBUS_DLQ "
+                "(created by the first command that needs them)",
+            ) from None
+        state = info.state
+        return {
+            "messages": int(state.messages),
+            "bytes": int(state.bytes),
+            "first_seq": int(state.first_seq),
+            "last_seq": int(state.last_seq),
+        }
+
+    # --- pulling ------------------------------------------------------------------------
+
+    def next_request_subject(self, stream: str, consumer: str) -> str:
+        return f"{_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+
+    # --- key/value ------------------------------------------------------------------------
+
+    async def kv_get(self, bucket: str, key: str) -> tuple[bytes, int] | None:
+        """The value and revision of ``key``, or None when absent or deleted."""
+        kv = await self._js.key_value(bucket)
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return (entry.value or b"", int(entry.revision or 0))
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
+        """Create ``key`` only if absent; the new revision, or None if it exists."""
+        kv = await self._js.key_value(bucket)
+        try:
+            return int(await kv.create(key, value))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        except nats.js.errors.APIError as error:
+            if error.err_code == 10071:  # wrong last sequence
+                return None
+            raise
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int | None:
+        """Compare-and-set: write only if ``key`` is still at ``revision``."""
+        kv = await self._js.key_value(bucket)
+        try:
+            return int(await kv.update(key, value, last=revision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        except nats.js.errors.APIError as error:
+            if error.err_code == 10071:
+                return None
+            raise
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        kv = await self._js.key_value(bucket)
+        return int(await kv.put(key, value))
+
+    async def kv_items(self, bucket: str) -> AsyncIterator[tuple[str, bytes]]:
+        """Every live key and value of a bucket (a snapshot)."""
+        kv = await self._js.key_value(bucket)
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return
+        for key in keys:
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                entry = await kv.get(key)
+                yield key, entry.value or b""
+
+    # --- reading streams --------------------------------------------------------------
+
+    async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
+        try:
+            raw = await self._js.get_msg(stream, seq=seq, direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        return StoredMessage(
+            stream=stream,
+            seq=int(raw.seq or seq),
+            subject=str(raw.subject),
+            time=_parse_time(raw.headers.get("Nats-Time-Stamp") if raw.headers else None),
+            headers=dict(raw.headers or {}),
+            data=raw.data or b"",
+        )
+
+    async def delete_message(self, stream: str, seq: int) -> None:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._js.delete_msg(stream, seq)
+
+    async def read_stream(
+        self,
+        stream: str,
+        *,
+        filter_subjects: list[str] | None = None,
+        start_seq: int | None = None,
+        start_time: datetime | None = None,
+        follow: bool = False,
+        batch: int = 1000,
+    ) -> AsyncIterator[StoredMessage]:
+        """Read a stream in order through an ephemeral no-ack consumer, which no
+        worker's durable consumer notices. Stops at the end unless ``follow``."""
+        if start_seq is not None:
+            deliver: dict[str, Any] = {
+                "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
+                "opt_start_seq": start_seq,
+            }
+        elif start_time is not None:
+            deliver = {
+                "deliver_policy": DeliverPolicy.BY_START_TIME,
+                "opt_start_time": start_time.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            }
+        else:
+            deliver = {"deliver_policy": DeliverPolicy.ALL}
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.NONE,
+            filter_subjects=filter_subjects or None,
+            inactive_threshold=60.0,
+            mem_storage=True,
+            **deliver,
+        )
+        try:
+            info = await self._js.add_consumer(stream, config)
+        except nats.js.errors.NotFoundError:
+            raise TransportError(
+                f"stream {stream!r} does not exist",
+                hint="streams: ROLEBUS_WORK, ROLEBUS_EVENTS, ROLEBUS_DLQ",
+            ) from None
+        if not follow and not info.num_pending:
+            await self._delete_consumer(stream, info.name)
+            return
+        queue: asyncio.Queue[Msg | None] = asyncio.Queue()
+
+        async def on_message(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        inbox = self.new_inbox()
+        subscription = await self.subscribe_core(inbox, on_message)
+        subject = self.next_request_subject(stream, info.name)
+        request = json.dumps({"batch": batch, "expires": int(5e9)}).encode()
+        outstanding = 0
+        try:
+            while True:
+                if outstanding <= batch // 2:
+                    await self.publish_core(subject, request, reply=inbox)
+                    outstanding += batch
+                msg = await queue.get()
+                assert msg is not None
+                status = msg.headers.get("Status") if msg.headers else None
+                if status is not None:
+                    if status in ("408", "409"):
+                        outstanding = 0
+                    continue
+                outstanding -= 1
+                tokens = (msg.reply or "").split(".")
+                pending = int(tokens[-1])
+                yield StoredMessage(
+                    stream=stream,
+                    seq=int(tokens[-4]),
+                    subject=msg.subject,
+                    time=datetime.fromtimestamp(int(tokens[-2]) / 1e9, UTC),
+                    headers=msg.headers or {},
+                    data=msg.data,
+                )
+                if pending == 0 and not follow:
+                    return
+        finally:
+            await subscription.close()
+            await self._delete_consumer(stream, info.name)
+
+    async def _delete_consumer(self, stream: str, name: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._js.delete_consumer(stream, name)
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    pattern_tokens, subject_tokens = pattern.split("."), subject.split(".")
+    for index, token in enumerate(pattern_tokens):
+        if token == ">":
+            return len(subject_tokens) > index
+        if index >= len(subject_tokens) or token not in ("*", subject_tokens[index]):
+            return False
+    return len(pattern_tokens) == len(subject_tokens)
+
+
+def _parse_time(value: str | None) -> datetime:
+    if not value:
+        return datetime.fromtimestamp(0, UTC)
+    with contextlib.suppress(ValueError):
+        # Nanosecond precision does not fit datetime: cut to microseconds.
+        head, _, tail = value.rstrip("Z").partition(".")
+        return datetime.fromisoformat(f"{head}.{(tail + '000000')[:6]}+00:00")
+    return datetime.fromtimestamp(0, UTC)

@@ -1,0 +1,52 @@
+"""Shared test helpers. The real-server fixtures come from rolebus.testing (a pytest
+plugin installed with the package)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rolebus.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+CliRunner = Callable[..., CliResult]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """Run the rolebus command in this process; returns exit code and output."""
+
+    def invoke(*argv: str, env: dict[str, str] | None = None) -> CliResult:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as exit_:
+            code = int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test sees the developer's NATS_URL or state folder."""
+    for name in ("NATS_URL", "NATS_CREDS", "NATS_USER", "NATS_PASSWORD", "NATS_NKEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ROLEBUS_HOME", str(tmp_path / "rolebus-home"))
+    monkeypatch.setenv("ROLEBUS_ROLES", str(REPO / "roles"))

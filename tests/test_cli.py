@@ -1,0 +1,157 @@
+"""The rolebus command as a user runs it: clear output, clear errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rolebus.server import EmbeddedServer
+
+from .conftest import REPO, CliRunner
+
+
+def test_help_teaches_the_commands(cli: CliRunner) -> None:
+    result = cli("--help")
+    assert result.code == 0
+    for command in ("server", "publish", "roles", "subjects"):
+        assert command in result.stdout
+
+
+def test_roles_lists_the_team_and_check_validates_it(cli: CliRunner) -> None:
+    listed = cli("roles", "--json")
+    assert listed.code == 0
+    ids = [row["id"] for row in json.loads(listed.stdout)]
+    assert ids == ["architect", "cto", "eng-be", "eng-fe", "perf-eng", "pm"]
+    checked = cli("roles", "check")
+    assert checked.code == 0
+    assert "6 roles OK" in checked.stdout
+
+
+def test_roles_check_names_the_file_and_field_of_a_bad_role(cli: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "a.md").write_text(
+        '+++\nid = "a"\ntitle = "A"\nhandler = "builtin:x"\nreports_to = "a"\n+++\n'
+    )
+    result = cli("roles", "check", "--roles", str(tmp_path))
+    assert result.code == 1
+    assert "a.md, field 'reports_to': a role cannot report to itself" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_subjects_prints_the_catalog_with_domain_owners(cli: CliRunner) -> None:
+    result = cli("subjects", "--json")
+    rows = {row["subject"]: row for row in json.loads(result.stdout)}
+    assert rows["task.backend.>"]["read_by"] == "eng-be"
+    assert rows["event.<entity>.<state>"]["stream"] == "ROLEBUS_EVENTS"
+
+
+def test_publish_prints_the_task_id_and_sequence(
+    cli: CliRunner, rolebus_server: EmbeddedServer
+) -> None:
+    env = {"NATS_URL": rolebus_server.url}
+    result = cli(
+        "publish",
+        "task.backend.implement",
+        "-t",
+        "Orders API",
+        "--payload",
+        '{"endpoint": "/orders"}',
+        "--id",
+        "t1",
+        "--json",
+        env=env,
+    )
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "id": "t1",
+        "subject": "task.backend.implement",
+        "stream": "ROLEBUS_WORK",
+        "seq": 1,
+        "duplicate": False,
+    }
+    again = cli("publish", "task.backend.implement", "-t", "Orders API", "--id", "t1", env=env)
+    assert "duplicate" in again.stdout
+    assert "seq 1" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["task.backend.x", "-t", "x", "--payload", "{not json"], "--payload is not JSON"),
+        (["task.backend.x", "-t", "x", "--payload", "[1]"], "is a JSON list, not an object"),
+        (["task.back end.x", "-t", "x"], "'back end' is not a valid subject token"),
+        (["task.nowhere.x", "-t", "x"], "no role owns the domain 'nowhere'"),
+        (["jobs.backend.x", "-t", "x"], "is not a task subject"),
+    ],
+)
+def test_publish_bad_input_gives_one_clear_error_and_exit_1(
+    cli: CliRunner, rolebus_server: EmbeddedServer, args: list[str], message: str
+) -> None:
+    result = cli("publish", *args, env={"NATS_URL": rolebus_server.url})
+    assert result.code == 1
+    assert message in result.stderr
+    assert "hint:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_publish_with_no_server_says_exactly_what_to_run(cli: CliRunner) -> None:
+    result = cli("publish", "task.backend.x", "-t", "x")
+    assert result.code == 1
+    assert "no NATS server" in result.stderr
+    assert "rolebus server" in result.stderr
+
+
+def test_an_oversize_payload_file_is_refused_with_size_and_limit(
+    cli: CliRunner, rolebus_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"blob": "x" * 2_000_000}))
+    result = cli(
+        "publish",
+        "task.backend.x",
+        "-t",
+        "x",
+        "--payload-file",
+        str(big),
+        env={"NATS_URL": rolebus_server.url},
+    )
+    assert result.code == 1
+    assert "over the server's max_payload of 1,048,576 bytes" in result.stderr
+
+
+def test_the_installed_console_script_runs_server_and_publish_end_to_end(tmp_path: Path) -> None:
+    """The real processes a user starts: `rolebus server`, then `rolebus publish`."""
+    binary = Path(sys.executable).parent / "rolebus"
+    env = {
+        **os.environ,
+        "ROLEBUS_HOME": str(tmp_path / "home"),
+        "ROLEBUS_PORT": "0",
+        "ROLEBUS_ROLES": str(REPO / "roles"),
+    }
+    env.pop("NATS_URL", None)
+    server = subprocess.Popen(
+        [str(binary), "server"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert "rolebus server listening on nats://127.0.0.1:" in line
+        published = subprocess.run(
+            [str(binary), "publish", "task.backend.implement", "-t", "from a user", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert published.returncode == 0, published.stderr
+        assert json.loads(published.stdout)["seq"] == 1
+    finally:
+        server.terminate()
+        _, errors = server.communicate(timeout=30)
+    assert server.returncode == 0, errors
+    assert "Traceback" not in errors
