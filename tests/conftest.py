@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import structlog
 
 from rolebus.cli import main
 
@@ -37,6 +38,10 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
             code = 0
         except SystemExit as exit_:
             code = int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
+        finally:
+            # The CLI configured logging to pytest's captured stderr, which closes
+            # after the test: later tests must not log into it.
+            structlog.reset_defaults()
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)
 

@@ -155,3 +155,86 @@ def test_the_installed_console_script_runs_server_and_publish_end_to_end(tmp_pat
         _, errors = server.communicate(timeout=30)
     assert server.returncode == 0, errors
     assert "Traceback" not in errors
+
+
+def test_dlq_list_show_and_redrive_from_the_command_line(
+    cli: CliRunner, rolebus_server: EmbeddedServer
+) -> None:
+    import asyncio
+
+    from rolebus import codec, dlq
+    from rolebus.bus import Bus
+    from rolebus.config import Settings
+    from rolebus.messages import Task
+
+    task = Task(id="t-dead", kind="x", title="doomed")
+
+    async def plant() -> None:
+        async with await Bus.connect(Settings(nats_url=rolebus_server.url)) as bus:
+            await dlq.dead_letter(
+                bus.connection,
+                subject="task.backend.x",
+                data=codec.encode(task),
+                headers={},
+                stream_seq=7,
+                reason="failed",
+                error="no such table: orders",
+                role="eng-be",
+                attempts=1,
+            )
+
+    asyncio.run(plant())
+    env = {"NATS_URL": rolebus_server.url}
+    listed = cli("dlq", "list", "--json", env=env)
+    assert listed.code == 0, listed.stderr
+    [entry] = json.loads(listed.stdout)
+    assert entry["task_id"] == "t-dead"
+    assert entry["reason"] == "failed"
+    assert entry["error"] == "no such table: orders"
+    shown = cli("dlq", "show", "t-dead", "--json", env=env)
+    assert json.loads(shown.stdout)["message"]["title"] == "doomed"
+    missing = cli("dlq", "show", "nope", env=env)
+    assert missing.code == 1
+    assert "no dead letter 'nope'" in missing.stderr
+    redriven = cli("dlq", "redrive", "--all", "--json", env=env)
+    assert json.loads(redriven.stdout)[0]["subject"] == "task.backend.x"
+    assert "no dead letters" in cli("dlq", "list", env=env).stdout
+
+
+def test_up_runs_the_whole_team_on_an_embedded_server_and_stops_cleanly(tmp_path: Path) -> None:
+    binary = Path(sys.executable).parent / "rolebus"
+    env = {
+        **os.environ,
+        "ROLEBUS_HOME": str(tmp_path / "home"),
+        "ROLEBUS_PORT": "0",
+        "ROLEBUS_ROLES": str(REPO / "roles"),
+    }
+    env.pop("NATS_URL", None)
+    up = subprocess.Popen(
+        [str(binary), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert up.stdout is not None
+        lines: list[str] = []
+        while not any("Stop with Ctrl-C" in line for line in lines):
+            line = up.stdout.readline()
+            assert line, "rolebus up exited early"
+            lines.append(line)
+        text = "".join(lines)
+        assert "embedded nats-server on nats://127.0.0.1:" in text
+        for role in ("architect", "cto", "eng-be", "eng-fe", "perf-eng", "pm"):
+            assert role in text
+        published = subprocess.run(
+            [str(binary), "publish", "task.backend.implement", "-t", "via up", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert published.returncode == 0, published.stderr
+    finally:
+        up.send_signal(2)
+        _, errors = up.communicate(timeout=60)
+    assert up.returncode == 0, errors
+    assert "Traceback" not in errors

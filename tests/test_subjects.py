@@ -12,12 +12,12 @@ def test_builders_make_the_contract_subjects() -> None:
     assert subjects.escalation_subject("architect", "ambiguous-spec") == (
         "escalation.architect.ambiguous-spec"
     )
-    assert subjects.decision_subject("eng-be", "abc:1") == "decision.eng-be.abc:1"
+    assert subjects.decision_subject("eng-be", "abc-1") == "decision.eng-be.abc-1"
     assert subjects.event_subject("task", "completed") == "event.task.completed"
     assert subjects.dlq_subject("task.backend.x") == "dlq.task.backend.x"
 
 
-@pytest.mark.parametrize("token", ["back end", "a.b", "*", ">", "", "tab\there", "é"])
+@pytest.mark.parametrize("token", ["back end", "a.b", "*", ">", "", "tab\there", "é", "a:b"])
 def test_an_invalid_token_is_refused_with_a_hint(token: str) -> None:
     with pytest.raises(SubjectError) as caught:
         subjects.task_subject(token, "implement")

@@ -7,26 +7,30 @@ message on stderr and exit code 1 (2 for bad usage); never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TextIO, TypeVar, cast
 
 import structlog
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from rolebus import codec, dlq
 from rolebus import subjects as names
 from rolebus.bus import Bus, task_subject_for
 from rolebus.config import Settings
+from rolebus.dlq import DeadLetter
 from rolebus.errors import ConfigError, RolebusError
-from rolebus.roles import Team, load_team
-from rolebus.server import serve
+from rolebus.roles import RoleSpec, Team, load_team
+from rolebus.runner import start_workers, stop_on_signals, stop_workers
+from rolebus.server import running_server_url, serve
 from rolebus.subjects import parse_subject
 
 __all__ = ["app", "main"]
@@ -44,6 +48,12 @@ app = typer.Typer(
 )
 roles_app = typer.Typer(help="The team: list the roles, or check the role files.")
 app.add_typer(roles_app, name="roles")
+dlq_app = typer.Typer(
+    help="Dead letters: messages a worker gave up on (undecodable, invalid, failed for "
+    "good, or out of attempts), with why.",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -87,9 +97,20 @@ def configure_logging(*, level: str = "warning", fmt: str = "console") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=True,
     )
+
+
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is now: loggers are cached on first use and
+    must not keep a stream that was replaced (and closed) since."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def settings_for(roles: Path | None = None, **overrides: Any) -> Settings:
@@ -369,6 +390,192 @@ def roles_check(roles: RolesOption = None) -> None:
     out.print(
         f"{len(team)} roles OK in {settings.roles_dir}: " + ", ".join(role.id for role in team)
     )
+
+
+# --- workers -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def embedded_server_if_needed(settings: Settings) -> Iterator[Settings]:
+    """With no NATS_URL and no running `rolebus server`, run the embedded one."""
+    if settings.nats_url or running_server_url(settings.home):
+        yield settings
+        return
+    with serve(home=settings.home, port=settings.port, sync_interval=settings.sync_interval) as s:
+        out.print(f"embedded nats-server on [bold]{s.url}[/] (store {s.store_dir})")
+        yield settings.with_overrides(nats_url=s.url)
+
+
+async def _run_until_stopped(
+    settings: Settings, team: Team, roles: list[RoleSpec], *, replicas: int, grace: float
+) -> None:
+    stop = asyncio.Event()
+    restore = stop_on_signals(stop)
+    try:
+        workers = await start_workers(settings, team, roles, replicas=replicas, grace=grace)
+        table = Table(
+            "role", "title", "consumer", "concurrency", "replicas", "reads", title="roles up"
+        )
+        for role in roles:
+            table.add_row(
+                role.id,
+                role.title,
+                names.consumer_name(role.id),
+                str(role.concurrency),
+                str(replicas),
+                ", ".join(role.filter_subjects),
+            )
+        out.print(table)
+        out.print(
+            "Stop with Ctrl-C (running handlers get "
+            f"{grace:g}s to finish, the rest is redelivered)."
+        )
+        await stop.wait()
+        out.print("stopping...")
+        await stop_workers(workers)
+    finally:
+        await restore()
+    out.print("stopped.")
+
+
+GraceOption = Annotated[
+    float, typer.Option(help="Seconds running handlers get to finish on Ctrl-C/SIGTERM.")
+]
+
+
+@app.command()
+def worker(
+    role: Annotated[str, typer.Argument(help="The role id, e.g. eng-be.")],
+    replicas: Annotated[int, typer.Option(min=1, help="Workers in this process.")] = 1,
+    grace: GraceOption = 30.0,
+    roles: RolesOption = None,
+) -> None:
+    """Run one role's worker until Ctrl-C/SIGTERM.
+
+    Several `rolebus worker ROLE` processes (or --replicas) share the role's durable
+    consumer: the work is split and nothing is handled twice.
+    """
+    settings = settings_for(roles)
+    team = team_for(settings)
+    spec = team.role(role)
+    run(_run_until_stopped(settings, team, [spec], replicas=replicas, grace=grace))
+
+
+@app.command()
+def up(
+    grace: GraceOption = 30.0,
+    roles: RolesOption = None,
+) -> None:
+    """Run the whole team (every role in roles/) until Ctrl-C.
+
+    Without NATS_URL and without a running `rolebus server`, starts the embedded
+    server too.
+    """
+    settings = settings_for(roles)
+    team = team_for(settings)
+    with embedded_server_if_needed(settings) as live:
+        run(_run_until_stopped(live, team, list(team), replicas=1, grace=grace))
+
+
+# --- dead letters --------------------------------------------------------------------------
+
+
+async def _dead_letters(settings: Settings) -> list[DeadLetter]:
+    async with await Bus.connect(settings, name="rolebus-dlq") as bus:
+        return [entry async for entry in dlq.list_dead_letters(bus.connection)]
+
+
+@dlq_app.command("list")
+def dlq_list(as_json: JsonOption = False) -> None:
+    """List dead letters: sequence, subject, reason, attempts, error."""
+    entries = run(_dead_letters(settings_for()))
+    if as_json:
+        print_json([entry.as_json() for entry in entries])
+        return
+    if not entries:
+        out.print("no dead letters.")
+        return
+    table = Table(
+        "seq", "subject", "task", "reason", "role", "attempts", "error", title="dead letters"
+    )
+    for entry in entries:
+        table.add_row(
+            str(entry.seq),
+            entry.subject,
+            entry.task_id or "-",
+            entry.reason,
+            entry.role,
+            str(entry.attempts),
+            entry.error[:80],
+        )
+    out.print(table)
+
+
+@dlq_app.command("show")
+def dlq_show(
+    key: Annotated[str, typer.Argument(help="DLQ sequence number or task id.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show one dead letter with its headers and decoded message."""
+
+    async def go() -> tuple[DeadLetter, Any]:
+        async with await Bus.connect(settings_for(), name="rolebus-dlq") as bus:
+            entry = await dlq.find(bus.connection, key)
+        try:
+            body: Any = codec.decode(entry.subject, entry.message.data).model_dump(mode="json")
+        except RolebusError as error:
+            body = {"undecodable": error.message, "bytes": entry.message.data[:200].hex()}
+        return entry, body
+
+    entry, body = run(go())
+    document = {**entry.as_json(), "headers": dict(entry.message.headers), "message": body}
+    if as_json:
+        print_json(document)
+        return
+    for key_name, value in document.items():
+        out.print(f"[bold]{key_name}[/]: {value}", highlight=False)
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    key: Annotated[str | None, typer.Argument(help="DLQ sequence number or task id.")] = None,
+    redrive_all: Annotated[bool, typer.Option("--all", help="Redrive every dead letter.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Put dead letters back on their original subject (the worker runs them again)."""
+    if (key is None) == (not redrive_all):
+        raise ConfigError("give one dead letter (its sequence or task id) or --all, not both")
+
+    async def go() -> list[dict[str, Any]]:
+        async with await Bus.connect(settings_for(), name="rolebus-dlq") as bus:
+            if redrive_all:
+                entries = [entry async for entry in dlq.list_dead_letters(bus.connection)]
+            else:
+                assert key is not None
+                entries = [await dlq.find(bus.connection, key)]
+            done = []
+            for entry in entries:
+                ack = await dlq.redrive(bus.connection, entry)
+                done.append(
+                    {
+                        "dlq_seq": entry.seq,
+                        "subject": entry.subject,
+                        "task_id": entry.task_id,
+                        "seq": ack.seq,
+                    }
+                )
+            return done
+
+    done = run(go())
+    if as_json:
+        print_json(done)
+        return
+    for item in done:
+        out.print(
+            f"redriven {item['task_id'] or 'message'} to {item['subject']} (seq {item['seq']})"
+        )
+    if not done:
+        out.print("no dead letters.")
 
 
 # --- entry point -------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def decode_map(data: bytes, *, subject: str = "") -> dict[str, Any]:
     except Exception as error:  # msgpack raises several unrelated types for bad bytes
         raise CodecError(
             f"message on {subject!r} is not msgpack ({len(data)} bytes, "
-            f"starting {data[:16]!r}): {error}",
+            f"starting {data[:16]!r}): {error or type(error).__name__}",
             subject=subject,
             hint="publish a msgpack map as described in subjects.md",
         ) from error

@@ -96,17 +96,18 @@ class Header:
 
 CONTENT_TYPE_MSGPACK: Final = "application/msgpack"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-:]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
 _ROLE_ID = re.compile(r"^[a-z][a-z0-9\-]*$")
 
 
 def validate_token(value: str, *, what: str) -> str:
-    """One subject token: letters, digits, ``_``, ``-``, ``:``; nothing else."""
+    """One subject token: letters, digits, ``_`` and ``-``; nothing else (ids are
+    tokens too, and KV keys, which allow no more)."""
     if not value or not _TOKEN.match(value):
         raise SubjectError(
             f"{what} {value!r} is not a valid subject token",
             subject=value,
-            hint="use letters, digits, '_', '-' or ':' only: no spaces, dots, '*' or '>'",
+            hint="use letters, digits, '_' or '-' only: no spaces, dots, '*' or '>'",
         )
     return value
 

@@ -12,7 +12,7 @@ import contextlib
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -51,7 +51,9 @@ __all__ = [
     "Connection",
     "ConsumerSpec",
     "InboundMessage",
+    "PendingPublish",
     "PubAck",
+    "Puller",
     "StoredMessage",
     "StreamLimits",
     "Subscription",
@@ -178,6 +180,7 @@ class Connection:
         self._denials: dict[str, float] = {}  # subject -> when the server said no
         self._reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
         self._closing = False
+        self._buckets: dict[str, Any] = {}
 
     # --- connecting ---------------------------------------------------------------------
 
@@ -194,19 +197,29 @@ class Connection:
         """Connect, or raise :class:`ConnectError` saying what to do."""
         connection: Connection | None = None
 
+        # These run inside nats-py's read loop: an exception escaping them would
+        # stop the loop (and with it reconnection), so none may escape.
         async def on_error(error: Exception) -> None:
-            if connection is not None:
-                connection._on_error(error)
+            with contextlib.suppress(Exception):
+                if connection is not None:
+                    connection._on_error(error)
 
         async def on_reconnected() -> None:
-            if connection is not None:
-                log.info("reconnected", url=connection._client.connected_url)
-                for listener in list(connection._reconnect_listeners):
+            if connection is None:
+                return
+            with contextlib.suppress(Exception):
+                log.info("reconnected", url=str(connection._client.connected_url))
+            for listener in list(connection._reconnect_listeners):
+                try:
                     await listener()
+                except Exception as error:
+                    with contextlib.suppress(Exception):
+                        log.warning("reconnect listener failed", error=repr(error))
 
         async def on_disconnected() -> None:
-            if connection is not None and not connection._closing:
-                log.warning("disconnected from NATS; reconnecting", url=url)
+            with contextlib.suppress(Exception):
+                if connection is not None and not connection._closing:
+                    log.warning("disconnected from NATS; reconnecting", url=url)
 
         options: dict[str, Any] = {
             "servers": url.split(","),
@@ -389,41 +402,37 @@ class Connection:
             duplicate=bool(response.get("duplicate", False)),
         )
 
+    async def publish_start(
+        self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> PendingPublish:
+        """Send now, wait for the ack later with ``await pending.result()``: lets
+        several publishes share one round trip."""
+        all_headers = self.message_headers(msg_id, headers)
+        self.check_size(subject, data, all_headers)
+        try:
+            future = await self._js.publish_async(subject, data, headers=all_headers)
+        except nats.errors.Error:
+            future = None  # not sent: result() publishes with retries
+        return PendingPublish(self, subject, data, msg_id, headers, future)
+
     async def publish_many(
         self,
         items: list[tuple[str, bytes, str, Mapping[str, str] | None]],
         *,
         window: int = 1000,
-        timeout: float = 10.0,
     ) -> list[PubAck]:
         """Publish ``(subject, data, msg_id, headers)`` items with up to ``window``
-        unacknowledged at once; a timed-out one is retried alone (same Msg-Id)."""
+        unacknowledged at once; each is retried alone if its ack does not come."""
         for subject, data, msg_id, headers in items:
             self.check_size(subject, data, self.message_headers(msg_id, headers))
-        results: list[PubAck | None] = [None] * len(items)
+        acks: list[PubAck] = []
         for start in range(0, len(items), window):
-            chunk = items[start : start + window]
-            futures = []
-            for subject, data, msg_id, headers in chunk:
-                futures.append(
-                    await self._js.publish_async(
-                        subject, data, headers=self.message_headers(msg_id, headers)
-                    )
-                )
-            done = await asyncio.gather(
-                *(asyncio.wait_for(future, timeout) for future in futures),
-                return_exceptions=True,
-            )
-            for offset, outcome in enumerate(done):
-                index = start + offset
-                if isinstance(outcome, BaseException):
-                    subject, data, msg_id, headers = items[index]
-                    results[index] = await self.publish(
-                        subject, data, msg_id=msg_id, headers=headers
-                    )
-                else:
-                    results[index] = PubAck(outcome.stream, outcome.seq, bool(outcome.duplicate))
-        return [ack for ack in results if ack is not None]
+            pending = [
+                await self.publish_start(subject, data, msg_id=msg_id, headers=headers)
+                for subject, data, msg_id, headers in items[start : start + window]
+            ]
+            acks.extend([await publish.result() for publish in pending])
+        return acks
 
     async def publish_core(self, subject: str, data: bytes, *, reply: str = "") -> None:
         await self._client.publish(subject, data, reply=reply)
@@ -587,22 +596,71 @@ class Connection:
     def next_request_subject(self, stream: str, consumer: str) -> str:
         return f"{_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
 
+    def puller(
+        self,
+        stream: str,
+        consumer: str,
+        *,
+        capacity: int,
+        deliver: Callable[[InboundMessage], None],
+        on_consumer_lost: Callable[[], Awaitable[None]] | None = None,
+        expires: float = 5.0,
+    ) -> Puller:
+        return Puller(
+            self,
+            stream,
+            consumer,
+            capacity=capacity,
+            deliver=deliver,
+            on_consumer_lost=on_consumer_lost,
+            expires=expires,
+        )
+
     # --- key/value ------------------------------------------------------------------------
+
+    async def _bucket(self, bucket: str) -> Any:
+        # Looking a bucket up costs a round trip (stream info): do it once.
+        handle = self._buckets.get(bucket)
+        if handle is None:
+            with self._translated(f"open bucket {bucket}"):
+                handle = self._buckets[bucket] = await self._js.key_value(bucket)
+        return handle
+
+    @contextlib.contextmanager
+    def _translated(self, what: str) -> Iterator[None]:
+        """nats-py's timeouts and connection errors as rolebus errors."""
+        try:
+            yield
+        except nats.js.errors.ServiceUnavailableError as error:
+            raise UnavailableError(f"cannot {what}: JetStream unavailable") from error
+        except (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.StaleConnectionError,
+            nats.errors.ConnectionClosedError,
+        ) as error:
+            raise UnavailableError(
+                f"cannot {what}: {type(error).__name__}",
+                hint="the server is unreachable or restarting; this is retried",
+            ) from error
 
     async def kv_get(self, bucket: str, key: str) -> tuple[bytes, int] | None:
         """The value and revision of ``key``, or None when absent or deleted."""
-        kv = await self._js.key_value(bucket)
+        kv = await self._bucket(bucket)
         try:
-            entry = await kv.get(key)
+            with self._translated(f"read {bucket}/{key}"):
+                entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
         return (entry.value or b"", int(entry.revision or 0))
 
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
         """Create ``key`` only if absent; the new revision, or None if it exists."""
-        kv = await self._js.key_value(bucket)
+        kv = await self._bucket(bucket)
         try:
-            return int(await kv.create(key, value))
+            with self._translated(f"create {bucket}/{key}"):
+                return int(await kv.create(key, value))
         except nats.js.errors.KeyWrongLastSequenceError:
             return None
         except nats.js.errors.APIError as error:
@@ -612,9 +670,10 @@ class Connection:
 
     async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int | None:
         """Compare-and-set: write only if ``key`` is still at ``revision``."""
-        kv = await self._js.key_value(bucket)
+        kv = await self._bucket(bucket)
         try:
-            return int(await kv.update(key, value, last=revision))
+            with self._translated(f"update {bucket}/{key}"):
+                return int(await kv.update(key, value, last=revision))
         except nats.js.errors.KeyWrongLastSequenceError:
             return None
         except nats.js.errors.APIError as error:
@@ -623,12 +682,13 @@ class Connection:
             raise
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
-        kv = await self._js.key_value(bucket)
-        return int(await kv.put(key, value))
+        kv = await self._bucket(bucket)
+        with self._translated(f"write {bucket}/{key}"):
+            return int(await kv.put(key, value))
 
     async def kv_items(self, bucket: str) -> AsyncIterator[tuple[str, bytes]]:
         """Every live key and value of a bucket (a snapshot)."""
-        kv = await self._js.key_value(bucket)
+        kv = await self._bucket(bucket)
         try:
             keys = await kv.keys()
         except nats.js.errors.NoKeysError:
@@ -741,6 +801,169 @@ class Connection:
     async def _delete_consumer(self, stream: str, name: str) -> None:
         with contextlib.suppress(Exception):
             await self._js.delete_consumer(stream, name)
+
+
+class Puller:
+    """A callback-driven pull consumer with bounded credit.
+
+    It asks ``$JS.API.CONSUMER.MSG.NEXT`` for at most ``capacity`` messages that
+    are not yet finished (requested + delivered - released), and asks for more
+    once half the credit is free: messages arrive the moment they exist, without
+    a ``fetch()`` round trip per batch, and never pile up beyond ``capacity``.
+    ``deliver`` is called for each message (it must not block); the worker calls
+    :meth:`release` when it is done with one.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        stream: str,
+        consumer: str,
+        *,
+        capacity: int,
+        deliver: Callable[[InboundMessage], None],
+        on_consumer_lost: Callable[[], Awaitable[None]] | None,
+        expires: float,
+    ) -> None:
+        self._connection = connection
+        self._subject = connection.next_request_subject(stream, consumer)
+        self._capacity = max(1, capacity)
+        self._deliver = deliver
+        self._on_consumer_lost = on_consumer_lost
+        self._expires = expires
+        self._requested = 0  # asked for, not yet arrived
+        self._held = 0  # arrived, not yet released
+        self._last_activity = time.monotonic()
+        self._inbox = connection.new_inbox()
+        self._subscription: Subscription | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._pulling = asyncio.Lock()
+        self._next_pull: asyncio.Future[None] | None = None
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    async def start(self) -> None:
+        self._subscription = await self._connection.subscribe_core(self._inbox, self._on_message)
+        self._connection.on_reconnect(self._restart)
+        self._watchdog = asyncio.create_task(self._watch(), name=f"watch {self._subject}")
+        await self._pull()
+
+    async def stop(self) -> None:
+        """Stop asking for messages. Already requested ones may still arrive and are
+        delivered (the worker naks what it will not handle)."""
+        self._stopped = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+
+    async def close(self) -> None:
+        await self.stop()
+        if self._subscription is not None:
+            await self._subscription.close()
+
+    def release(self) -> None:
+        self._held -= 1
+        free = self._capacity - self._requested - self._held
+        if not self._stopped and free >= max(1, self._capacity // 2) and not self._pulling.locked():
+            self._next_pull = asyncio.ensure_future(self._pull())
+
+    async def _pull(self) -> None:
+        async with self._pulling:
+            free = self._capacity - self._requested - self._held
+            if self._stopped or free < max(1, self._capacity // 2):
+                return
+            request = {
+                "batch": free,
+                "expires": int(self._expires * 1e9),
+                "idle_heartbeat": int(self._expires / 2 * 1e9),
+            }
+            self._requested += free
+            try:
+                await self._connection.publish_core(
+                    self._subject, json.dumps(request).encode(), reply=self._inbox
+                )
+            except nats.errors.Error as error:
+                # Disconnected: the reconnect hook (or the watchdog) asks again.
+                self._requested -= free
+                log.debug("pull request not sent", subject=self._subject, error=str(error))
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._last_activity = time.monotonic()
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:
+            self._requested = max(0, self._requested - 1)
+            self._held += 1
+            self._deliver(InboundMessage(msg))
+            return
+        if status == "100":  # idle heartbeat: the request is alive
+            return
+        # 408 request expired, 409 terminated (leader change, max ack pending,
+        # consumer deleted...): the rest of that request will never come.
+        pending = msg.headers.get("Nats-Pending-Messages") if msg.headers else None
+        self._requested = max(0, self._requested - int(pending)) if pending else 0
+        description = (msg.headers or {}).get("Description", "")
+        if status == "409" and "deleted" in description.lower() and self._on_consumer_lost:
+            log.warning("consumer deleted; re-creating it", subject=self._subject)
+            await self._on_consumer_lost()
+        elif status not in ("408", "404"):
+            log.debug("pull status", status=status, description=description)
+        await self._pull()
+
+    async def _restart(self) -> None:
+        # A reconnect loses every open pull request on the server side.
+        self._requested = 0
+        await self._pull()
+
+    async def _watch(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(self._expires / 2)
+            silent = time.monotonic() - self._last_activity
+            if silent > self._expires * 2:
+                # Neither messages nor heartbeats: the request died with a server.
+                self._requested = 0
+                self._last_activity = time.monotonic()
+                await self._pull()
+
+
+class PendingPublish:
+    """A publish in flight; :meth:`result` waits for its ack (bounded), and on
+    a timeout or error publishes again with the same Msg-Id (de-duplicated)."""
+
+    __slots__ = ("_connection", "_data", "_future", "_headers", "_msg_id", "_subject")
+
+    def __init__(
+        self,
+        connection: Connection,
+        subject: str,
+        data: bytes,
+        msg_id: str,
+        headers: Mapping[str, str] | None,
+        future: asyncio.Future[Any] | None,
+    ) -> None:
+        self._connection = connection
+        self._subject = subject
+        self._data = data
+        self._msg_id = msg_id
+        self._headers = headers
+        self._future = future
+
+    async def result(self, timeout: float = 5.0) -> PubAck:
+        if self._future is not None:
+            try:
+                ack = await asyncio.wait_for(self._future, timeout)
+                return PubAck(str(ack.stream), int(ack.seq), bool(ack.duplicate))
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as error:
+                if isinstance(error, nats.js.errors.APIError) and error.code != 503:
+                    raise self._connection._translate_api(
+                        error, f"publish {self._subject}"
+                    ) from error
+        return await self._connection.publish(
+            self._subject, self._data, msg_id=self._msg_id, headers=self._headers
+        )
 
 
 def _matches(pattern: str, subject: str) -> bool:

@@ -1,0 +1,274 @@
+"""Role workers on a real server: effects once, retries, dead letters, replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from rolebus import dlq
+from rolebus.bus import Bus
+from rolebus.config import Settings
+from rolebus.handlers import Handler, HandlerContext
+from rolebus.history import read_events
+from rolebus.messages import Outcome, Task
+from rolebus.roles import load_team
+from rolebus.runner import start_workers, stop_workers
+from rolebus.server import EmbeddedServer
+from rolebus.state import StateStore
+from rolebus.subjects import WORK_STREAM
+from rolebus.testing import wait_for
+from rolebus.worker import Worker
+
+from .team import write_team
+
+StartWorkers = Callable[..., Awaitable[list[Worker]]]
+
+
+@pytest.fixture
+async def workers(rolebus_settings: Settings, tmp_path: Path) -> AsyncIterator[StartWorkers]:
+    """Start workers for roles of a test team; all are stopped after the test."""
+    started: list[Worker] = []
+
+    async def start(
+        role: str = "eng-be",
+        *,
+        handler: Handler | None = None,
+        replicas: int = 1,
+        **team_options: Any,
+    ) -> list[Worker]:
+        team = load_team(write_team(tmp_path / f"roles-{len(started)}", **team_options))
+        handlers = {role: handler} if handler else None
+        new = await start_workers(
+            rolebus_settings,
+            team,
+            [team.role(role)],
+            replicas=replicas,
+            grace=2,
+            handlers=handlers,
+        )
+        started.extend(new)
+        return new
+
+    yield start
+    await stop_workers(started, grace=0)
+
+
+async def completed_ids(bus: Bus) -> Counter[str]:
+    return Counter(
+        event.task_id for event in await read_events(bus.connection, states=["completed"])
+    )
+
+
+async def dead_letters(bus: Bus) -> list[dlq.DeadLetter]:
+    return [entry async for entry in dlq.list_dead_letters(bus.connection)]
+
+
+async def test_a_task_completes_once_and_its_follow_up_is_published_with_a_derived_id(
+    rolebus_bus: Bus, workers: StartWorkers
+) -> None:
+    await workers("eng-be")
+    task, _ = await rolebus_bus.publish_task(
+        "task.backend.implement",
+        title="Orders API",
+        payload={"then": [{"subject": "task.frontend.build", "title": "Orders page"}]},
+    )
+
+    async def done() -> bool:
+        return (await completed_ids(rolebus_bus))[task.id] == 1
+
+    await wait_for(done)
+    state = await StateStore(rolebus_bus.connection).get(task.id)
+    assert state is not None
+    assert state.state.state == "completed"
+    follow_up = await StateStore(rolebus_bus.connection).get(f"{task.id}-1")
+    assert follow_up is None  # nobody runs eng-fe here: the follow-up waits, stored
+    stored = await rolebus_bus.connection.get_message(WORK_STREAM, 2)
+    assert stored is not None
+    assert stored.subject == "task.frontend.build"
+    assert stored.headers["Nats-Msg-Id"] == f"{task.id}-1"
+    child = msgpack.unpackb(stored.data)
+    assert child["causation_id"] == task.id
+    assert child["correlation_id"] == task.id
+    assert child["from_role"] == "eng-be"
+    events = await read_events(rolebus_bus.connection)
+    assert [event.state for event in events if event.task_id == task.id] == ["claimed", "completed"]
+
+
+async def test_a_handler_slower_than_ack_wait_is_not_run_twice_while_alive(
+    rolebus_bus: Bus, workers: StartWorkers
+) -> None:
+    calls: Counter[str] = Counter()
+
+    async def slow(task: Task, context: HandlerContext) -> Outcome:
+        calls[task.id] += 1
+        await asyncio.sleep(3.5)  # the work itself: 3.5 x ack_wait
+        return Outcome.completed()
+
+    await workers("eng-be", handler=slow, ack_wait="1s")
+    task, _ = await rolebus_bus.publish_task("task.backend.slow", title="long")
+
+    async def done() -> bool:
+        return (await completed_ids(rolebus_bus))[task.id] == 1
+
+    await wait_for(done)
+    assert calls[task.id] == 1
+    state = await rolebus_bus.connection.consumer_state(WORK_STREAM, "worker-eng-be")
+    assert state["redelivered"] == 0
+
+
+async def test_a_poison_task_is_dead_lettered_after_max_deliver_and_redrive_runs_it_again(
+    rolebus_bus: Bus, workers: StartWorkers
+) -> None:
+    healthy = asyncio.Event()
+    attempts: Counter[str] = Counter()
+
+    async def flaky(task: Task, context: HandlerContext) -> Outcome:
+        attempts[task.id] += 1
+        if not healthy.is_set():
+            return Outcome.failed("database unreachable", retryable=True)
+        return Outcome.completed("fixed")
+
+    await workers("eng-be", handler=flaky, max_deliver=3)
+    task, _ = await rolebus_bus.publish_task("task.backend.poison", title="poison")
+
+    async def dead() -> bool:
+        dead_events = await read_events(rolebus_bus.connection, states=["dead"])
+        return len(dead_events) == 1 and len(await dead_letters(rolebus_bus)) == 1
+
+    await wait_for(dead)
+    [entry] = await dead_letters(rolebus_bus)
+    assert (entry.reason, entry.attempts, entry.task_id) == ("max-deliver", 3, task.id)
+    assert entry.error == "database unreachable"
+    assert entry.subject == "task.backend.poison"
+    assert attempts[task.id] == 3
+    events = await read_events(rolebus_bus.connection)
+    assert [e.state for e in events if e.task_id == task.id] == [
+        "claimed",
+        "retrying",
+        "claimed",
+        "retrying",
+        "claimed",
+        "dead",
+    ]
+
+    healthy.set()
+    await dlq.redrive(rolebus_bus.connection, entry)
+
+    async def done() -> bool:
+        return (await completed_ids(rolebus_bus))[task.id] == 1
+
+    await wait_for(done)
+    assert await dead_letters(rolebus_bus) == []
+
+
+async def test_garbage_and_schema_invalid_messages_are_dead_lettered_and_work_goes_on(
+    rolebus_bus: Bus, rolebus_server: EmbeddedServer, workers: StartWorkers
+) -> None:
+    import nats
+
+    await workers("eng-be")
+    client = await nats.connect(rolebus_server.url)
+    try:
+        js = client.jetstream()
+        await js.publish("task.backend.x", b"\xc1\x00garbage", headers={"Nats-Msg-Id": "g1"})
+        await js.publish(
+            "task.backend.x", msgpack.packb({"title": 3}), headers={"Nats-Msg-Id": "g2"}
+        )
+    finally:
+        await client.close()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="after the garbage")
+
+    async def done() -> bool:
+        return (await completed_ids(rolebus_bus))[task.id] == 1 and len(
+            await dead_letters(rolebus_bus)
+        ) == 2
+
+    await wait_for(done)
+    entries = {entry.reason: entry for entry in await dead_letters(rolebus_bus)}
+    assert "is not msgpack" in entries["undecodable"].error
+    assert "not a valid Task" in entries["invalid"].error
+    assert "kind: Field required" in entries["invalid"].error
+    assert entries["invalid"].original_seq == 2
+
+
+async def test_a_handler_that_raises_is_a_retryable_failure_not_a_crash(
+    rolebus_bus: Bus, workers: StartWorkers
+) -> None:
+    calls = itertools.count(1)
+
+    async def buggy(task: Task, context: HandlerContext) -> Outcome:
+        if next(calls) == 1:
+            raise KeyError("missing")
+        return Outcome.completed()
+
+    await workers("eng-be", handler=buggy)
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="x")
+
+    async def done() -> bool:
+        return (await completed_ids(rolebus_bus))[task.id] == 1
+
+    await wait_for(done)
+    retrying = await read_events(rolebus_bus.connection, states=["retrying"])
+    assert retrying[0].error == "handler raised KeyError: 'missing'"
+
+
+async def test_two_replicas_share_the_work_and_each_task_is_done_once(
+    rolebus_bus: Bus, workers: StartWorkers
+) -> None:
+    async def quick(task: Task, context: HandlerContext) -> Outcome:
+        await asyncio.sleep(0.01)
+        return Outcome.completed()
+
+    replicas = await workers("eng-be", handler=quick, replicas=2, concurrency=2)
+    ids = []
+    for number in range(200):
+        task, _ = await rolebus_bus.publish_task("task.backend.x", title=f"t{number}")
+        ids.append(task.id)
+
+    async def done() -> bool:
+        return len(await completed_ids(rolebus_bus)) == 200
+
+    await wait_for(done, timeout=60)
+    counts = await completed_ids(rolebus_bus)
+    assert set(counts) == set(ids)
+    assert set(counts.values()) == {1}
+    assert all(worker.stats.completed > 0 for worker in replicas)
+    assert sum(worker.stats.completed for worker in replicas) == 200
+
+
+async def test_the_worker_reconnects_to_a_restarted_server_and_finishes_the_backlog(
+    rolebus_bus: Bus, rolebus_server: EmbeddedServer, workers: StartWorkers
+) -> None:
+    async def slowish(task: Task, context: HandlerContext) -> Outcome:
+        await asyncio.sleep(0.05)
+        return Outcome.completed()
+
+    await workers("eng-be", handler=slowish, concurrency=2)
+    ids = [
+        (await rolebus_bus.publish_task("task.backend.x", title=f"t{n}"))[0].id for n in range(60)
+    ]
+
+    async def some_done() -> bool:
+        return len(await completed_ids(rolebus_bus)) >= 5
+
+    await wait_for(some_done)
+    rolebus_server.kill()
+    rolebus_server.restart()
+
+    async def all_done() -> bool:
+        try:
+            return len(await completed_ids(rolebus_bus)) == 60
+        except Exception:
+            return False  # still reconnecting
+
+    await wait_for(all_done, timeout=60)
+    counts = await completed_ids(rolebus_bus)
+    assert set(counts) == set(ids)
+    assert set(counts.values()) == {1}
