@@ -47,13 +47,14 @@ def test_every_bucket_is_documented_and_no_other() -> None:
 
 def test_the_consumer_naming_is_documented() -> None:
     assert first_column(section("Consumers")) == [
-        subjects.consumer_name("x").replace("-x", "-<role>")
+        subjects.consumer_name("x").replace("-x", "-<role>"),
+        subjects.SUPERVISOR_CONSUMER,
     ]
 
 
 def test_every_subject_family_is_documented() -> None:
     documented = {row.split(".")[0] for row in first_column(section("Subjects"))}
-    assert documented == {"task", "handoff", "escalation", "decision", "event", "dlq"}
+    assert documented == {"task", "handoff", "escalation", "decision", "event", "dlq", "timer"}
 
 
 @pytest.mark.parametrize("model", [Task, Handoff, Escalation, Decision, Event])

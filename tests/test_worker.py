@@ -19,7 +19,7 @@ from rolebus.handlers import Handler, HandlerContext
 from rolebus.history import read_events
 from rolebus.messages import Outcome, Task
 from rolebus.roles import load_team
-from rolebus.runner import start_workers, stop_workers
+from rolebus.runner import Crew, start_workers
 from rolebus.server import EmbeddedServer
 from rolebus.state import StateStore
 from rolebus.subjects import WORK_STREAM
@@ -34,7 +34,7 @@ StartWorkers = Callable[..., Awaitable[list[Worker]]]
 @pytest.fixture
 async def workers(rolebus_settings: Settings, tmp_path: Path) -> AsyncIterator[StartWorkers]:
     """Start workers for roles of a test team; all are stopped after the test."""
-    started: list[Worker] = []
+    started = Crew()
 
     async def start(
         role: str = "eng-be",
@@ -43,21 +43,22 @@ async def workers(rolebus_settings: Settings, tmp_path: Path) -> AsyncIterator[S
         replicas: int = 1,
         **team_options: Any,
     ) -> list[Worker]:
-        team = load_team(write_team(tmp_path / f"roles-{len(started)}", **team_options))
+        team = load_team(write_team(tmp_path / f"roles-{len(started.workers)}", **team_options))
         handlers = {role: handler} if handler else None
-        new = await start_workers(
+        crew = await start_workers(
             rolebus_settings,
             team,
             [team.role(role)],
             replicas=replicas,
             grace=2,
             handlers=handlers,
+            supervise=False,
         )
-        started.extend(new)
-        return new
+        started.workers.extend(crew.workers)
+        return crew.workers
 
     yield start
-    await stop_workers(started, grace=0)
+    await started.stop(grace=0)
 
 
 async def completed_ids(bus: Bus) -> Counter[str]:

@@ -120,12 +120,13 @@ async def test_command_handlers_fail_clearly_and_are_retried_or_dead_lettered_by
 ) -> None:
     from rolebus import dlq
     from rolebus.roles import load_team
-    from rolebus.runner import start_workers, stop_workers
+    from rolebus.runner import start_workers
 
     script = REPO / "tests" / "scripts" / "agent.py"
     handler = f'{{ command = ["{sys.executable}", "{script}"], timeout = "1s" }}'
     team = load_team(write_team(tmp_path / "roles", handler=handler, max_deliver=2))
-    workers = await start_workers(rolebus_settings, team, [team.role("eng-be")], grace=1)
+    crew = await start_workers(rolebus_settings, team, [team.role("eng-be")], grace=1)
+    workers = crew.workers
     try:
         ids = {}
         for mode in ("ok", "exit1", "nonjson", "hang", "badoutcome"):
@@ -141,7 +142,7 @@ async def test_command_handlers_fail_clearly_and_are_retried_or_dead_lettered_by
         await wait_for(settled, timeout=60)
         assert workers[0].stats.completed >= 1  # the worker kept going throughout
     finally:
-        await stop_workers(workers, grace=0)
+        await crew.stop(grace=0)
     entries = {
         entry.task_id: entry async for entry in dlq.list_dead_letters(rolebus_bus.connection)
     }

@@ -29,7 +29,7 @@ from rolebus.config import Settings
 from rolebus.dlq import DeadLetter
 from rolebus.errors import ConfigError, RolebusError
 from rolebus.roles import RoleSpec, Team, load_team
-from rolebus.runner import start_workers, stop_on_signals, stop_workers
+from rolebus.runner import start_workers, stop_on_signals
 from rolebus.server import running_server_url, serve
 from rolebus.subjects import parse_subject
 
@@ -412,7 +412,7 @@ async def _run_until_stopped(
     stop = asyncio.Event()
     restore = stop_on_signals(stop)
     try:
-        workers = await start_workers(settings, team, roles, replicas=replicas, grace=grace)
+        crew = await start_workers(settings, team, roles, replicas=replicas, grace=grace)
         table = Table(
             "role", "title", "consumer", "concurrency", "replicas", "reads", title="roles up"
         )
@@ -432,7 +432,7 @@ async def _run_until_stopped(
         )
         await stop.wait()
         out.print("stopping...")
-        await stop_workers(workers)
+        await crew.stop()
     finally:
         await restore()
     out.print("stopped.")

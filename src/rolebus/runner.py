@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -18,11 +19,31 @@ from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.handlers import Handler
 from rolebus.roles import RoleSpec, Team
+from rolebus.supervisor import Supervisor
 from rolebus.worker import Worker
 
-__all__ = ["Team", "start_workers", "stop_on_signals", "stop_workers"]
+__all__ = ["Crew", "start_workers", "stop_on_signals"]
 
 log = structlog.get_logger("rolebus.runner")
+
+
+@dataclass
+class Crew:
+    """Workers running in this process, and the process's escalation supervisor."""
+
+    workers: list[Worker] = field(default_factory=list)
+    supervisor: Supervisor | None = None
+
+    async def stop(self, *, grace: float | None = None) -> None:
+        """Stop every worker together (each finishes or naks its in-flight work),
+        then the supervisor, then close the connections."""
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        await asyncio.gather(
+            *(worker.stop(grace) for worker in self.workers), return_exceptions=True
+        )
+        for worker in self.workers:
+            await worker.bus.close()
 
 
 async def start_workers(
@@ -33,29 +54,26 @@ async def start_workers(
     replicas: int = 1,
     grace: float = 30.0,
     handlers: dict[str, Handler] | None = None,
-) -> list[Worker]:
-    """Connect and start ``replicas`` workers for each role; stop them all if one fails."""
-    workers: list[Worker] = []
+    supervise: bool = True,
+) -> Crew:
+    """Connect and start ``replicas`` workers for each role (and a supervisor for
+    escalation timeouts); stop them all if one fails to start."""
+    crew = Crew()
     try:
         for role in roles:
             for replica in range(1, replicas + 1):
                 bus = await Bus.connect(settings, name=f"rolebus-worker-{role.id}-{replica}")
                 handler = (handlers or {}).get(role.id)
                 worker = Worker(bus, role, team, handler=handler, grace=grace, replica=replica)
-                workers.append(worker)
+                crew.workers.append(worker)
                 await worker.start()
+        if supervise and crew.workers:
+            crew.supervisor = Supervisor(crew.workers[0].bus.connection, team)
+            await crew.supervisor.start()
     except BaseException:
-        await stop_workers(workers, grace=0)
+        await crew.stop(grace=0)
         raise
-    return workers
-
-
-async def stop_workers(workers: list[Worker], *, grace: float | None = None) -> None:
-    """Stop all workers together (each finishes or naks its in-flight work), then
-    close their connections."""
-    await asyncio.gather(*(worker.stop(grace) for worker in workers), return_exceptions=True)
-    for worker in workers:
-        await worker.bus.close()
+    return crew
 
 
 def stop_on_signals(stop: asyncio.Event) -> Callable[[], Awaitable[None]]:

@@ -21,10 +21,12 @@ from rolebus.messages import Task, utc_now
 from rolebus.subjects import TASKS_BUCKET
 from rolebus.transport import Connection
 
-__all__ = ["TERMINAL_STATES", "StateStore", "StoredState", "TaskState"]
+__all__ = ["PARKED", "TERMINAL_STATES", "StateStore", "StoredState", "TaskState"]
 
 #: States after which a task never runs again (unless redriven).
 TERMINAL_STATES = frozenset({"completed", "dead", "rejected", "handed-off"})
+#: Parked until a decision arrives: only that decision may run the task again.
+PARKED = "input-required"
 
 
 class TaskState(BaseModel):
@@ -54,6 +56,17 @@ class TaskState(BaseModel):
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
 
+    @property
+    def waiting_for(self) -> str | None:
+        """The escalation this task waits for (parked, or being resumed)."""
+        value = self.detail.get("waiting_for")
+        return str(value) if value else None
+
+    @property
+    def sent(self) -> int:
+        """How many numbered messages (``<task id>-<n>``) the task has sent."""
+        return int(self.detail.get("sent", 0))
+
 
 @dataclass(frozen=True)
 class StoredState:
@@ -77,10 +90,18 @@ class StateStore:
         return StoredState(codec.decode_as(TaskState, value), revision)
 
     async def claim(
-        self, task: Task, *, role: str, subject: str, attempt: int, stream_seq: int
+        self,
+        task: Task,
+        *,
+        role: str,
+        subject: str,
+        attempt: int,
+        stream_seq: int,
+        resume: str | None = None,
     ) -> StoredState:
-        """Mark the task ``claimed`` by ``role``, unless it is already terminal
-        (then the stored terminal state is returned unchanged)."""
+        """Mark the task ``claimed`` by ``role``, unless it is terminal, or parked
+        waiting for an escalation other than ``resume`` (then the stored state is
+        returned unchanged, and the caller must not run the handler)."""
         claimed = TaskState(
             task_id=task.id,
             state="claimed",
@@ -110,7 +131,9 @@ class StateStore:
                 if revision is not None:
                     return StoredState(claimed, revision)
                 continue  # someone created it first: read theirs
-            if current.state.terminal:
+            if current.state.terminal or (
+                current.state.state == PARKED and current.state.waiting_for != resume
+            ):
                 return current
             keep = current.state.detail  # decisions, escalations: survive a new attempt
             updated = claimed.model_copy(update={"detail": keep})

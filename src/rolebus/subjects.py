@@ -18,7 +18,9 @@ __all__ = [
     "ESCALATIONS_BUCKET",
     "EVENTS_STREAM",
     "STREAMS",
+    "SUPERVISOR_CONSUMER",
     "TASKS_BUCKET",
+    "TIMERS_STREAM",
     "WORK_STREAM",
     "Header",
     "ParsedSubject",
@@ -33,6 +35,7 @@ __all__ = [
     "role_filter_subjects",
     "stream_for_subject",
     "task_subject",
+    "timer_subjects",
     "validate_pattern",
     "validate_token",
 ]
@@ -44,11 +47,13 @@ ESCALATION: Final = "escalation"
 DECISION: Final = "decision"
 EVENT: Final = "event"
 DLQ: Final = "dlq"
+TIMER: Final = "timer"
 
 # --- streams ---------------------------------------------------------------------------
 WORK_STREAM: Final = "ROLEBUS_WORK"
 EVENTS_STREAM: Final = "ROLEBUS_EVENTS"
 DLQ_STREAM: Final = "ROLEBUS_DLQ"
+TIMERS_STREAM: Final = "ROLEBUS_TIMERS"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class StreamSpec:
     subjects: tuple[str, ...]
     description: str
     work: bool
+    schedules: bool = False
 
 
 STREAMS: Final = (
@@ -70,7 +76,18 @@ STREAMS: Final = (
     ),
     StreamSpec(EVENTS_STREAM, (f"{EVENT}.>",), "lifecycle events: the history", work=False),
     StreamSpec(DLQ_STREAM, (f"{DLQ}.>",), "dead letters, with reason headers", work=True),
+    # Message schedules cannot live in a discard-new stream, hence their own stream.
+    StreamSpec(
+        TIMERS_STREAM,
+        (f"{TIMER}.>",),
+        "escalation timeouts: scheduled messages the server fires at their deadline",
+        work=False,
+        schedules=True,
+    ),
 )
+
+#: The durable consumer that turns fired timers into climbed escalations.
+SUPERVISOR_CONSUMER: Final = "supervisor"
 
 # --- KV buckets ------------------------------------------------------------------------
 TASKS_BUCKET: Final = "rolebus_tasks"
@@ -155,6 +172,13 @@ def event_subject(entity: str, state: str) -> str:
     return f"{EVENT}.{validate_token(entity, what='entity')}.{validate_token(state, what='state')}"
 
 
+def timer_subjects(escalation_id: str, level: int) -> tuple[str, str]:
+    """Where one escalation level's timer waits (a NATS scheduled message), and
+    the subject the server publishes it on at the deadline."""
+    token = f"{validate_token(escalation_id, what='escalation id')}-l{level}"
+    return f"{TIMER}.schedule.{token}", f"{TIMER}.fired.{token}"
+
+
 def dlq_subject(original_subject: str) -> str:
     return f"{DLQ}.{original_subject}"
 
@@ -224,5 +248,7 @@ def stream_for_subject(subject: str) -> str:
         return EVENTS_STREAM
     if family == DLQ:
         return DLQ_STREAM
+    if family == TIMER:
+        return TIMERS_STREAM
     parse_subject(subject)
     return WORK_STREAM

@@ -45,7 +45,13 @@ from rolebus.errors import (
     TransportError,
     UnavailableError,
 )
-from rolebus.subjects import BUCKETS, CONTENT_TYPE_MSGPACK, STREAMS, Header, StreamSpec
+from rolebus.subjects import (
+    BUCKETS,
+    CONTENT_TYPE_MSGPACK,
+    STREAMS,
+    Header,
+    StreamSpec,
+)
 
 __all__ = [
     "Connection",
@@ -471,6 +477,8 @@ class Connection:
             num_replicas=limits.replicas,
             duplicate_window=120.0,
             allow_direct=True,
+            # Escalation timeouts are scheduled messages the server keeps (NATS 2.12+).
+            allow_msg_schedules=True if spec.schedules else None,
         )
 
     async def _ensure_stream(self, spec: StreamSpec, limits: StreamLimits) -> None:
@@ -496,6 +504,8 @@ class Connection:
             problems.append(f"retention is {have.retention}, rolebus needs limits")
         if spec.work and have.discard != DiscardPolicy.NEW:
             problems.append("discard is 'old': a full stream would drop work silently")
+        if wanted.allow_msg_schedules and not have.allow_msg_schedules:
+            problems.append("message schedules are off: escalation timeouts need them")
         if problems:
             raise IncompatibleStreamError(
                 f"stream {spec.name} exists with an incompatible configuration: "

@@ -1,0 +1,195 @@
+"""Escalations: who decides, the open-escalation records, and timeouts up the chart.
+
+An escalation parks a task (state ``input-required``) until a decision comes
+back. Its record in the ``rolebus_escalations`` bucket says who holds it now and
+whether it is still open; every change is a compare-and-set.
+
+Timeouts survive restarts of workers and server because the server keeps them:
+with each escalation a *scheduled message* (NATS 2.12 message schedules) is
+stored in ``ROLEBUS_TIMERS`` holding the same escalation one level up
+``reports_to``; at the deadline the server publishes it on ``timer.fired.>``,
+where the supervisor (:mod:`rolebus.supervisor`, run by every worker process on
+one shared durable consumer) sends it on as ``escalation.<next role>.<reason>``
+if the record still says it is open at that level. Otherwise it is stale and
+dropped.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rolebus import codec
+from rolebus.errors import NotFoundError, RoleError
+from rolebus.messages import Escalation, EscalationOption, utc_now
+from rolebus.roles import NeverRule, RoleSpec, Team
+from rolebus.subjects import ESCALATIONS_BUCKET, escalation_subject, timer_subjects
+from rolebus.transport import Connection
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "PERSON",
+    "EscalationRecord",
+    "EscalationStore",
+    "StoredEscalation",
+    "boundary_for",
+    "climb_target",
+    "climbed",
+    "resolve_target",
+    "schedule_headers",
+    "timeout_for",
+    "timer_for",
+]
+
+#: Who decides when nobody above in the chart does.
+PERSON = "person"
+DEFAULT_TIMEOUT = 3600.0
+
+
+class EscalationRecord(BaseModel):
+    """An escalation's current state."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    task_id: str | None
+    asking_role: str
+    holder: str
+    reason: str
+    question: str
+    options: list[EscalationOption] = Field(default_factory=list)
+    kind: Literal["question", "approval"] = "question"
+    level: int = 0
+    status: Literal["open", "decided"] = "open"
+    timeout_s: float = DEFAULT_TIMEOUT
+    deadline: datetime | None = None
+    opened_at: datetime = Field(default_factory=utc_now)
+    decision: str | None = None
+    approved: bool | None = None
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    correlation_id: str | None = None
+    trail: list[str] = Field(default_factory=list)
+
+    def current_holder(self, team: Team, now: datetime | None = None) -> str:
+        """Who must answer now: past the deadline at the top of the chart, a person."""
+        if self.status != "open" or self.holder == PERSON:
+            return self.holder
+        expired = self.deadline is not None and (now or utc_now()) > self.deadline
+        top = self.holder in team.roles and team.roles[self.holder].reports_to is None
+        return PERSON if expired and top else self.holder
+
+
+class StoredEscalation(BaseModel):
+    record: EscalationRecord
+    revision: int
+
+
+class EscalationStore:
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    async def get(self, escalation_id: str) -> StoredEscalation | None:
+        found = await self._connection.kv_get(ESCALATIONS_BUCKET, escalation_id)
+        if found is None or not found[0]:
+            return None
+        return StoredEscalation(
+            record=codec.decode_as(EscalationRecord, found[0]), revision=found[1]
+        )
+
+    async def require(self, escalation_id: str) -> StoredEscalation:
+        stored = await self.get(escalation_id)
+        if stored is None:
+            raise NotFoundError(
+                f"no escalation {escalation_id!r}",
+                hint="`rolebus escalations` lists the open ones",
+            )
+        return stored
+
+    async def open(self, record: EscalationRecord) -> EscalationRecord:
+        """Store a new escalation (idempotent: an existing record is returned)."""
+        created = await self._connection.kv_create(
+            ESCALATIONS_BUCKET, record.id, codec.encode(record)
+        )
+        if created is None:
+            return (await self.require(record.id)).record
+        return record
+
+    async def change(self, stored: StoredEscalation, **changes: Any) -> StoredEscalation | None:
+        updated = stored.record.model_copy(update=changes)
+        revision = await self._connection.kv_update(
+            ESCALATIONS_BUCKET, updated.id, codec.encode(updated), stored.revision
+        )
+        return None if revision is None else StoredEscalation(record=updated, revision=revision)
+
+    async def all(self) -> list[EscalationRecord]:
+        return [
+            codec.decode_as(EscalationRecord, value)
+            async for _, value in self._connection.kv_items(ESCALATIONS_BUCKET)
+        ]
+
+
+def boundary_for(role: RoleSpec, kind: str) -> NeverRule | None:
+    """The role's ``never`` rule that a task of ``kind`` hits, if any."""
+    return role.never_rule_for(kind)
+
+
+def resolve_target(team: Team, role: RoleSpec, reason: str, to: str | None) -> str:
+    """Who an escalation from ``role`` goes to: the handler's choice, else the role's
+    rule for the reason, else the role it reports to, else a person."""
+    if to is not None:
+        if to != PERSON and to not in team.roles:
+            raise RoleError(
+                f"escalation to role {to!r}, which does not exist",
+                file=role.source,
+                hint=f"known roles: {', '.join(sorted(team.roles))} (or 'person')",
+            )
+        return to
+    rule = role.escalation_rule_for(reason)
+    if rule is not None:
+        return rule.to
+    return role.reports_to or PERSON
+
+
+def timeout_for(role: RoleSpec, reason: str) -> float:
+    rule = role.escalation_rule_for(reason)
+    return rule.timeout if rule is not None else DEFAULT_TIMEOUT
+
+
+def climb_target(team: Team, holder: str) -> str:
+    """One step up the chart from ``holder`` (a person above the top)."""
+    if holder == PERSON or holder not in team.roles:
+        return PERSON
+    return team.roles[holder].reports_to or PERSON
+
+
+def schedule_headers(deadline: datetime, target_subject: str) -> dict[str, str]:
+    """Headers that make the server publish a message at ``deadline`` on the target."""
+    # Schedules have one-second resolution; round up so it never fires early.
+    at = (deadline + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"Nats-Schedule": f"@at {at}", "Nats-Schedule-Target": target_subject}
+
+
+def climbed(escalation: Escalation, team: Team) -> tuple[str, Escalation] | None:
+    """The copy of ``escalation`` one level up, with its subject (None above the top:
+    then it waits for a person)."""
+    target = climb_target(team, escalation.to_role)
+    if target == PERSON:
+        return None
+    copy = escalation.model_copy(update={"to_role": target, "level": escalation.level + 1})
+    return escalation_subject(target, escalation.reason), copy
+
+
+def timer_for(
+    escalation: Escalation, team: Team, deadline: datetime
+) -> tuple[str, dict[str, str], Escalation] | None:
+    """The scheduled message that climbs ``escalation`` at ``deadline``: its subject,
+    headers and body (None at the top of the chart)."""
+    up = climbed(escalation, team)
+    if up is None:
+        return None
+    _, copy = up
+    schedule, fired = timer_subjects(escalation.id, escalation.level)
+    return schedule, schedule_headers(deadline, fired), copy
