@@ -583,6 +583,9 @@ def dlq_redrive(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning rolebus errors into clean exits."""
+    # Command groups in their own modules register themselves on `app`.
+    from rolebus import cli_flow  # noqa: F401
+
     _run_app(app, argv)
 
 

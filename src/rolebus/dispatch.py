@@ -38,6 +38,7 @@ from rolebus.escalation import (
     EscalationRecord,
     EscalationStore,
     climb_target,
+    decision_effects,
     resolve_target,
     timeout_for,
     timer_for,
@@ -59,7 +60,6 @@ from rolebus.state import PARKED, StateStore, StoredState
 from rolebus.subjects import (
     WORK_STREAM,
     Header,
-    decision_subject,
     escalation_subject,
     handoff_subject,
     task_subject,
@@ -391,6 +391,8 @@ class Dispatcher:
         elif outcome.status == "handoff":
             if outcome.handoff is None:
                 raise ContractError("a handoff outcome needs 'handoff'")
+            # Handing a reviewed contract on accepts it: the sender hears so too.
+            extra = await self._completion_effects(item, outcome)
             handoff_effects = await self._handoff_effects(task, outcome, number=sent + 1)
             await self._finish(
                 message,
@@ -398,7 +400,7 @@ class Dispatcher:
                 stored,
                 state="completed",
                 result=outcome.result or {"handed": outcome.handoff.model_dump()},
-                effects=follow_ups + handoff_effects,
+                effects=follow_ups + extra + handoff_effects,
                 sent=sent + 1,
             )
         elif outcome.status == "escalate":
@@ -947,40 +949,3 @@ def _decision_from(result: Any) -> tuple[str, bool | None]:
             approved if isinstance(approved, bool) else None,
         )
     return (str(result) if result is not None else "decided", None)
-
-
-def decision_effects(record: EscalationRecord, team: Team) -> list[Effect]:
-    """The decision message back to the asker, and the escalation's event."""
-    decision = Decision(
-        id=f"{record.id}-decision",
-        escalation_id=record.id,
-        to_role=record.asking_role,
-        decision=record.decision or "",
-        approved=record.approved,
-        task_id=record.task_id,
-        decided_by=record.decided_by or PERSON,
-        from_role=record.decided_by,
-        correlation_id=record.correlation_id,
-        causation_id=record.id,
-    )
-    event = Event(
-        id=f"{record.id}_decided",
-        entity="escalation",
-        state="decided",
-        task_id=record.task_id or record.id,
-        role=record.decided_by,
-        correlation_id=record.correlation_id,
-        causation_id=record.id,
-        detail={
-            "escalation_id": record.id,
-            "decision": record.decision,
-            "approved": record.approved,
-            "decided_by": record.decided_by,
-            "kind": record.kind,
-            "level": record.level,
-        },
-    )
-    effects = [effect("event.escalation.decided", event)]
-    if record.asking_role in team.roles:
-        effects.insert(0, effect(decision_subject(record.asking_role, record.id), decision))
-    return effects

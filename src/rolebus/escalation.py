@@ -22,10 +22,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rolebus import codec
-from rolebus.errors import NotFoundError, RoleError
-from rolebus.messages import Escalation, EscalationOption, utc_now
+from rolebus.effects import Effect, effect, publish_effects
+from rolebus.errors import ConfigError, NotFoundError, RoleError
+from rolebus.messages import Decision, Escalation, EscalationOption, Event, utc_now
 from rolebus.roles import NeverRule, RoleSpec, Team
-from rolebus.subjects import ESCALATIONS_BUCKET, escalation_subject, timer_subjects
+from rolebus.subjects import (
+    ESCALATIONS_BUCKET,
+    decision_subject,
+    escalation_subject,
+    timer_subjects,
+)
 from rolebus.transport import Connection
 
 __all__ = [
@@ -37,6 +43,8 @@ __all__ = [
     "boundary_for",
     "climb_target",
     "climbed",
+    "decision_effects",
+    "resolve",
     "resolve_target",
     "schedule_headers",
     "timeout_for",
@@ -193,3 +201,79 @@ def timer_for(
     _, copy = up
     schedule, fired = timer_subjects(escalation.id, escalation.level)
     return schedule, schedule_headers(deadline, fired), copy
+
+
+def decision_effects(record: EscalationRecord, team: Team) -> list[Effect]:
+    """The decision message back to the asker, and the escalation's event."""
+    decision = Decision(
+        id=f"{record.id}-decision",
+        escalation_id=record.id,
+        to_role=record.asking_role,
+        decision=record.decision or "",
+        approved=record.approved,
+        task_id=record.task_id,
+        decided_by=record.decided_by or PERSON,
+        from_role=record.decided_by,
+        correlation_id=record.correlation_id,
+        causation_id=record.id,
+    )
+    event = Event(
+        id=f"{record.id}_decided",
+        entity="escalation",
+        state="decided",
+        task_id=record.task_id or record.id,
+        role=record.decided_by,
+        correlation_id=record.correlation_id,
+        causation_id=record.id,
+        detail={
+            "escalation_id": record.id,
+            "decision": record.decision,
+            "approved": record.approved,
+            "decided_by": record.decided_by,
+            "kind": record.kind,
+            "level": record.level,
+        },
+    )
+    effects = [effect("event.escalation.decided", event)]
+    if record.asking_role in team.roles:
+        effects.insert(0, effect(decision_subject(record.asking_role, record.id), decision))
+    return effects
+
+
+async def resolve(
+    connection: Connection,
+    team: Team,
+    escalation_id: str,
+    *,
+    decision: str,
+    approved: bool | None,
+    decided_by: str = PERSON,
+) -> EscalationRecord:
+    """Answer an open escalation (as a person): close its record and send the
+    decision to the role that asked, which resumes the parked task."""
+    store = EscalationStore(connection)
+    while True:
+        found = await store.require(escalation_id)
+        record = found.record
+        if record.status != "open":
+            raise NotFoundError(
+                f"escalation {escalation_id} is already {record.status} "
+                f"(by {record.decided_by}: {record.decision!r})",
+                hint="`rolebus escalations` lists the open ones",
+            )
+        if record.kind == "approval" and approved is None:
+            raise ConfigError(
+                f"escalation {escalation_id} asks for an approval",
+                hint="answer with --approve or --reject (and --decision saying why)",
+            )
+        decided = await store.change(
+            found,
+            status="decided",
+            decision=decision,
+            approved=approved,
+            decided_by=decided_by,
+            decided_at=utc_now(),
+        )
+        if decided is not None:
+            await publish_effects(connection, decision_effects(decided.record, team), trace=None)
+            return decided.record
