@@ -15,7 +15,6 @@ gives the task to another role, ``refuse`` rejects it.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import structlog
 
 from rolebus import codec, dlq
-from rolebus.contracts import ContractError, ContractRegistry, document_from
+from rolebus.contracts import ContractError, ContractRegistry
 from rolebus.effects import (
     Effect,
     effect,
@@ -35,15 +34,19 @@ from rolebus.effects import (
 from rolebus.errors import CodecError, RolebusError, RoleError
 from rolebus.escalation import (
     PERSON,
-    EscalationRecord,
     EscalationStore,
     climb_target,
     decision_effects,
+    decision_from_result,
+    escalation_event,
+    escalation_item,
+    record_for,
     resolve_target,
     timeout_for,
-    timer_for,
+    timer_effects,
 )
 from rolebus.handlers import Handler, HandlerContext
+from rolebus.handoffs import answer_effects, offer_effects, review_item
 from rolebus.messages import (
     Decision,
     Envelope,
@@ -61,7 +64,6 @@ from rolebus.subjects import (
     WORK_STREAM,
     Header,
     escalation_subject,
-    handoff_subject,
     task_subject,
 )
 from rolebus.transport import Connection, InboundMessage
@@ -141,27 +143,8 @@ class Dispatcher:
         await self._run(message, item, stored)
 
     async def _on_handoff(self, message: InboundMessage, handoff: Handoff) -> None:
-        offered = handoff.status == "offered"
-        verb = "review" if offered else f"{handoff.status} by {handoff.from_role}:"
-        task = Task(
-            id=handoff.id,
-            kind="handoff" if offered else "handoff-answer",
-            title=f"{verb} contract {handoff.contract} {handoff.version}",
-            payload={
-                "contract": handoff.contract,
-                "version": handoff.version,
-                "status": handoff.status,
-                "reasons": handoff.reasons,
-                "note": handoff.note,
-                "from_role": handoff.from_role,
-                "task_id": handoff.task_id,
-                "contracts": [f"{handoff.contract}@{handoff.version}"],
-            },
-            from_role=handoff.from_role,
-            correlation_id=handoff.flow_id,
-            causation_id=handoff.id,
-        )
-        item = Item(task=task, kind="handoff" if offered else "handoff-answer", source=handoff)
+        task = review_item(handoff)
+        item = Item(task=task, kind=task.kind, source=handoff)
         stored = await self._claim(message, item)
         if stored is not None:
             await self._run(message, item, stored)
@@ -169,7 +152,7 @@ class Dispatcher:
     async def _on_escalation(self, message: InboundMessage, escalation: Escalation) -> None:
         found = await self.escalations.get(escalation.id)
         if found is None:  # published by someone outside the bus: start its record now
-            await self.escalations.open(self._record_for(escalation, kind="question"))
+            await self.escalations.open(record_for(escalation, kind="question"))
             found = await self.escalations.require(escalation.id)
         record = found.record
         if record.status != "open":
@@ -190,9 +173,12 @@ class Dispatcher:
             await publish_effects(
                 self.connection,
                 [
-                    *self._timer_effects(escalation, climbed.record),
-                    self._escalation_event(
-                        climbed.record, "climbed", detail={"timeout_at": record.holder}
+                    *timer_effects(self.team, escalation, climbed.record),
+                    escalation_event(
+                        self.role.id,
+                        climbed.record,
+                        "climbed",
+                        detail={"timeout_at": record.holder},
                     ),
                 ],
                 trace=message.headers.get(Header.TRACEPARENT),
@@ -203,24 +189,7 @@ class Dispatcher:
                 f"escalation {escalation.id} is held by {record.holder} at level {record.level}",
             )
             return
-        task = Task(
-            id=f"{escalation.id}-l{escalation.level}",
-            kind="escalation",
-            title=escalation.question,
-            payload={
-                "escalation_id": escalation.id,
-                "reason": escalation.reason,
-                "question": escalation.question,
-                "options": [option.model_dump() for option in escalation.options],
-                "asking_role": escalation.from_role,
-                "task_id": escalation.task_id,
-                "level": escalation.level,
-                "approval": record.kind == "approval",
-            },
-            from_role=escalation.from_role,
-            correlation_id=escalation.flow_id,
-            causation_id=escalation.id,
-        )
+        task = escalation_item(escalation, record)
         item = Item(task=task, kind="escalation", source=escalation)
         stored = await self._claim(message, item)
         if stored is not None:
@@ -393,7 +362,14 @@ class Dispatcher:
                 raise ContractError("a handoff outcome needs 'handoff'")
             # Handing a reviewed contract on accepts it: the sender hears so too.
             extra = await self._completion_effects(item, outcome)
-            handoff_effects = await self._handoff_effects(task, outcome, number=sent + 1)
+            handoff_effects = await offer_effects(
+                task,
+                outcome.handoff,
+                number=sent + 1,
+                role=self.role.id,
+                team=self.team,
+                registry=self.contracts,
+            )
             await self._finish(
                 message,
                 item,
@@ -459,41 +435,11 @@ class Dispatcher:
         is the decision."""
         result = outcome.result
         if item.kind == "handoff" and isinstance(item.source, Handoff):
-            offer = item.source
-            answer = "accepted"
-            reasons: list[str] = []
-            if isinstance(result, dict):
-                answer = str(result.get("answer", "accepted"))
-                reasons = [str(reason) for reason in result.get("reasons", [])]
-            if answer not in ("accepted", "changes-requested"):
-                raise ContractError(
-                    f"a handoff answer is 'accepted' or 'changes-requested', not {answer!r}"
-                )
-            await self.contracts.record_answer(
-                offer.contract,
-                offer.version,
-                role=self.role.id,
-                accepted=answer == "accepted",
-                reasons=reasons,
+            return await answer_effects(
+                item.source, result, role=self.role.id, team=self.team, registry=self.contracts
             )
-            reply = Handoff(
-                id=f"{offer.id}-answer",
-                to_role=offer.from_role or PERSON,
-                contract=offer.contract,
-                version=offer.version,
-                status=answer,  # type: ignore[arg-type]
-                reasons=reasons,
-                task_id=offer.task_id,
-                from_role=self.role.id,
-                correlation_id=offer.flow_id,
-                causation_id=offer.id,
-            )
-            effects = [self._handoff_event(reply, answer)]
-            if offer.from_role is not None and offer.from_role in self.team.roles:
-                effects.insert(0, effect(handoff_subject(offer.from_role, offer.contract), reply))
-            return effects
         if item.kind == "escalation" and isinstance(item.source, Escalation):
-            decision_text, approved = _decision_from(result)
+            decision_text, approved = decision_from_result(result)
             return await self._decide(item.source, decision_text, approved, decided_by=self.role.id)
         return []
 
@@ -514,40 +460,6 @@ class Dispatcher:
                 return decision_effects(decided.record, self.team)
             found = await self.escalations.get(escalation.id)
         return []  # someone (a person, a higher role) decided first
-
-    async def _handoff_effects(self, task: Task, outcome: Outcome, *, number: int) -> list[Effect]:
-        request = outcome.handoff
-        assert request is not None
-        if request.to not in self.team.roles:
-            raise RoleError(
-                f"handoff to role {request.to!r}, which does not exist",
-                hint=f"known roles: {', '.join(sorted(self.team.roles))}",
-            )
-        if request.document is not None:
-            document = document_from(request.document, source=f"contract from {self.role.id}")
-            if (document.name, document.version) != (request.contract, request.version):
-                raise ContractError(
-                    f"handoff names {request.contract} {request.version} but the document is "
-                    f"{document.name} {document.version}"
-                )
-            await self.contracts.publish(document, author=self.role.id)
-        else:
-            await self.contracts.get(request.contract, request.version)
-        handoff = Handoff(
-            id=f"{task.id}-{number}",
-            to_role=request.to,
-            contract=request.contract,
-            version=request.version,
-            note=request.note,
-            task_id=task.id,
-            from_role=self.role.id,
-            correlation_id=task.flow_id,
-            causation_id=task.id,
-        )
-        return [
-            effect(handoff_subject(request.to, request.contract), handoff),
-            self._handoff_event(handoff, "offered"),
-        ]
 
     async def _park(
         self,
@@ -578,16 +490,16 @@ class Dispatcher:
             causation_id=task.id,
         )
         record = await self.escalations.open(
-            self._record_for(escalation, kind="approval" if approval else "question")
+            record_for(escalation, kind="approval" if approval else "question")
         )
         effects = [
             *follow_ups,
             effect(
                 escalation_subject(to, request.reason), escalation, msg_id=f"{escalation.id}-l0"
             ),
-            *self._timer_effects(escalation, record),
-            self._escalation_event(
-                record, "opened", detail={"boundary": boundary} if boundary else {}
+            *timer_effects(self.team, escalation, record),
+            escalation_event(
+                self.role.id, record, "opened", detail={"boundary": boundary} if boundary else {}
             ),
         ]
         detail = {
@@ -653,10 +565,10 @@ class Dispatcher:
                         msg_id=f"{escalation.id}-l{higher.level}",
                     )
                 )
-                effects += self._timer_effects(higher, changed.record)
+                effects += timer_effects(self.team, higher, changed.record)
                 effects.append(
-                    self._escalation_event(
-                        changed.record, "climbed", detail={"why": request.question}
+                    escalation_event(
+                        self.role.id, changed.record, "climbed", detail={"why": request.question}
                     )
                 )
         await self._finish(
@@ -869,83 +781,3 @@ class Dispatcher:
             error=error,
             detail={"input": item.kind, "title": task.title, **(detail or {})},
         )
-
-    def _record_for(self, escalation: Escalation, *, kind: str) -> EscalationRecord:
-        return EscalationRecord(
-            id=escalation.id,
-            task_id=escalation.task_id,
-            asking_role=escalation.from_role or PERSON,
-            holder=escalation.to_role,
-            reason=escalation.reason,
-            question=escalation.question,
-            options=escalation.options,
-            kind=kind,  # type: ignore[arg-type]
-            level=escalation.level,
-            timeout_s=escalation.timeout_s or 3600.0,
-            deadline=utc_now() + timedelta(seconds=escalation.timeout_s or 3600.0),
-            correlation_id=escalation.flow_id,
-            trail=[escalation.to_role],
-        )
-
-    def _timer_effects(self, escalation: Escalation, record: EscalationRecord) -> list[Effect]:
-        assert record.deadline is not None
-        timer = timer_for(escalation, self.team, record.deadline)
-        if timer is None:
-            return []
-        subject, headers, copy = timer
-        return [
-            effect(subject, copy, msg_id=f"{escalation.id}-t{escalation.level}", headers=headers)
-        ]
-
-    def _escalation_event(
-        self, record: EscalationRecord, state: str, *, detail: dict[str, Any] | None = None
-    ) -> Effect:
-        event = Event(
-            id=f"{record.id}_{state}_{record.level}",
-            entity="escalation",
-            state=state,
-            task_id=record.task_id or record.id,
-            role=self.role.id,
-            correlation_id=record.correlation_id,
-            causation_id=record.id,
-            detail={
-                "escalation_id": record.id,
-                "to": record.holder,
-                "level": record.level,
-                "reason": record.reason,
-                "question": record.question,
-                "kind": record.kind,
-                **(detail or {}),
-            },
-        )
-        return effect(f"event.escalation.{state}", event)
-
-    def _handoff_event(self, handoff: Handoff, state: str) -> Effect:
-        event = Event(
-            id=f"{handoff.id}_{state}",
-            entity="handoff",
-            state=state,
-            task_id=handoff.task_id or handoff.id,
-            role=self.role.id,
-            correlation_id=handoff.correlation_id,
-            causation_id=handoff.id,
-            detail={
-                "contract": handoff.contract,
-                "version": handoff.version,
-                "to": handoff.to_role,
-                "reasons": handoff.reasons,
-            },
-        )
-        return effect(f"event.handoff.{state}", event)
-
-
-def _decision_from(result: Any) -> tuple[str, bool | None]:
-    """A deciding handler's result: ``{"decision": text, "approved": bool}``, or text."""
-    if isinstance(result, dict):
-        text = result.get("decision")
-        approved = result.get("approved")
-        return (
-            str(text) if text is not None else json.dumps(result, default=str, sort_keys=True),
-            approved if isinstance(approved, bool) else None,
-        )
-    return (str(result) if result is not None else "decided", None)

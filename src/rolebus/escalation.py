@@ -16,6 +16,7 @@ dropped.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rolebus import codec
 from rolebus.effects import Effect, effect, publish_effects
 from rolebus.errors import ConfigError, NotFoundError, RoleError
-from rolebus.messages import Decision, Escalation, EscalationOption, Event, utc_now
+from rolebus.messages import Decision, Escalation, EscalationOption, Event, Task, utc_now
 from rolebus.roles import NeverRule, RoleSpec, Team
 from rolebus.subjects import (
     ESCALATIONS_BUCKET,
@@ -44,10 +45,15 @@ __all__ = [
     "climb_target",
     "climbed",
     "decision_effects",
+    "decision_from_result",
+    "escalation_event",
+    "escalation_item",
+    "record_for",
     "resolve",
     "resolve_target",
     "schedule_headers",
     "timeout_for",
+    "timer_effects",
     "timer_for",
 ]
 
@@ -277,3 +283,92 @@ async def resolve(
         if decided is not None:
             await publish_effects(connection, decision_effects(decided.record, team), trace=None)
             return decided.record
+
+
+def record_for(escalation: Escalation, *, kind: str) -> EscalationRecord:
+    """A new record for ``escalation``, its deadline ``timeout_s`` from now."""
+    timeout = escalation.timeout_s or DEFAULT_TIMEOUT
+    return EscalationRecord(
+        id=escalation.id,
+        task_id=escalation.task_id,
+        asking_role=escalation.from_role or PERSON,
+        holder=escalation.to_role,
+        reason=escalation.reason,
+        question=escalation.question,
+        options=escalation.options,
+        kind=kind,  # type: ignore[arg-type]
+        level=escalation.level,
+        timeout_s=timeout,
+        deadline=utc_now() + timedelta(seconds=timeout),
+        correlation_id=escalation.flow_id,
+        trail=[escalation.to_role],
+    )
+
+
+def escalation_item(escalation: Escalation, record: EscalationRecord) -> Task:
+    """What the deciding role's handler sees: the question, its options, who asks."""
+    return Task(
+        id=f"{escalation.id}-l{escalation.level}",
+        kind="escalation",
+        title=escalation.question,
+        payload={
+            "escalation_id": escalation.id,
+            "reason": escalation.reason,
+            "question": escalation.question,
+            "options": [option.model_dump() for option in escalation.options],
+            "asking_role": escalation.from_role,
+            "task_id": escalation.task_id,
+            "level": escalation.level,
+            "approval": record.kind == "approval",
+        },
+        from_role=escalation.from_role,
+        correlation_id=escalation.flow_id,
+        causation_id=escalation.id,
+    )
+
+
+def timer_effects(team: Team, escalation: Escalation, record: EscalationRecord) -> list[Effect]:
+    """The scheduled message that climbs this level at the record's deadline."""
+    assert record.deadline is not None
+    timer = timer_for(escalation, team, record.deadline)
+    if timer is None:
+        return []
+    subject, headers, copy = timer
+    return [effect(subject, copy, msg_id=f"{escalation.id}-t{escalation.level}", headers=headers)]
+
+
+def escalation_event(
+    role: str, record: EscalationRecord, state: str, *, detail: dict[str, Any] | None = None
+) -> Effect:
+    event = Event(
+        id=f"{record.id}_{state}_{record.level}",
+        entity="escalation",
+        state=state,
+        task_id=record.task_id or record.id,
+        role=role,
+        correlation_id=record.correlation_id,
+        causation_id=record.id,
+        detail={
+            "escalation_id": record.id,
+            "to": record.holder,
+            "from": record.asking_role,
+            "level": record.level,
+            "reason": record.reason,
+            "question": record.question,
+            "kind": record.kind,
+            **(detail or {}),
+        },
+    )
+    return effect(f"event.escalation.{state}", event)
+
+
+def decision_from_result(result: Any) -> tuple[str, bool | None]:
+    """A deciding handler's result: ``{"decision": text, "approved": bool}``, or text."""
+    if isinstance(result, dict):
+        text = result.get("decision")
+        approved = result.get("approved")
+        return (
+            str(text) if text is not None else json.dumps(result, default=str, sort_keys=True),
+            approved if isinstance(approved, bool) else None,
+        )
+    return (str(result) if result is not None else "decided", None)
