@@ -30,7 +30,7 @@ from rolebus.dlq import DeadLetter
 from rolebus.errors import ConfigError, RolebusError
 from rolebus.roles import RoleSpec, Team, load_team
 from rolebus.runner import start_workers, stop_on_signals
-from rolebus.server import running_server_url, serve
+from rolebus.server import DEFAULT_PORT, port_is_free, running_server_url, serve
 from rolebus.subjects import parse_subject
 
 __all__ = ["app", "main"]
@@ -401,7 +401,13 @@ def embedded_server_if_needed(settings: Settings) -> Iterator[Settings]:
     if settings.nats_url or running_server_url(settings.home):
         yield settings
         return
-    with serve(home=settings.home, port=settings.port, sync_interval=settings.sync_interval) as s:
+    port = settings.port
+    if port == DEFAULT_PORT and not port_is_free("127.0.0.1", port):
+        # Another server (another project's?) has the default port: any free one
+        # will do for a server that lives as long as this command.
+        out.print(f"[dim]port {port} is taken; the embedded server takes a free one[/]")
+        port = 0
+    with serve(home=settings.home, port=port, sync_interval=settings.sync_interval) as s:
         out.print(f"embedded nats-server on [bold]{s.url}[/] (store {s.store_dir})")
         yield settings.with_overrides(nats_url=s.url)
 
@@ -584,7 +590,7 @@ def dlq_redrive(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning rolebus errors into clean exits."""
     # Command groups in their own modules register themselves on `app`.
-    from rolebus import cli_flow  # noqa: F401
+    from rolebus import cli_flow, cli_history  # noqa: F401
 
     _run_app(app, argv)
 

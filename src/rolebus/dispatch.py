@@ -227,8 +227,22 @@ class Dispatcher:
                 error=f"task {record.task_id} is no longer in {WORK_STREAM}",
             )
             return
-        task = codec.decode_as(Task, original.data, subject=original.subject)
-        item = Item(task=task, kind="resume", source=decision, resume=record.id)
+        # The parked item is rebuilt from the message that started it (a task, or a
+        # contract to review), so that finishing it has the same effects.
+        source = codec.decode(original.subject, original.data)
+        if isinstance(source, Handoff):
+            review = review_item(source)
+            item = Item(task=review, kind=review.kind, source=source, resume=record.id)
+        elif isinstance(source, Task):
+            item = Item(task=source, kind="task", source=source, resume=record.id)
+        else:
+            await self._dead_letter(
+                message,
+                reason="invalid",
+                error=f"{original.subject} cannot be resumed by a decision",
+            )
+            return
+        task = item.task
         stored = await self._claim(
             message, item, subject=original.subject, stream_seq=parked.state.stream_seq
         )

@@ -38,7 +38,8 @@ def review_item(handoff: Handoff) -> Task:
         },
         from_role=handoff.from_role,
         correlation_id=handoff.flow_id,
-        causation_id=handoff.id,
+        # The review shares the handoff's id, so its cause is what caused the handoff.
+        causation_id=handoff.causation_id,
     )
 
 

@@ -28,10 +28,12 @@ import structlog
 from rolebus.errors import ServerError
 
 __all__ = [
+    "DEFAULT_PORT",
     "ClusterPeer",
     "EmbeddedServer",
     "ServerLock",
     "find_binary",
+    "port_is_free",
     "running_server_url",
     "serve",
 ]
@@ -41,6 +43,7 @@ log = structlog.get_logger("rolebus.server")
 _STATE_FILE = "server.json"
 _LOCK_FILE = "server.lock"
 _START_TIMEOUT = 20.0
+DEFAULT_PORT = 4222
 
 
 def find_binary() -> str:
@@ -64,7 +67,7 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _port_is_free(host: str, port: int) -> bool:
+def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -134,7 +137,7 @@ class EmbeddedServer:
 
     def start(self) -> EmbeddedServer:
         """Start the server and wait until it accepts connections."""
-        if self.port and not _port_is_free(self.host, self.port):
+        if self.port and not port_is_free(self.host, self.port):
             raise ServerError(
                 f"port {self.port} on {self.host} is already taken",
                 hint="stop whatever listens there, or pick another port: "

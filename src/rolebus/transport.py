@@ -452,6 +452,26 @@ class Connection:
         )
         return Subscription(subscription)
 
+    async def watch(
+        self, subject: str, callback: Callable[[StoredMessage], Awaitable[None]]
+    ) -> Subscription:
+        """See messages on ``subject`` as they are published (core NATS, no replay,
+        no acks): for live views. ``seq`` is 0; ``time`` is when it arrived."""
+
+        async def on_message(msg: Msg) -> None:
+            await callback(
+                StoredMessage(
+                    stream="",
+                    seq=0,
+                    subject=msg.subject,
+                    time=datetime.now(UTC),
+                    headers=msg.headers or {},
+                    data=msg.data,
+                )
+            )
+
+        return await self.subscribe_core(subject, on_message)
+
     # --- provisioning ------------------------------------------------------------------
 
     async def provision(self, limits: StreamLimits | None = None) -> None:
@@ -697,16 +717,15 @@ class Connection:
             return int(await kv.put(key, value))
 
     async def kv_items(self, bucket: str) -> AsyncIterator[tuple[str, bytes]]:
-        """Every live key and value of a bucket (a snapshot)."""
-        kv = await self._bucket(bucket)
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return
-        for key in keys:
-            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                entry = await kv.get(key)
-                yield key, entry.value or b""
+        """Every live key and value of a bucket, streamed in one pass (the last
+        value of each key; deleted keys are skipped)."""
+        prefix = f"$KV.{bucket}."
+        async for stored in self.read_stream(
+            f"KV_{bucket}", filter_subjects=[f"{prefix}>"], last_per_subject=True
+        ):
+            if stored.headers.get("KV-Operation") in ("DEL", "PURGE"):
+                continue
+            yield stored.subject.removeprefix(prefix), stored.data
 
     # --- reading streams --------------------------------------------------------------
 
@@ -737,6 +756,7 @@ class Connection:
         start_time: datetime | None = None,
         follow: bool = False,
         batch: int = 1000,
+        last_per_subject: bool = False,
     ) -> AsyncIterator[StoredMessage]:
         """Read a stream in order through an ephemeral no-ack consumer, which no
         worker's durable consumer notices. Stops at the end unless ``follow``."""
@@ -750,6 +770,8 @@ class Connection:
                 "deliver_policy": DeliverPolicy.BY_START_TIME,
                 "opt_start_time": start_time.astimezone(UTC).isoformat().replace("+00:00", "Z"),
             }
+        elif last_per_subject:
+            deliver = {"deliver_policy": DeliverPolicy.LAST_PER_SUBJECT}
         else:
             deliver = {"deliver_policy": DeliverPolicy.ALL}
         config = ConsumerConfig(
