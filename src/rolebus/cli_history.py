@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shlex
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -25,17 +27,22 @@ from rolebus.cli import (
 from rolebus.demo import play
 from rolebus.errors import NotFoundError
 from rolebus.escalation import EscalationRecord, EscalationStore
+from rolebus.handlers import load_handler
 from rolebus.history import (
     Replayed,
     ReplayFilter,
     all_states,
     flow_states,
     parse_since,
+    rebuild,
     replay,
     stream_named,
 )
 from rolebus.messages import Event
+from rolebus.rerun import RerunResult, rerun
+from rolebus.roles import CommandHandler, parse_duration
 from rolebus.state import StateStore, TaskState
+from rolebus.status import RoleStatus, collect, serve_metrics
 
 
 @app.command()
@@ -273,3 +280,165 @@ def tasks_command(
             s.updated_at.strftime("%H:%M:%S"),
         )
     out.print(table)
+
+
+@app.command("rebuild")
+def rebuild_command(as_json: JsonOption = False) -> None:
+    """Recompute the task projection from the event stream alone and report every
+    difference from the live projection (there should be none). Exit 1 if any."""
+
+    async def go() -> tuple[int, list[Any]]:
+        async with await Bus.connect(settings_for(), name="rolebus-rebuild") as bus:
+            rebuilt, differences = await rebuild(bus.connection)
+            return len(rebuilt), differences
+
+    count, differences = run(go())
+    if as_json:
+        print_json({"tasks": count, "differences": [vars(d) for d in differences]})
+    elif not differences:
+        out.print(f"rebuilt {count} tasks from the events: identical to the live projection.")
+    else:
+        table = Table("task", "live (state, role)", "from events", title="differences")
+        for difference in differences:
+            table.add_row(difference.task_id, str(difference.live), str(difference.rebuilt))
+        out.print(table)
+    if differences:
+        raise typer.Exit(1)
+
+
+def _cell(check: dict[str, Any], unit: str = "") -> str:
+    value, target, met = check["value"], check["target"], check["met"]
+    if target is None:
+        return "-" if value is None else f"{value:.4g}{unit}"
+    shown = "no data" if value is None else f"{value:.4g}{unit}"
+    mark = {True: "[green]met[/]", False: "[red]NOT met[/]", None: "[dim]?[/]"}[met]
+    return f"{shown} / {target:g}{unit} {mark}"
+
+
+@app.command("status")
+def status_command(
+    window: Annotated[str, typer.Option(help="Latency and error window (e.g. 15m, 1h).")] = "1h",
+    roles: RolesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Per role: backlog, in flight, redeliveries, dead letters, open escalations,
+    p50/p99 latency and error rate, each against the role's `slo` targets."""
+    settings = settings_for(roles)
+    team = team_for(settings)
+    seconds = parse_duration(window)
+
+    async def go() -> list[RoleStatus]:
+        async with await Bus.connect(settings, name="rolebus-status") as bus:
+            return await collect(bus.connection, team, window=seconds)
+
+    statuses = run(go())
+    if as_json:
+        print_json([status.as_json() for status in statuses])
+        return
+    table = Table(
+        "role",
+        "backlog",
+        "in flight",
+        "redelivered",
+        "dead",
+        "escalations",
+        "p50",
+        "p99",
+        "error rate",
+        title=f"status (last {window})",
+    )
+    for status in statuses:
+        table.add_row(
+            status.role,
+            str(status.backlog),
+            str(status.in_flight),
+            str(status.redelivered),
+            str(status.dead_letters),
+            str(status.open_escalations),
+            _cell(status.slo["p50_latency_ms"], " ms"),
+            _cell(status.slo["p99_latency_ms"], " ms"),
+            _cell(status.slo["error_rate"]),
+        )
+    out.print(table)
+
+
+@app.command("metrics")
+def metrics_command(
+    port: Annotated[int, typer.Option(help="Port for GET /metrics.")] = 9464,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    window: Annotated[str, typer.Option(help="Latency and error window.")] = "1h",
+    roles: RolesOption = None,
+) -> None:
+    """Serve `rolebus status` as Prometheus metrics on http://HOST:PORT/metrics."""
+    settings = settings_for(roles)
+    team = team_for(settings)
+    seconds = parse_duration(window)
+
+    async def go() -> None:
+        async with await Bus.connect(settings, name="rolebus-metrics") as bus:
+            ready = asyncio.Event()
+            server = asyncio.create_task(
+                serve_metrics(
+                    bus.connection, team, host=host, port=port, window=seconds, ready=ready
+                )
+            )
+            await ready.wait()
+            out.print(f"serving metrics on http://{host}:{port}/metrics (Ctrl-C to stop)")
+            await server
+
+    try:
+        run(go())
+    except KeyboardInterrupt:
+        out.print("stopped.")
+
+
+@app.command("rerun")
+def rerun_command(
+    role: Annotated[str, typer.Option(help="Whose recorded inputs to replay.")],
+    handler: Annotated[
+        str,
+        typer.Option(
+            help="The handler to try: builtin:NAME, python:module:function, or a command "
+            "line (run with the command protocol)."
+        ),
+    ],
+    correlation: Annotated[str | None, typer.Option(help="Only this flow.")] = None,
+    since: Annotated[str | None, typer.Option(help="Only inputs since (time or 10m).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per command run.")] = 300.0,
+    roles: RolesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Feed a role's recorded inputs to another handler WITHOUT publishing anything,
+    and print how its outcomes differ from the recorded ones. Exit 1 if any differ."""
+    settings = settings_for(roles)
+    team = team_for(settings)
+    spec = team.role(role)
+    if handler.startswith(("builtin:", "python:")):
+        chosen = load_handler(handler, role=role)
+    else:
+        chosen = load_handler(CommandHandler(command=shlex.split(handler), timeout=timeout))
+    start = parse_since(since) if since else None
+
+    async def go() -> list[RerunResult]:
+        async with await Bus.connect(settings, name="rolebus-rerun") as bus:
+            return [
+                result
+                async for result in rerun(
+                    bus.connection, spec, chosen, correlation=correlation, since=start
+                )
+            ]
+
+    results = run(go())
+    if as_json:
+        print_json([result.as_json() for result in results])
+    else:
+        for result in results:
+            if result.same:
+                out.print(f"[green]same[/]     {result.task_id}  {result.title}", highlight=False)
+            else:
+                out.print(f"[red]differs[/]  {result.task_id}  {result.title}", highlight=False)
+                out.print(result.diff(), highlight=False, markup=False)
+        changed = sum(not result.same for result in results)
+        out.print(f"{len(results)} recorded input(s) of {role}; {changed} differ.")
+    if any(not result.same for result in results):
+        raise typer.Exit(1)

@@ -357,6 +357,10 @@ class Dispatcher:
         self, message: InboundMessage, item: Item, stored: StoredState, outcome: Outcome
     ) -> None:
         task = item.task
+        # What the handler answered is kept with the state (``rolebus rerun`` compares
+        # a new handler's answers with it); every change below carries it along.
+        recorded = outcome.model_dump(mode="json", exclude_defaults=True)
+        stored = StoredState(stored.state.model_copy(update={"outcome": recorded}), stored.revision)
         sent = stored.state.sent
         follow_ups = follow_up_tasks(task, outcome.tasks, role=self.role.id, first=sent + 1)
         sent += len(follow_ups)

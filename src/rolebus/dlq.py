@@ -17,7 +17,7 @@ import structlog
 
 from rolebus import codec
 from rolebus.errors import CodecError, NotFoundError
-from rolebus.messages import Task
+from rolebus.messages import Event, Task
 from rolebus.state import StateStore
 from rolebus.subjects import DLQ_STREAM, Header, dlq_subject
 from rolebus.transport import Connection, PubAck, StoredMessage
@@ -162,6 +162,16 @@ async def redrive(connection: Connection, entry: DeadLetter) -> PubAck:
         msg_id=f"{task_key}_redrive_{entry.seq}",
         headers=headers,
     )
+    if entry.task_id is not None:
+        event = Event(
+            id=f"{entry.task_id}_redriven_{entry.seq}",
+            state="redriven",
+            task_id=entry.task_id,
+            role=entry.role,
+            subject=entry.subject,
+            detail={"dlq_seq": entry.seq, "new_seq": ack.seq},
+        )
+        await connection.publish("event.task.redriven", codec.encode(event), msg_id=event.id)
     await connection.delete_message(DLQ_STREAM, entry.seq)
     log.info("redriven", subject=entry.subject, task_id=entry.task_id, dlq_seq=entry.seq)
     return ack

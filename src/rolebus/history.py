@@ -211,3 +211,37 @@ def task_from(stored: StoredMessage) -> Task | None:
         return codec.decode_as(Task, stored.data, subject=stored.subject)
     except CodecError:
         return None
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A task whose live state and rebuilt state disagree (None: missing on that side)."""
+
+    task_id: str
+    live: tuple[str, str] | None
+    rebuilt: tuple[str, str] | None
+
+
+def fold(events: list[Event]) -> dict[str, tuple[str, str]]:
+    """The projection from events alone: each task's last state and role."""
+    projection: dict[str, tuple[str, str]] = {}
+    for event in events:
+        if event.entity != "task":
+            continue
+        if event.task_id.startswith("seq-"):
+            continue  # a message that never became a task (undecodable, stray): no state
+        projection[event.task_id] = (event.state, event.role or "")
+    return projection
+
+
+async def rebuild(connection: Connection) -> tuple[dict[str, tuple[str, str]], list[Difference]]:
+    """Recompute the task projection from ``ROLEBUS_EVENTS`` and compare it with the
+    live KV projection."""
+    rebuilt = fold(await read_events(connection))
+    live = {state.task_id: (state.state, state.role) for state in await all_states(connection)}
+    differences = [
+        Difference(task_id, live.get(task_id), rebuilt.get(task_id))
+        for task_id in sorted(set(live) | set(rebuilt))
+        if live.get(task_id) != rebuilt.get(task_id)
+    ]
+    return rebuilt, differences

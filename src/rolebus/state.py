@@ -48,6 +48,8 @@ class TaskState(BaseModel):
     updated_at: datetime = Field(default_factory=utc_now)
     result: Any = None
     error: str | None = None
+    #: The handler's last answer (an Outcome as a map), for ``rolebus rerun``.
+    outcome: dict[str, Any] | None = None
     #: Follow-up messages to publish once terminal: ``{"subject", "message"}`` maps.
     effects: list[dict[str, Any]] = Field(default_factory=list)
     detail: dict[str, Any] = Field(default_factory=dict)
