@@ -136,3 +136,21 @@ def test_make_demo_runs_twice_and_its_replay_command_reproduces_the_flow(tmp_pat
     finally:
         server.terminate()
         server.communicate(timeout=30)
+
+
+async def test_the_example_team_plays_the_same_story_through_command_handlers(
+    rolebus_settings: Settings, rolebus_bus: Bus
+) -> None:
+    team = load_team(REPO / "examples" / "agent-team" / "roles")
+    assert all(not isinstance(role.handler, str) for role in team)
+    result = await play(rolebus_settings, team, console=Console(file=io.StringIO()), timeout=90)
+    events = [
+        e
+        for e in await read_events(rolebus_bus.connection)
+        if result.root.id in (e.correlation_id, e.task_id)
+    ]
+    position(events, "escalation.decided", decided_by="architect")
+    position(events, "escalation.decided", decided_by="cto", approved=True)
+    position(events, "handoff.accepted", role="eng-fe", version="1.1.0")
+    position(events, "task.completed", role="perf-eng", met=True)
+    assert not [e for e in events if e.state == "dead"]
