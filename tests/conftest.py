@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -55,3 +56,36 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ROLEBUS_HOME", str(tmp_path / "rolebus-home"))
     monkeypatch.setenv("ROLEBUS_ROLES", str(REPO / "roles"))
+
+
+class FaultLog:
+    """What the fault suite injected in this run, for the summary table."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, int, int, int, int]] = []
+
+    def record(self, fault: str, injected: int, report: Any) -> None:
+        duplicates = len(report.duplicate_completed) + len(report.duplicate_messages)
+        self.rows.append((fault, injected, report.published, len(report.lost), duplicates))
+
+
+_FAULTS = FaultLog()
+
+
+@pytest.fixture
+def fault_log() -> FaultLog:
+    return _FAULTS
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _FAULTS.rows:
+        return
+    terminalreporter.write_sep("-", "faults injected")
+    terminalreporter.write_line(
+        "| fault | injected | tasks published | lost | duplicated effects |"
+    )
+    terminalreporter.write_line("| --- | --- | --- | --- | --- |")
+    for fault, injected, published, lost, duplicates in _FAULTS.rows:
+        terminalreporter.write_line(
+            f"| {fault} | {injected} | {published} | {lost} | {duplicates} |"
+        )

@@ -77,7 +77,7 @@ class Bus:
         )
         try:
             if provision:
-                await connection.provision(limits)
+                await connection.provision(limits or StreamLimits(replicas=settings.replicas))
         except BaseException:
             await connection.close()
             raise
@@ -109,6 +109,22 @@ class Bus:
         all_headers = {Header.TRACEPARENT: new_traceparent(), **(headers or {})}
         return await self.connection.publish(
             subject, codec.encode(message), msg_id=message.id, headers=all_headers
+        )
+
+    async def publish_many(
+        self, messages: list[tuple[str, Envelope]], *, window: int = 1000
+    ) -> list[PubAck]:
+        """Publish many messages with up to ``window`` awaiting their ack at once
+        (each still stored once per id, retried alone if its ack does not come)."""
+        for subject, _ in messages:
+            parse_subject(subject)
+        trace = new_traceparent()
+        return await self.connection.publish_many(
+            [
+                (subject, codec.encode(message), message.id, {Header.TRACEPARENT: trace})
+                for subject, message in messages
+            ],
+            window=window,
         )
 
     async def publish_task(

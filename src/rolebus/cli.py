@@ -24,12 +24,13 @@ from rich.table import Table
 
 from rolebus import codec, dlq
 from rolebus import subjects as names
+from rolebus.auth import ADMIN, Credentials, render_config
 from rolebus.bus import Bus, task_subject_for
 from rolebus.config import Settings
 from rolebus.dlq import DeadLetter
 from rolebus.errors import ConfigError, RolebusError
 from rolebus.roles import RoleSpec, Team, load_team
-from rolebus.runner import start_workers, stop_on_signals
+from rolebus.runner import provision_team, start_workers, stop_on_signals
 from rolebus.server import DEFAULT_PORT, port_is_free, running_server_url, serve
 from rolebus.subjects import parse_subject
 
@@ -65,8 +66,23 @@ RolesOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
+#: Connection options given before the command (they win over the environment).
+_CONNECTION: dict[str, Any] = {}
+
+
 @app.callback()
 def _configure(
+    creds: Annotated[
+        Path | None, typer.Option("--creds", help="NATS credentials file (or NATS_CREDS).")
+    ] = None,
+    user: Annotated[str | None, typer.Option("--user", help="NATS user (or NATS_USER).")] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option("--password-file", help="File holding the user's password (NATS_PASSWORD)."),
+    ] = None,
+    nkey: Annotated[
+        Path | None, typer.Option("--nkey", help="nkey seed file (or NATS_NKEY).")
+    ] = None,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "warning",
@@ -75,6 +91,13 @@ def _configure(
     ] = "console",
 ) -> None:
     configure_logging(level=log_level, fmt=log_format)
+    _CONNECTION.clear()
+    if password_file is not None:
+        try:
+            _CONNECTION["password"] = password_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"cannot read --password-file {password_file}: {error}") from error
+    _CONNECTION.update(creds_file=creds, user=user, nkey_seed_file=nkey)
 
 
 def configure_logging(*, level: str = "warning", fmt: str = "console") -> None:
@@ -114,7 +137,7 @@ class _CurrentStderr:
 
 
 def settings_for(roles: Path | None = None, **overrides: Any) -> Settings:
-    return Settings.from_env(roles_dir=roles, **overrides)
+    return Settings.from_env(roles_dir=roles, **_CONNECTION, **overrides)
 
 
 def team_for(settings: Settings) -> Team:
@@ -175,11 +198,40 @@ async def _provision(settings: Settings) -> None:
 
 
 @app.command()
-def provision() -> None:
-    """Create the streams and KV buckets (idempotent; reports incompatible ones)."""
-    settings = settings_for()
-    run(_provision(settings))
-    out.print("streams and buckets are ready: " + ", ".join(s.name for s in names.STREAMS))
+def provision(roles: RolesOption = None) -> None:
+    """Create the streams, KV buckets and every role's consumer (idempotent; reports
+    incompatible ones). Run it as the admin user when roles use `rolebus auth`."""
+    settings = settings_for(roles)
+    team = team_for(settings)
+
+    async def go() -> None:
+        async with await Bus.connect(settings, name="rolebus-provision") as bus:
+            await provision_team(bus, team)
+
+    run(go())
+    out.print(
+        "ready: streams "
+        + ", ".join(s.name for s in names.STREAMS)
+        + f"; consumers for {', '.join(role.id for role in team)} and the supervisor"
+    )
+
+
+@app.command("auth")
+def auth_command(
+    secrets: Annotated[
+        Path, typer.Option(help="Folder for the users' password files (created, 0600).")
+    ] = Path(".rolebus/secrets"),
+    roles: RolesOption = None,
+) -> None:
+    """Print a nats-server authorization config for the team (least privilege).
+
+    `rolebus auth > nats-auth.conf`, then `include nats-auth.conf` in the server
+    config. Workers connect as their role: `rolebus --user eng-be --password-file
+    .rolebus/secrets/eng-be.password worker eng-be`.
+    """
+    team = team_for(settings_for(roles))
+    credentials = Credentials.load_or_create(secrets, [ADMIN, *(role.id for role in team)])
+    sys.stdout.write(render_config(team, credentials))
 
 
 # --- publishing --------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Variables (all optional):
   default ``.rolebus`` in the current directory.
 - ``ROLEBUS_ROLES``: the folder of role files; default ``roles``.
 - ``ROLEBUS_PORT``: the embedded server's port; default 4222.
+- ``ROLEBUS_REPLICAS``: replicas of each stream and bucket (3 in a 3-node cluster);
+  default 1.
 - ``ROLEBUS_SYNC``: the embedded server's ``sync_interval``; default ``always``
   (fsync every write; JetStream's own default of 2 minutes loses acknowledged
   writes on power loss).
@@ -46,6 +48,15 @@ def _port(value: str) -> int:
     return port
 
 
+def _replicas(value: str) -> int:
+    if value not in ("1", "3", "5"):
+        raise ConfigError(
+            f"ROLEBUS_REPLICAS={value!r} is not a stream replica count",
+            hint="use 1 (a single server), 3 or 5 (a cluster of at least that many nodes)",
+        )
+    return int(value)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """Where the bus runs and how to reach it. Build with :meth:`from_env`."""
@@ -62,6 +73,7 @@ class Settings:
     roles_dir: Path = Path("roles")
     port: int = 4222
     sync_interval: str = "always"
+    replicas: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -80,6 +92,7 @@ class Settings:
             "roles_dir": Path(env.get("ROLEBUS_ROLES") or "roles"),
             "port": _port(env.get("ROLEBUS_PORT") or "4222"),
             "sync_interval": env.get("ROLEBUS_SYNC") or "always",
+            "replicas": _replicas(env.get("ROLEBUS_REPLICAS") or "1"),
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         settings = cls(**values)

@@ -31,7 +31,7 @@ from rolebus.effects import (
     publish_event,
     state_event,
 )
-from rolebus.errors import CodecError, RolebusError, RoleError
+from rolebus.errors import CodecError, RolebusError, RoleError, StaleClaimError
 from rolebus.escalation import (
     PERSON,
     EscalationStore,
@@ -719,9 +719,17 @@ class Dispatcher:
             changed = await self.states.change(current, **changes)
             if changed is not None:
                 return changed
-            current = await self.states.get(stored.state.task_id)
-            if current is None or current.state.terminal:
+            fresh = await self.states.get(stored.state.task_id)
+            if fresh is None or fresh.state.terminal:
                 return None
+            if current.revision == 0 and (fresh.state.state == PARKED or fresh.state.sent):
+                # A first delivery met a record it did not read (a re-published or
+                # redriven task with history): its effects were numbered without
+                # that history. Retry: the next delivery reads the record first.
+                raise StaleClaimError(
+                    f"task {stored.state.task_id} has a record this attempt did not read"
+                )
+            current = fresh
         return None
 
     async def _stale(self, message: InboundMessage, why: str) -> None:

@@ -20,7 +20,7 @@ from rolebus.bus import child_traceparent
 from rolebus.messages import Event, FollowUp, Task
 from rolebus.state import TaskState
 from rolebus.subjects import Header, event_subject, parse_subject
-from rolebus.transport import Connection, PendingPublish
+from rolebus.transport import Connection, PendingPublish, wait_all
 
 __all__ = [
     "effect",
@@ -88,8 +88,7 @@ async def publish_effects(
                 headers=headers,
             )
         )
-    for publish in pending:
-        await publish.result()
+    await wait_all(pending)
 
 
 async def publish_event(

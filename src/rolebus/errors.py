@@ -21,6 +21,7 @@ __all__ = [
     "RoleError",
     "RolebusError",
     "ServerError",
+    "StaleClaimError",
     "StreamFullError",
     "SubjectError",
     "TransportError",
@@ -119,6 +120,10 @@ class StreamFullError(TransportError):
 
 class IncompatibleStreamError(TransportError):
     """A stream or bucket exists with a configuration rolebus cannot use."""
+
+
+class StaleClaimError(RolebusError):
+    """A worker's view of a task is out of date; the delivery is retried."""
 
 
 class HandlerError(RolebusError):

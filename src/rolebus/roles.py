@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from rolebus.errors import RoleError
+from rolebus.errors import RoleError, SubjectError
 from rolebus.subjects import role_filter_subjects, validate_role_id, validate_token
 
 __all__ = [
@@ -122,14 +122,20 @@ class RoleSpec(_Strict):
     @field_validator("id")
     @classmethod
     def _valid_id(cls, value: str) -> str:
-        validate_role_id(value)
+        try:
+            validate_role_id(value)
+        except SubjectError as error:  # pydantic reports ValueErrors with the field
+            raise ValueError(f"{error.message} ({error.hint})") from error
         return value
 
     @field_validator("domains")
     @classmethod
     def _valid_domains(cls, value: list[str]) -> list[str]:
         for domain in value:
-            validate_token(domain, what="domain")
+            try:
+                validate_token(domain, what="domain")
+            except SubjectError as error:
+                raise ValueError(f"{error.message} ({error.hint})") from error
         if len(set(value)) != len(value):
             raise ValueError("a domain is listed twice")
         return value

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from rolebus.auth import inbox_prefix
 from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.handlers import Handler
 from rolebus.roles import RoleSpec, Team
-from rolebus.supervisor import Supervisor
-from rolebus.worker import Worker
+from rolebus.supervisor import SUPERVISOR_SPEC, Supervisor
+from rolebus.worker import Worker, consumer_spec_for
 
-__all__ = ["Crew", "start_workers", "stop_on_signals"]
+__all__ = ["Crew", "provision_team", "start_workers", "stop_on_signals"]
 
 log = structlog.get_logger("rolebus.runner")
 
@@ -62,7 +63,12 @@ async def start_workers(
     try:
         for role in roles:
             for replica in range(1, replicas + 1):
-                bus = await Bus.connect(settings, name=f"rolebus-worker-{role.id}-{replica}")
+                bus = await Bus.connect(
+                    settings,
+                    name=f"rolebus-worker-{role.id}-{replica}",
+                    provision=not settings.user and not settings.creds_file,
+                    inbox_prefix=inbox_prefix(role.id),
+                )
                 handler = (handlers or {}).get(role.id)
                 worker = Worker(bus, role, team, handler=handler, grace=grace, replica=replica)
                 crew.workers.append(worker)
@@ -74,6 +80,14 @@ async def start_workers(
         await crew.stop(grace=0)
         raise
     return crew
+
+
+async def provision_team(bus: Bus, team: Team) -> None:
+    """Create every role's consumer and the supervisor's (what an admin runs once,
+    so that least-privilege worker users never need to create consumers)."""
+    for role in team:
+        await bus.connection.ensure_consumer(consumer_spec_for(role))
+    await bus.connection.ensure_consumer(SUPERVISOR_SPEC)
 
 
 def stop_on_signals(stop: asyncio.Event) -> Callable[[], Awaitable[None]]:

@@ -29,7 +29,7 @@ __all__ = ["Supervisor"]
 
 log = structlog.get_logger("rolebus.supervisor")
 
-_SPEC = ConsumerSpec(
+SUPERVISOR_SPEC = _SPEC = ConsumerSpec(
     stream=TIMERS_STREAM,
     name=SUPERVISOR_CONSUMER,
     filter_subjects=("timer.fired.>",),
@@ -51,7 +51,8 @@ class Supervisor:
         self._drain_task: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
-        await self.connection.ensure_consumer(_SPEC)
+        if not await self.connection.consumer_matches(_SPEC):
+            await self.connection.ensure_consumer(_SPEC)
         self._puller = self.connection.puller(
             TIMERS_STREAM,
             SUPERVISOR_CONSUMER,

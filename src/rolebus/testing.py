@@ -12,18 +12,28 @@ on a free loopback port with a temporary store, and stops it afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from rolebus import codec
 from rolebus.bus import Bus
 from rolebus.config import Settings
+from rolebus.errors import CodecError
+from rolebus.messages import Event
 from rolebus.server import EmbeddedServer
+from rolebus.subjects import EVENTS_STREAM, WORK_STREAM, Header
+from rolebus.transport import Connection
 
 __all__ = [
+    "HistoryReport",
+    "check_history",
     "rolebus_bus",
     "rolebus_roles_dir",
     "rolebus_server",
@@ -101,3 +111,65 @@ def wait_until(condition: Callable[[], bool], *, timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {condition!r}")
         time.sleep(0.02)
+
+
+@dataclass
+class HistoryReport:
+    """What the history says about a run: everything acknowledged is there, nothing
+    happened twice. Empty lists and dicts mean a clean history."""
+
+    published: int
+    lost: list[str] = field(default_factory=list)
+    duplicate_completed: dict[str, int] = field(default_factory=dict)
+    duplicate_messages: dict[str, int] = field(default_factory=dict)
+    gaps: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicate_completed or self.duplicate_messages or self.gaps)
+
+    def assert_ok(self) -> None:
+        assert self.ok, f"history check failed: {self}"
+
+
+TERMINAL_EVENTS = frozenset({"completed", "dead", "rejected", "handed-off"})
+
+
+async def check_history(
+    connection: Connection, published: Iterable[str], *, streams: Iterable[str] = ()
+) -> HistoryReport:
+    """Check the history against the task ids a test published (and got PubAcks for):
+
+    - lost: a published task with no terminal event (completed, dead, rejected,
+      handed-off);
+    - duplicate ``completed`` events for one task;
+    - duplicate messages: one message id stored twice in ``ROLEBUS_WORK`` (a
+      follow-up or handoff published twice; redrives are not duplicates);
+    - gaps: missing sequences in ``ROLEBUS_WORK``, ``ROLEBUS_EVENTS`` and ``streams``.
+    """
+    wanted = list(published)
+    ended: set[str] = set()
+    completed: Counter[str] = Counter()
+    stored: Counter[str] = Counter()
+    report = HistoryReport(published=len(wanted))
+    for stream in (WORK_STREAM, EVENTS_STREAM, *streams):
+        previous: int | None = None
+        async for message in connection.read_stream(stream):
+            if previous is not None and message.seq > previous + 1:
+                report.gaps.append((stream, previous, message.seq - previous - 1))
+            previous = message.seq
+            if stream == EVENTS_STREAM:
+                event = codec.decode_as(Event, message.data, subject=message.subject)
+                if event.entity == "task" and event.state in TERMINAL_EVENTS:
+                    ended.add(event.task_id)
+                if event.entity == "task" and event.state == "completed":
+                    completed[event.task_id] += 1
+            elif stream == WORK_STREAM and "_redrive_" not in message.headers.get(
+                Header.MSG_ID, ""
+            ):
+                with contextlib.suppress(CodecError):
+                    stored[codec.decode(message.subject, message.data).id] += 1
+    report.lost = [task_id for task_id in wanted if task_id not in ended]
+    report.duplicate_completed = {key: count for key, count in completed.items() if count > 1}
+    report.duplicate_messages = {key: count for key, count in stored.items() if count > 1}
+    return report

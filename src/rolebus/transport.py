@@ -63,6 +63,7 @@ __all__ = [
     "StoredMessage",
     "StreamLimits",
     "Subscription",
+    "wait_all",
 ]
 
 log = structlog.get_logger("rolebus.transport")
@@ -181,7 +182,9 @@ class Connection:
 
     def __init__(self, client: Client, url: str) -> None:
         self._client = client
-        self._js: JetStreamContext = client.jetstream(timeout=5.0)
+        # JetStream API calls time out after 3 s: a permission denial only shows as
+        # a timeout (plus an async error), so this is how long it takes to report.
+        self._js: JetStreamContext = client.jetstream(timeout=3.0)
         self.url = url
         self._denials: dict[str, float] = {}  # subject -> when the server said no
         self._reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
@@ -202,6 +205,7 @@ class Connection:
     ) -> Connection:
         """Connect, or raise :class:`ConnectError` saying what to do."""
         connection: Connection | None = None
+        connect_errors: list[str] = []
 
         # These run inside nats-py's read loop: an exception escaping them would
         # stop the loop (and with it reconnection), so none may escape.
@@ -209,6 +213,8 @@ class Connection:
             with contextlib.suppress(Exception):
                 if connection is not None:
                     connection._on_error(error)
+                else:  # still connecting: nats-py reports "no servers" and hides why
+                    connect_errors.append(str(error))
 
         async def on_reconnected() -> None:
             if connection is None:
@@ -258,7 +264,10 @@ class Connection:
         except (TimeoutError, OSError, nats.errors.Error) as error:
             with contextlib.suppress(Exception):
                 await client.close()
-            text = str(error) or type(error).__name__
+            # The server's reason (say, an authorization violation) is among the errors
+            # seen while connecting; nats-py's own exception only says "no servers".
+            reasons = [text for text in connect_errors if "authoriz" in text.lower()]
+            text = "; ".join([*reasons[:1], str(error) or type(error).__name__])
             if "authorization" in text.lower() or "authentication" in text.lower():
                 raise ConnectError(
                     f"the NATS server at {url} refused our credentials: {text}",
@@ -280,7 +289,8 @@ class Connection:
         if "permissions violation" in text.lower():
             # Denials reach only this callback; remember them so the operation that
             # timed out can say why (see _explain_timeout).
-            subject = text.rsplit(" ", 1)[-1].strip("\"'")
+            # nats-py lowercases the server's message: compare subjects in lower case.
+            subject = text.rsplit(" ", 1)[-1].strip("\"'").lower()
             self._denials[subject] = time.monotonic()
             log.error("permission denied", subject=subject, detail=text)
         elif not isinstance(error, nats.errors.SlowConsumerError):
@@ -311,6 +321,7 @@ class Connection:
         await self._client.flush(timeout=int(max(1, timeout)))
 
     def _denied(self, subject: str) -> bool:
+        subject = subject.lower()
         return any(pattern == subject or _matches(pattern, subject) for pattern in self._denials)
 
     def _explain_timeout(self, subject: str, error: Exception, what: str) -> TransportError:
@@ -348,7 +359,7 @@ class Connection:
         *,
         msg_id: str,
         headers: Mapping[str, str] | None = None,
-        timeout: float = 5.0,
+        timeout: float = 3.0,
         give_up_after: float = 30.0,
     ) -> PubAck:
         """Publish to JetStream and wait for its ack; retry with the same Msg-Id
@@ -389,10 +400,6 @@ class Connection:
         if error:
             description = str(error.get("description", ""))
             code = int(error.get("code", 0))
-            if code == 503:
-                raise UnavailableError(
-                    f"JetStream unavailable for {subject!r}: {description}", subject=subject
-                )
             if "maximum" in description or "resource" in description:
                 raise StreamFullError(
                     f"the stream refused {subject!r}: {description}",
@@ -400,6 +407,12 @@ class Connection:
                     hint="the stream is full (discard: new refuses rather than dropping "
                     "old work): let workers catch up, purge handled history, or raise "
                     "its limits",
+                )
+            if code == 503 or "in process" in description:
+                # "duplicate message id is in process": our own retry met the first
+                # attempt still being stored; retrying is right.
+                raise UnavailableError(
+                    f"JetStream unavailable for {subject!r}: {description}", subject=subject
                 )
             raise TransportError(f"JetStream refused {subject!r}: {description}", subject=subject)
         return PubAck(
@@ -591,6 +604,36 @@ class Connection:
                 f"{_API}.CONSUMER.CREATE.{spec.stream}.{spec.name}", error, "create consumer"
             ) from error
 
+    async def consumer_matches(self, spec: ConsumerSpec) -> bool:
+        """True if the consumer exists with the configuration ``spec`` asks for
+        (then a worker need not, and with least-privilege credentials may not,
+        create it)."""
+        subject = f"{_API}.CONSUMER.INFO.{spec.stream}.{spec.name}"
+        try:
+            info = await self._js.consumer_info(spec.stream, spec.name)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
+            raise self._explain_timeout(subject, error, "look up consumer") from error
+        config = info.config
+        return (
+            sorted(config.filter_subjects or [config.filter_subject or ""])
+            == sorted(spec.filter_subjects)
+            and abs(float(config.ack_wait or 0) - spec.ack_wait) < 0.001
+            and config.max_deliver == spec.max_deliver
+        )
+
+    async def delete_stream(self, name: str) -> None:
+        """Delete a stream (admin only; others get PermissionDeniedError)."""
+        try:
+            await self._js.delete_stream(name)
+        except nats.js.errors.NotFoundError:
+            return
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
+            raise self._explain_timeout(
+                f"{_API}.STREAM.DELETE.{name}", error, "delete stream"
+            ) from error
+
     async def consumer_state(self, stream: str, consumer: str) -> dict[str, int]:
         """Backlog and in-flight counts of one consumer."""
         try:
@@ -666,6 +709,7 @@ class Connection:
         except (
             nats.errors.TimeoutError,
             nats.errors.NoRespondersError,
+            nats.js.errors.NoStreamResponseError,
             nats.errors.ConnectionReconnectingError,
             nats.errors.StaleConnectionError,
             nats.errors.ConnectionClosedError,
@@ -759,9 +803,14 @@ class Connection:
         last_per_subject: bool = False,
     ) -> AsyncIterator[StoredMessage]:
         """Read a stream in order through an ephemeral no-ack consumer, which no
-        worker's durable consumer notices. Stops at the end unless ``follow``."""
+        worker's durable consumer notices. Stops at the end unless ``follow``.
+
+        If the consumer goes quiet (its server died, a leader changed), it is
+        made again from the sequence after the last one read: nothing is
+        skipped or read twice."""
+        deliver: dict[str, Any]
         if start_seq is not None:
-            deliver: dict[str, Any] = {
+            deliver = {
                 "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
                 "opt_start_seq": start_seq,
             }
@@ -774,51 +823,76 @@ class Connection:
             deliver = {"deliver_policy": DeliverPolicy.LAST_PER_SUBJECT}
         else:
             deliver = {"deliver_policy": DeliverPolicy.ALL}
-        config = ConsumerConfig(
-            ack_policy=AckPolicy.NONE,
-            filter_subjects=filter_subjects or None,
-            inactive_threshold=60.0,
-            mem_storage=True,
-            **deliver,
-        )
-        try:
-            info = await self._js.add_consumer(stream, config)
-        except nats.js.errors.NotFoundError:
-            raise TransportError(
-                f"stream {stream!r} does not exist",
-                hint="streams: ROLEBUS_WORK, ROLEBUS_EVENTS, ROLEBUS_DLQ",
-            ) from None
+
+        async def open_consumer(where: dict[str, Any]) -> Any:
+            config = ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                filter_subjects=filter_subjects or None,
+                inactive_threshold=60.0,
+                mem_storage=True,
+                **where,
+            )
+            try:
+                with self._translated(f"read {stream}"):
+                    return await self._js.add_consumer(stream, config)
+            except nats.js.errors.NotFoundError:
+                raise TransportError(
+                    f"stream {stream!r} does not exist",
+                    hint="streams: ROLEBUS_WORK, ROLEBUS_EVENTS, ROLEBUS_DLQ, ROLEBUS_TIMERS",
+                ) from None
+
+        info = await open_consumer(deliver)
         if not follow and not info.num_pending:
             await self._delete_consumer(stream, info.name)
             return
-        queue: asyncio.Queue[Msg | None] = asyncio.Queue()
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def on_message(msg: Msg) -> None:
             queue.put_nowait(msg)
 
         inbox = self.new_inbox()
         subscription = await self.subscribe_core(inbox, on_message)
-        subject = self.next_request_subject(stream, info.name)
         request = json.dumps({"batch": batch, "expires": int(5e9)}).encode()
         outstanding = 0
+        last_seq: int | None = None
         try:
             while True:
                 if outstanding <= batch // 2:
-                    await self.publish_core(subject, request, reply=inbox)
+                    subject = self.next_request_subject(stream, info.name)
+                    with contextlib.suppress(nats.errors.Error):
+                        await self.publish_core(subject, request, reply=inbox)
                     outstanding += batch
-                msg = await queue.get()
-                assert msg is not None
+                try:
+                    # Requests expire every 5 s with a 408: silence past that means
+                    # the consumer or its server is gone.
+                    msg = await asyncio.wait_for(queue.get(), timeout=8.0)
+                except TimeoutError:
+                    await self._delete_consumer(stream, info.name)
+                    if last_seq is not None:
+                        info = await open_consumer(
+                            {
+                                "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
+                                "opt_start_seq": last_seq + 1,
+                            }
+                        )
+                    else:
+                        info = await open_consumer(deliver)
+                    outstanding = 0
+                    if not follow and not info.num_pending:
+                        return
+                    continue
                 status = msg.headers.get("Status") if msg.headers else None
                 if status is not None:
-                    if status in ("408", "409"):
+                    if status in ("408", "409", "503"):
                         outstanding = 0
                     continue
                 outstanding -= 1
                 tokens = (msg.reply or "").split(".")
                 pending = int(tokens[-1])
+                last_seq = int(tokens[-4])
                 yield StoredMessage(
                     stream=stream,
-                    seq=int(tokens[-4]),
+                    seq=last_seq,
                     subject=msg.subject,
                     time=datetime.fromtimestamp(int(tokens[-2]) / 1e9, UTC),
                     headers=msg.headers or {},
@@ -872,6 +946,7 @@ class Puller:
         self._stopped = False
         self._pulling = asyncio.Lock()
         self._next_pull: asyncio.Future[None] | None = None
+        self._retry: asyncio.Future[None] | None = None
 
     @property
     def held(self) -> int:
@@ -941,8 +1016,19 @@ class Puller:
         if status == "409" and "deleted" in description.lower() and self._on_consumer_lost:
             log.warning("consumer deleted; re-creating it", subject=self._subject)
             await self._on_consumer_lost()
+        elif status == "503":
+            # No consumer leader right now (an election, a node down): asking again
+            # at once would spin; ask again shortly.
+            if self._retry is None or self._retry.done():
+                self._retry = asyncio.ensure_future(self._pull_after(0.5))
+            return
         elif status not in ("408", "404"):
             log.debug("pull status", status=status, description=description)
+        await self._pull()
+
+    async def _pull_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._requested = 0
         await self._pull()
 
     async def _restart(self) -> None:
@@ -984,9 +1070,11 @@ class PendingPublish:
         self._future = future
 
     async def result(self, timeout: float = 5.0) -> PubAck:
-        if self._future is not None:
+        future = self._future
+        if future is not None:
             try:
-                ack = await asyncio.wait_for(self._future, timeout)
+                # Usually the ack is already here: skip wait_for and its timer.
+                ack = future.result() if future.done() else await asyncio.wait_for(future, timeout)
                 return PubAck(str(ack.stream), int(ack.seq), bool(ack.duplicate))
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as error:
                 if isinstance(error, nats.js.errors.APIError) and error.code != 503:
@@ -996,6 +1084,15 @@ class PendingPublish:
         return await self._connection.publish(
             self._subject, self._data, msg_id=self._msg_id, headers=self._headers
         )
+
+
+async def wait_all(pending: list[PendingPublish], timeout: float = 5.0) -> list[PubAck]:
+    """Wait for several publishes at once (one timer, not one per publish)."""
+    futures = [publish._future for publish in pending if publish._future is not None]
+    unfinished = [future for future in futures if not future.done()]
+    if unfinished:
+        await asyncio.wait(unfinished, timeout=timeout)
+    return [await publish.result(timeout) for publish in pending]
 
 
 def _matches(pattern: str, subject: str) -> bool:

@@ -33,11 +33,23 @@ from rolebus.state import StateStore
 from rolebus.subjects import WORK_STREAM, consumer_name
 from rolebus.transport import ConsumerSpec, InboundMessage, Puller
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "consumer_spec_for"]
 
 log = structlog.get_logger("rolebus.worker")
 
 _ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+
+def consumer_spec_for(role: RoleSpec) -> ConsumerSpec:
+    """The durable pull consumer every worker of ``role`` shares."""
+    return ConsumerSpec(
+        stream=WORK_STREAM,
+        name=consumer_name(role.id),
+        filter_subjects=tuple(role.filter_subjects),
+        ack_wait=role.ack_wait,
+        max_deliver=role.max_deliver,
+        max_ack_pending=max(1000, role.concurrency * 64),
+    )
 
 
 class Worker:
@@ -87,18 +99,12 @@ class Worker:
 
     @property
     def consumer_spec(self) -> ConsumerSpec:
-        role = self.role
-        return ConsumerSpec(
-            stream=WORK_STREAM,
-            name=self._consumer,
-            filter_subjects=tuple(role.filter_subjects),
-            ack_wait=role.ack_wait,
-            max_deliver=role.max_deliver,
-            max_ack_pending=max(1000, role.concurrency * 64),
-        )
+        return consumer_spec_for(self.role)
 
     async def start(self) -> None:
-        await self._connection.ensure_consumer(self.consumer_spec)
+        # An admin may have provisioned it (least-privilege users cannot create it).
+        if not await self._connection.consumer_matches(self.consumer_spec):
+            await self._connection.ensure_consumer(self.consumer_spec)
         # Room for a second batch while the first is handled keeps the slots busy.
         capacity = self.role.concurrency * 2
         self._puller = self._connection.puller(

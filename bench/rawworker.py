@@ -1,0 +1,59 @@
+"""The raw nats-py worker the benchmarks compare with, run as its own process.
+
+    python -m bench.rawworker URL CONSUMER MODE
+
+MODE ``follow-up``: decode and validate each task, publish its follow-up
+(awaiting the PubAck), ack. MODE ``consume``: decode, validate, ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import msgpack
+import nats
+from nats.aio.msg import Msg
+
+from bench.harness import RawPuller
+from rolebus.messages import Task
+
+
+async def main(url: str, consumer: str, mode: str) -> None:
+    client = await nats.connect(url)
+    js = client.jetstream()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    pending: set[asyncio.Task[None]] = set()
+
+    async def work(msg: Msg) -> None:
+        task = Task.model_validate(msgpack.unpackb(msg.data))
+        if mode == "follow-up":
+            child = Task(id=f"{task.id}-1", kind="done", title="done", causation_id=task.id)
+            await js.publish(
+                "task.frontend.done",
+                msgpack.packb(child.model_dump(mode="json")),
+                headers={"Nats-Msg-Id": child.id},
+            )
+        await msg.ack()
+
+    async def handle(msg: Msg) -> None:
+        # Concurrent like the rolebus worker (64 at a time), so round trips overlap.
+        if mode == "consume":
+            await work(msg)
+            return
+        job = asyncio.ensure_future(work(msg))
+        pending.add(job)
+        job.add_done_callback(pending.discard)
+
+    puller = RawPuller(client, "ROLEBUS_WORK", consumer, 128, handle)
+    await puller.start()
+    print("ready", flush=True)
+    await stop.wait()
+    await puller.stop()
+    await client.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -1,0 +1,192 @@
+"""Least privilege per role, clear permission errors, TLS with a CA the test makes."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from rolebus.auth import ADMIN, Credentials, askers_of, permissions, render_config
+from rolebus.bus import Bus
+from rolebus.config import Settings
+from rolebus.errors import ConnectError, PermissionDeniedError
+from rolebus.messages import Decision
+from rolebus.roles import load_team
+from rolebus.runner import provision_team, start_workers
+from rolebus.server import EmbeddedServer
+from rolebus.state import StateStore
+from rolebus.testing import wait_for
+from rolebus.worker import Worker
+
+from .conftest import REPO
+
+TEAM = load_team(REPO / "roles")
+
+
+def test_each_role_may_answer_only_the_roles_that_can_ask_it() -> None:
+    assert askers_of(TEAM, "eng-fe") == {"eng-be"}  # eng-be's frontend-integration rule
+    assert askers_of(TEAM, "cto") >= {"eng-be", "eng-fe", "architect", "pm", "perf-eng"}
+    fe = permissions(TEAM, TEAM.role("eng-fe"))["publish"]["allow"]
+    assert "decision.eng-be.>" in fe
+    assert "decision.cto.>" not in fe
+    assert "$JS.API.CONSUMER.MSG.NEXT.ROLEBUS_WORK.worker-eng-fe" in fe
+    assert not any("worker-eng-be" in subject for subject in fe)
+    assert not any("DELETE.ROLEBUS" in subject or "PURGE" in subject for subject in fe)
+    assert permissions(TEAM, TEAM.role("eng-fe"))["subscribe"]["allow"][0] == "_INBOX_eng-fe.>"
+
+
+@dataclass
+class SecuredServer:
+    server: EmbeddedServer
+    credentials: Credentials
+
+    def settings(self, user: str, password: str | None = None) -> Settings:
+        return Settings(
+            nats_url=self.server.url,
+            user=user,
+            password=password or self.credentials.passwords[user],
+        )
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[SecuredServer]:
+    credentials = Credentials.load_or_create(
+        tmp_path / "secrets", [ADMIN, *(role.id for role in TEAM)]
+    )
+    server = EmbeddedServer(
+        store_dir=tmp_path / "nats", port=0, config_extra=render_config(TEAM, credentials)
+    ).start()
+    try:
+        yield SecuredServer(server, credentials)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def admin(secured: SecuredServer) -> AsyncIterator[Bus]:
+    bus = await Bus.connect(secured.settings(ADMIN), name="admin")
+    await provision_team(bus, TEAM)
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+async def test_a_role_works_with_only_its_own_credentials(
+    secured: SecuredServer, admin: Bus
+) -> None:
+    crew = await start_workers(
+        secured.settings("eng-be"), TEAM, [TEAM.role("eng-be")], grace=1, supervise=False
+    )
+    try:
+        task, _ = await admin.publish_task(
+            "task.backend.build",
+            title="under least privilege",
+            payload={"then": [{"subject": "task.frontend.page", "title": "page"}]},
+        )
+
+        async def done() -> bool:
+            stored = await StateStore(admin.connection).get(task.id)
+            return stored is not None and stored.state.state == "completed"
+
+        await wait_for(done)
+    finally:
+        await crew.stop(grace=0)
+
+
+async def test_eng_fe_cannot_pull_eng_be_work_answer_the_cto_or_delete_a_stream(
+    secured: SecuredServer, admin: Bus
+) -> None:
+    fe = await Bus.connect(
+        secured.settings("eng-fe"), provision=False, inbox_prefix="_INBOX_eng-fe"
+    )
+    try:
+        worker = Worker(fe, TEAM.role("eng-be"), TEAM)
+        with pytest.raises(PermissionDeniedError) as pulled:
+            await worker.start()
+        assert "worker-eng-be" in pulled.value.message
+        with pytest.raises(PermissionDeniedError) as answered:
+            await fe.publish(
+                "decision.cto.e1", Decision(escalation_id="e1", to_role="cto", decision="approved")
+            )
+        assert "decision.cto.e1" in answered.value.message
+        with pytest.raises(PermissionDeniedError) as deleted:
+            await fe.connection.delete_stream("ROLEBUS_WORK")
+        assert "STREAM.DELETE.ROLEBUS_WORK" in deleted.value.message
+    finally:
+        await fe.close()
+    assert (await admin.connection.stream_state("ROLEBUS_WORK"))["messages"] == 0
+
+
+async def test_a_wrong_password_fails_clearly(secured: SecuredServer) -> None:
+    with pytest.raises(ConnectError) as caught:
+        await Bus.connect(secured.settings("eng-fe", password="not-it"))
+    assert "refused our credentials" in caught.value.message
+    assert "Authorization Violation" in caught.value.message
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rolebus test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+async def test_tls_with_a_self_signed_ca(tmp_path: Path) -> None:
+    ca, cert, key = make_certificates(tmp_path)
+    tls = f'tls {{\n  cert_file: "{cert}"\n  key_file: "{key}"\n  ca_file: "{ca}"\n}}\n'
+    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=tls).start()
+    try:
+        url = server.url.replace("nats://", "tls://")
+        async with await Bus.connect(Settings(nats_url=url, tls_ca=ca)) as bus:
+            _, ack = await bus.publish_task("task.backend.x", title="over TLS")
+            assert ack.seq == 1
+        with pytest.raises(ConnectError):  # no CA: the server's certificate is not trusted
+            await Bus.connect(Settings(nats_url=url))
+    finally:
+        server.stop()
