@@ -22,7 +22,7 @@ from rolebus.server import ClusterPeer, EmbeddedServer
 from rolebus.subjects import WORK_STREAM
 from rolebus.testing import HistoryReport, check_history, wait_for
 
-from .conftest import REPO
+from .conftest import REPO, FaultLog
 
 TEAM = load_team(REPO / "roles")
 
@@ -92,7 +92,7 @@ async def stream_leader(nodes: dict[str, EmbeddedServer]) -> str:
 
 
 async def test_losing_then_pausing_the_stream_leader_under_load_loses_nothing(
-    cluster: dict[str, EmbeddedServer],
+    cluster: dict[str, EmbeddedServer], fault_log: FaultLog
 ) -> None:
     settings = settings_for(cluster)
     bus = await connect_when_ready(settings)
@@ -132,6 +132,11 @@ async def test_losing_then_pausing_the_stream_leader_under_load_loses_nothing(
         await wait_for(all_done, timeout=90)
         report = reports[0]
         report.assert_ok()
+        fault_log.record(
+            "3-node cluster: stream leader killed, then the new leader paused, under load",
+            2,
+            report,
+        )
         assert report.published == 60
     finally:
         await crew.stop(grace=0)
@@ -139,7 +144,7 @@ async def test_losing_then_pausing_the_stream_leader_under_load_loses_nothing(
 
 
 async def test_two_nodes_down_is_a_clear_unavailable_error_that_recovers(
-    cluster: dict[str, EmbeddedServer],
+    cluster: dict[str, EmbeddedServer], fault_log: FaultLog
 ) -> None:
     bus = await connect_when_ready(settings_for(cluster))
     try:
@@ -163,5 +168,12 @@ async def test_two_nodes_down_is_a_clear_unavailable_error_that_recovers(
             return True
 
         await wait_for(recovered, timeout=60)
+        report = await check_history(bus.connection, [])  # nothing stored twice, no gaps
+        report.assert_ok()
+        fault_log.record(
+            "3-node cluster: two nodes down (clear UnavailableError), then back",
+            1,
+            HistoryReport(published=2),
+        )
     finally:
         await bus.close()

@@ -289,3 +289,33 @@ def test_any_front_matter_values_give_a_role_or_a_clean_error(values: dict[str, 
     except RoleError as error:
         where = error.file or error.message
     assert "fuzz.md" in where
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_slow_tier_many_kills_of_worker_replicas_under_a_long_stream_of_work(
+    rolebus_bus: Bus, rolebus_server: EmbeddedServer, tmp_path: Path, fault_log: FaultLog
+) -> None:
+    """`make test-slow`: two worker processes, one of them killed 10 times while 500
+    tasks flow; bounded in count (10 kills) and time (each wait has a deadline)."""
+    roles = write_team(tmp_path / "roles", ack_wait="1s", max_deliver=50)
+    ids = await publish(rolebus_bus, 500, sleep=0.01)
+    steady = spawn_worker(roles, rolebus_server.url)
+    kills = 0
+    try:
+        for _ in range(10):
+            victim = spawn_worker(roles, rolebus_server.url)
+            before = await completed_count(rolebus_bus)
+
+            async def progressing(before: int = before) -> bool:
+                return await completed_count(rolebus_bus) >= before + 20
+
+            await wait_for(progressing, timeout=60)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+            kills += 1
+        report = await settled(rolebus_bus, ids, timeout=300)
+    finally:
+        steady.terminate()
+        steady.wait(timeout=30)
+    fault_log.record("slow tier: worker replica SIGKILL x10 under 500 tasks", kills, report)

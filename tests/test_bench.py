@@ -1,0 +1,40 @@
+"""The benchmark harness keeps working: run `make bench-quick`'s code path once.
+
+No timing is asserted (the machine's speed is not the test's business); only that
+every case ran, measured both sides, and wrote its results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import REPO
+
+
+def test_bench_quick_measures_every_case_against_its_baseline(tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(output.read_text())
+    metrics = results["metrics"]
+    assert {
+        "publish, an ack each",
+        "consume (decode, validate, handle, ack)",
+        "end to end at saturation",
+        "replay, decoded",
+    } <= set(metrics)
+    for name, metric in metrics.items():
+        assert metric["rolebus"]["median"] is not None, name
+        assert metric["baseline"]["median"] is not None, name
+        assert metric["ratio"] is not None, name
+    assert results["meta"]["server_config"] == "JetStream file store, sync_interval always"
+    assert "ratio" in done.stdout
