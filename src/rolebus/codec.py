@@ -14,7 +14,15 @@ from pydantic import BaseModel, ValidationError
 from rolebus.errors import CodecError
 from rolebus.messages import Decision, Envelope, Escalation, Event, Handoff, Task
 
-__all__ = ["decode", "decode_as", "decode_map", "encode", "encode_map", "message_type_for"]
+__all__ = [
+    "decode",
+    "decode_as",
+    "decode_map",
+    "encode",
+    "encode_map",
+    "message_type_for",
+    "validation_problems",
+]
 
 MessageT = TypeVar("MessageT", bound=BaseModel)
 
@@ -72,16 +80,21 @@ def decode_map(data: bytes, *, subject: str = "") -> dict[str, Any]:
     return value
 
 
+def validation_problems(error: ValidationError) -> str:
+    """A pydantic error as one line: ``field.path: what is wrong; ...``."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item['loc']) or '(root)'}: {item['msg']}"
+        for item in error.errors()
+    )
+
+
 def decode_as(model: type[MessageT], data: bytes, *, subject: str = "") -> MessageT:
     """Decode and validate against one model."""
     mapping = decode_map(data, subject=subject)
     try:
         return model.model_validate(mapping)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc']) or '(root)'}: {item['msg']}"
-            for item in error.errors()
-        )
+        problems = validation_problems(error)
         raise CodecError(
             f"message on {subject!r} is not a valid {model.__name__}: {problems}",
             subject=subject,

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rolebus import codec
+from rolebus.codec import validation_problems
 from rolebus.errors import ConfigError, NotFoundError, RolebusError
 from rolebus.messages import utc_now
 from rolebus.subjects import CONTRACTS_BUCKET, validate_token
@@ -114,10 +115,7 @@ def document_from(value: Any, *, source: str) -> ContractDocument:
     try:
         return ContractDocument.model_validate(value)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc']) or '(root)'}: {item['msg']}"
-            for item in error.errors()
-        )
+        problems = validation_problems(error)
         raise ContractError(
             f"{source} is not a valid contract document: {problems}",
             hint="a contract has name, version (semver) and operations "
@@ -264,6 +262,20 @@ class ContractRegistry:
         if created is None:  # published concurrently: that one wins if identical
             return await self.publish(document, author=author)
         return entry
+
+    async def resolve(self, references: object) -> dict[str, Any]:
+        """What a handler's context gets for a task's ``contracts`` list
+        (``"name"`` for the latest, ``"name@1.2.0"`` for one version)."""
+        found: dict[str, Any] = {}
+        for reference in references if isinstance(references, list) else []:
+            name, _, version = str(reference).partition("@")
+            entry = await self.get(name, version or None)
+            found[name] = {
+                "version": entry.document.version,
+                "document": entry.document.model_dump(mode="json"),
+                "accepted_by": entry.accepted_by,
+            }
+        return found
 
     async def record_answer(
         self, name: str, version: str, *, role: str, accepted: bool, reasons: list[str]

@@ -321,7 +321,7 @@ class Dispatcher:
                 decisions=[
                     Decision.model_validate(d) for d in stored.state.detail.get("decisions", [])
                 ],
-                contracts=await self._contracts_for(item.task),
+                contracts=await self.contracts.resolve(item.task.payload.get("contracts")),
                 extra={"input": item.kind},
             )
             outcome = await self.handler(item.task, context)
@@ -339,19 +339,6 @@ class Dispatcher:
             # The outcome asked for something impossible (an unknown role, a contract
             # that breaks its predecessor): a permanent failure with the reason.
             await self._apply(message, item, stored, Outcome.failed(error.message, retryable=False))
-
-    async def _contracts_for(self, task: Task) -> dict[str, Any]:
-        wanted = task.payload.get("contracts", [])
-        found: dict[str, Any] = {}
-        for reference in wanted if isinstance(wanted, list) else []:
-            name, _, version = str(reference).partition("@")
-            entry = await self.contracts.get(name, version or None)
-            found[name] = {
-                "version": entry.document.version,
-                "document": entry.document.model_dump(mode="json"),
-                "accepted_by": entry.accepted_by,
-            }
-        return found
 
     async def _apply(
         self, message: InboundMessage, item: Item, stored: StoredState, outcome: Outcome

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from rolebus.codec import validation_problems
 from rolebus.errors import ConfigError
 from rolebus.messages import Decision, Outcome, Task
 from rolebus.roles import CommandHandler, RoleSpec
@@ -75,10 +76,7 @@ def outcome_from_json(value: Any, *, source: str) -> Outcome:
     try:
         return Outcome.model_validate(value)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc']) or '(root)'}: {item['msg']}"
-            for item in error.errors()
-        )
+        problems = validation_problems(error)
         return Outcome.failed(f"{source} returned an invalid outcome: {problems}", retryable=False)
 
 

@@ -100,15 +100,7 @@ async def rerun(
         task = await _item(connection, state)
         if task is None:
             continue
-        contracts: dict[str, Any] = {}
-        for reference in task.payload.get("contracts", []) or []:
-            name, _, version = str(reference).partition("@")
-            entry = await registry.get(name, version or None)
-            contracts[name] = {
-                "version": entry.document.version,
-                "document": entry.document.model_dump(mode="json"),
-                "accepted_by": entry.accepted_by,
-            }
+        contracts = await registry.resolve(task.payload.get("contracts"))
         context = HandlerContext(
             role=role,
             subject=state.subject,
