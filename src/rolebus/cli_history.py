@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shlex
 import sys
 from typing import Annotated, Any
@@ -442,3 +443,28 @@ def rerun_command(
         out.print(f"{len(results)} recorded input(s) of {role}; {changed} differ.")
     if any(not result.same for result in results):
         raise typer.Exit(1)
+
+
+@app.command("dashboard")
+def dashboard_command(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8765,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    token: Annotated[
+        str | None, typer.Option(help="Required on every request; made up when --host is public.")
+    ] = None,
+    roles: RolesOption = None,
+) -> None:
+    """Serve the web dashboard: the team board, task pages, the escalation inbox,
+    contracts and the live event stream (no CDN, nothing to build)."""
+    import uvicorn
+
+    from rolebus.dashboard import create_app
+
+    settings = settings_for(roles)
+    team = team_for(settings)
+    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        token = secrets.token_urlsafe(16)
+    app_ = create_app(settings, team, token=token)
+    suffix = f"/?token={token}" if token else "/"
+    out.print(f"rolebus dashboard on http://{host}:{port}{suffix} (Ctrl-C to stop)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")

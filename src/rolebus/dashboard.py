@@ -1,0 +1,377 @@
+"""``rolebus dashboard``: the team's live board in a browser (an ASGI app).
+
+Pages: the team board (one column per role, task cards by state, backlog, in
+flight, dead letters, SLO status), a task's causal tree, the escalation inbox
+(answer in one click), contracts with their diffs, and the event stream with the
+equivalent ``rolebus replay`` command. Everything is served from this process:
+no CDN, no build step. Every user-supplied string is escaped.
+
+Safety: bound to loopback unless ``--host`` is given, and then a token is
+required (``?token=`` once, kept in a cookie); forms carry a CSRF token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import html
+import itertools
+import json
+import secrets
+import urllib.parse
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from rolebus.bus import Bus
+from rolebus.config import Settings
+from rolebus.contracts import ContractRegistry, ContractVersion, diff
+from rolebus.errors import RolebusError
+from rolebus.escalation import EscalationStore, resolve
+from rolebus.history import ReplayFilter, all_states, flow_states, replay
+from rolebus.messages import Event
+from rolebus.roles import Team
+from rolebus.state import TaskState
+from rolebus.status import collect
+from rolebus.subjects import EVENTS_STREAM
+from rolebus.transport import StoredMessage
+
+__all__ = ["create_app"]
+
+_STYLE = """
+body{font:14px system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+nav{background:#1d2330;padding:8px 16px}nav a{color:#fff;margin-right:16px;text-decoration:none}
+main{padding:16px}.board{display:flex;gap:12px;align-items:flex-start;overflow-x:auto}
+.column{background:#fff;border:1px solid #dde1e7;border-radius:6px;min-width:220px;padding:8px}
+.card{border:1px solid #e4e7ec;border-radius:4px;padding:6px;margin:6px 0;background:#fbfcfd}
+.state-completed{border-left:4px solid #2f9e44}
+.state-dead,.state-rejected{border-left:4px solid #e03131}
+.state-input-required{border-left:4px solid #f59f00}
+.state-claimed,.state-retrying{border-left:4px solid #1c7ed6}
+.met{color:#2f9e44}.missed{color:#e03131}.muted{color:#6b7280;font-size:12px}
+table{border-collapse:collapse}td,th{border:1px solid #dde1e7;padding:4px 8px;text-align:left}
+"""
+
+_LIVE = """
+<script>
+const source = new EventSource("/events");
+let pending = false;
+source.onmessage = () => {
+  if (pending) return;
+  pending = true;
+  setTimeout(async () => {
+    pending = false;
+    const target = document.getElementById("live");
+    if (!target) return;
+    const query = location.search.replace("?", "&");
+    const response = await fetch(location.pathname + "?fragment=1" + query);
+    if (response.ok) target.innerHTML = await response.text();
+  }, 250);
+};
+</script>
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _page(title: str, body: str, *, live: bool = False) -> HTMLResponse:
+    nav = "".join(
+        f'<a href="{href}">{label}</a>'
+        for href, label in (
+            ("/", "Team"),
+            ("/escalations", "Escalations"),
+            ("/contracts", "Contracts"),
+            ("/stream", "Event stream"),
+        )
+    )
+    document = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)} - rolebus"
+        f"</title><style>{_STYLE}</style></head><body><nav>{nav}</nav><main>"
+        f"<h1>{_e(title)}</h1><div id='live'>{body}</div></main>"
+        f"{_LIVE if live else ''}</body></html>"
+    )
+    return HTMLResponse(document)
+
+
+class Live:
+    """Counts events as they are published; the SSE stream sends at most one
+    notice per interval however many happened (batched: memory stays flat)."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.changed = asyncio.Event()
+
+    async def on_event(self, _: StoredMessage) -> None:
+        self.version += 1
+        self.changed.set()
+
+
+def _card(state: TaskState) -> str:
+    return (
+        f'<div class="card state-{_e(state.state)}" data-task="{_e(state.task_id)}">'
+        f'<a href="/tasks/{_e(state.task_id)}">{_e(state.title or state.task_id)}</a>'
+        f'<div class="muted">{_e(state.state)} · {_e(state.kind)}'
+        f"{' · attempt ' + _e(state.attempt) if state.attempt > 1 else ''}</div></div>"
+    )
+
+
+def _slo_cell(check: dict[str, Any]) -> str:
+    if check["met"] is None:
+        return '<span class="muted">no data</span>'
+    css, word = ("met", "met") if check["met"] else ("missed", "not met")
+    return f'<span class="{css}">{word}</span>'
+
+
+def _version_row(version: ContractVersion) -> str:
+    asked = "; ".join(f"{role}: {' '.join(why)}" for role, why in version.changes_requested.items())
+    return (
+        f"<tr><td>{_e(version.document.version)}</td><td>{_e(version.author)}</td>"
+        f"<td>{_e(', '.join(version.accepted_by) or '-')}</td><td>{_e(asked or '-')}</td></tr>"
+    )
+
+
+def _changes(old: ContractVersion, new: ContractVersion) -> list[str]:
+    breaking, compatible = diff(old.document, new.document)
+    return [*breaking, *compatible]
+
+
+def create_app(settings: Settings, team: Team, *, token: str | None = None) -> Starlette:
+    """The dashboard app. ``token``: required on every request when set."""
+    secret = secrets.token_bytes(32)
+    csrf = hmac.new(secret, b"csrf", hashlib.sha256).hexdigest()
+    live = Live()
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        bus = await Bus.connect(settings, name="rolebus-dashboard")
+        watch = await bus.connection.watch("event.>", live.on_event)
+        state["bus"] = bus
+        try:
+            yield
+        finally:
+            await watch.close()
+            await bus.close()
+
+    def connection() -> Any:
+        return state["bus"].connection
+
+    async def board(request: Request) -> Response:
+        states = await all_states(connection())
+        statuses = {s.role: s for s in await collect(connection(), team, window=3600)}
+        columns = []
+        for role in team:
+            status = statuses[role.id]
+            cards = sorted(
+                (s for s in states if s.role == role.id), key=lambda s: s.updated_at, reverse=True
+            )[:50]
+            slo = "".join(
+                f"<div class='muted'>{_e(name)}: {_slo_cell(check)}</div>"
+                for name, check in status.slo.items()
+                if check["target"] is not None
+            )
+            columns.append(
+                f'<section class="column" data-role="{_e(role.id)}"><h3>{_e(role.id)}</h3>'
+                f'<div class="muted">{_e(role.title)}</div>'
+                f"<div>backlog {status.backlog} · in flight {status.in_flight} · "
+                f"dead {status.dead_letters}</div>{slo}"
+                + "".join(_card(card) for card in cards)
+                + "</section>"
+            )
+        body = f'<div class="board">{"".join(columns)}</div>'
+        if request.query_params.get("fragment"):
+            return HTMLResponse(body)
+        return _page("Team board", body, live=True)
+
+    async def task_page(request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        found = [s for s in await all_states(connection()) if s.task_id == task_id]
+        if not found:
+            return _page("Not found", f"<p>No task {_e(task_id)}.</p>")
+        root = found[0]
+        flow = await flow_states(connection(), root.correlation_id or root.task_id)
+        events = [
+            item.message
+            async for item in replay(
+                connection(),
+                ReplayFilter(stream=EVENTS_STREAM, correlation=root.correlation_id or root.task_id),
+            )
+            if isinstance(item.message, Event)
+        ]
+        rows = "".join(
+            f"<tr><td>{_e(e.at.strftime('%H:%M:%S.%f')[:-3])}</td><td>{_e(e.role)}</td>"
+            f"<td>{_e(e.entity)}.{_e(e.state)}</td><td><a href='/tasks/{_e(e.task_id)}'>"
+            f"{_e(e.task_id)}</a></td><td>{_e(e.detail.get('title') or e.error or '')}</td></tr>"
+            for e in events
+        )
+        items = "".join(f"<li>{_card(s)}</li>" for s in flow)
+        body = (
+            f"{_card(root)}<p class='muted'>attempts: {root.attempt}; result: "
+            f"{_e(json.dumps(root.result, default=str))}</p><h2>Flow</h2><ul>{items}</ul>"
+            f"<h2>Timeline</h2><table>{rows}</table>"
+        )
+        if request.query_params.get("fragment"):
+            return HTMLResponse(body)
+        return _page(f"Task {task_id}", body, live=True)
+
+    async def escalations_page(request: Request) -> Response:
+        records = [r for r in await EscalationStore(connection()).all() if r.status == "open"]
+        forms = []
+        for record in sorted(records, key=lambda r: r.opened_at):
+            options = "".join(f"<li>{_e(o.name)}: {_e(o.tradeoffs)}</li>" for o in record.options)
+            buttons = (
+                '<button name="verdict" value="approve">Approve</button>'
+                '<button name="verdict" value="reject">Reject</button>'
+                if record.kind == "approval"
+                else '<button name="verdict" value="answer">Answer</button>'
+            )
+            forms.append(
+                f'<div class="card" data-escalation="{_e(record.id)}">'
+                f"<b>{_e(record.asking_role)} asks {_e(record.current_holder(team))}</b> "
+                f"({_e(record.reason)}): {_e(record.question)}<ul>{options}</ul>"
+                f'<form method="post" action="/escalations/{_e(record.id)}/resolve">'
+                f'<input type="hidden" name="csrf" value="{csrf}">'
+                f'<input name="decision" required placeholder="your decision"> {buttons}'
+                "</form></div>"
+            )
+        body = "".join(forms) or "<p>No open escalations.</p>"
+        if request.query_params.get("fragment"):
+            return HTMLResponse(body)
+        return _page("Escalation inbox", body, live=True)
+
+    async def resolve_escalation(request: Request) -> Response:
+        # The inbox form is urlencoded; parsed here rather than pulling in multipart.
+        fields = urllib.parse.parse_qs((await request.body()).decode(errors="replace"))
+        form = {key: values[0] for key, values in fields.items()}
+        if not hmac.compare_digest(str(form.get("csrf", "")), csrf):
+            return Response("missing or wrong CSRF token", status_code=403)
+        verdict = str(form.get("verdict", "answer"))
+        approved = {"approve": True, "reject": False}.get(verdict)
+        try:
+            await resolve(
+                connection(),
+                team,
+                request.path_params["escalation_id"],
+                decision=str(form.get("decision", "")),
+                approved=approved,
+            )
+        except RolebusError as error:
+            return _page("Could not resolve", f"<p>{_e(error.message)}</p><p>{_e(error.hint)}</p>")
+        return RedirectResponse("/escalations", status_code=303)
+
+    async def contracts_page(request: Request) -> Response:
+        registry = ContractRegistry(connection())
+        sections = []
+        for name in await registry.names():
+            versions = await registry.versions(name)
+            rows = "".join(_version_row(version) for version in versions)
+            diffs = "".join(
+                f"<li>{_e(a.document.version)} → {_e(b.document.version)}: "
+                f"{_e('; '.join(_changes(a, b)) or 'no changes')}</li>"
+                for a, b in itertools.pairwise(versions)
+            )
+            sections.append(
+                f"<h2>{_e(name)}</h2><table><tr><th>version</th><th>by</th>"
+                f"<th>accepted by</th><th>changes requested</th></tr>{rows}</table>"
+                f"<ul>{diffs}</ul>"
+            )
+        return _page("Contracts", "".join(sections) or "<p>No contracts yet.</p>")
+
+    async def stream_page(request: Request) -> Response:
+        role = request.query_params.get("role") or None
+        subject = request.query_params.get("subject") or None
+        correlation = request.query_params.get("correlation") or None
+        wanted = ReplayFilter(
+            stream=EVENTS_STREAM, role=role, subject=subject, correlation=correlation
+        )
+        items = [item async for item in replay(connection(), wanted, team=team)][-200:]
+        rows = "".join(
+            f"<tr><td>{item.stored.seq}</td><td>{_e(item.stored.subject)}</td>"
+            f"<td>{_e(getattr(item.message, 'role', ''))}</td>"
+            f"<td>{_e(getattr(item.message, 'task_id', ''))}</td></tr>"
+            for item in reversed(items)
+        )
+        command = "rolebus replay" + "".join(
+            f" --{flag} {value}"
+            for flag, value in (("role", role), ("subject", subject), ("correlation", correlation))
+            if value
+        )
+        body = (
+            f'<form><input name="role" placeholder="role" value="{_e(role or "")}">'
+            f'<input name="subject" placeholder="subject" value="{_e(subject or "")}">'
+            f'<input name="correlation" placeholder="correlation" value="{_e(correlation or "")}">'
+            f"<button>Filter</button></form><p><code id='command'>{_e(command)}</code> "
+            '<button onclick="navigator.clipboard.writeText('
+            "document.getElementById('command').textContent)\">Copy</button></p>"
+            f"<table><tr><th>seq</th><th>subject</th><th>role</th><th>task</th></tr>{rows}</table>"
+        )
+        if request.query_params.get("fragment"):
+            return HTMLResponse(body)
+        return _page("Event stream", body, live=True)
+
+    async def events(request: Request) -> Response:
+        async def notices() -> AsyncIterator[str]:
+            seen = live.version
+            yield ": connected\n\n"
+            while True:
+                live.changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(live.changed.wait(), timeout=15)
+                if live.version != seen:
+                    seen = live.version
+                    yield f"data: {seen}\n\n"
+                else:
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(0.5)  # batch: at most two notices a second
+
+        return StreamingResponse(notices(), media_type="text/event-stream")
+
+    return Starlette(
+        routes=[
+            Route("/", board),
+            Route("/tasks/{task_id}", task_page),
+            Route("/escalations", escalations_page),
+            Route("/escalations/{escalation_id}/resolve", resolve_escalation, methods=["POST"]),
+            Route("/contracts", contracts_page),
+            Route("/stream", stream_page),
+            Route("/events", events),
+        ],
+        lifespan=lifespan,
+        middleware=[Middleware(TokenGuard, token=token)] if token is not None else [],
+    )
+
+
+class TokenGuard:
+    """Every request needs the token: ``?token=`` once (then kept in a cookie)."""
+
+    def __init__(self, app: ASGIApp, *, token: str) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        given = request.query_params.get("token") or request.cookies.get("rolebus_token")
+        if not given or not hmac.compare_digest(given, self.token):
+            await Response("a token is required (?token=...)", status_code=401)(
+                scope, receive, send
+            )
+            return
+        if request.query_params.get("token"):
+            response = RedirectResponse(str(request.url.remove_query_params("token")))
+            response.set_cookie("rolebus_token", self.token, httponly=True, samesite="strict")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

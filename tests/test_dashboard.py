@@ -1,0 +1,162 @@
+"""The web dashboard served for real (uvicorn on a loopback port) over a real bus."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import uvicorn
+
+from rolebus.bus import Bus
+from rolebus.config import Settings
+from rolebus.dashboard import create_app
+from rolebus.handlers import HandlerContext
+from rolebus.messages import EscalationRequest, Outcome, Task
+from rolebus.roles import load_team
+from rolebus.runner import start_workers
+from rolebus.state import StateStore
+from rolebus.testing import wait_for
+
+from .conftest import REPO
+
+TEAM = load_team(REPO / "roles")
+SCRIPT = "<script>alert(1)</script>"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@asynccontextmanager
+async def serving(settings: Settings, token: str | None = None) -> AsyncIterator[str]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, TEAM, token=token),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    task = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    await wait_for(started)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def ambiguous(task: Task, context: HandlerContext) -> Outcome:
+    if not context.decisions:
+        return Outcome(
+            status="escalate",
+            escalation=EscalationRequest(reason="ambiguous-spec", question="offset or cursor?"),
+        )
+    return Outcome.completed({"used": context.decisions[-1].decision})
+
+
+def state_of(bus: Bus, task_id: str) -> Callable[[str], object]:
+    async def reached(state: str) -> bool:
+        stored = await StateStore(bus.connection).get(task_id)
+        return stored is not None and stored.state.state == state
+
+    return reached
+
+
+async def test_board_escapes_titles_and_the_inbox_resumes_a_parked_task(
+    rolebus_settings: Settings, rolebus_bus: Bus
+) -> None:
+    crew = await start_workers(
+        rolebus_settings, TEAM, [TEAM.role("eng-be")], handlers={"eng-be": ambiguous}, grace=1
+    )
+    try:
+        async with serving(rolebus_settings) as base, httpx.AsyncClient(base_url=base) as web:
+            board = await web.get("/")
+            assert board.status_code == 200
+            for role in TEAM:
+                assert f'data-role="{role.id}"' in board.text
+            assert "cdn" not in board.text.lower()
+            task, _ = await rolebus_bus.publish_task("task.backend.implement", title=SCRIPT)
+            reached = state_of(rolebus_bus, task.id)
+            await wait_for(lambda: reached("input-required"))  # type: ignore[arg-type, return-value]
+
+            fragment = (await web.get("/?fragment=1")).text
+            assert f'data-task="{task.id}"' in fragment
+            assert "&lt;script&gt;alert(1)&lt;/script&gt;" in fragment
+            assert SCRIPT not in fragment
+
+            inbox = (await web.get("/escalations")).text
+            escalation_id = f"{task.id}-1"
+            assert f'data-escalation="{escalation_id}"' in inbox
+            csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', inbox)
+            assert csrf is not None
+            forged = await web.post(
+                f"/escalations/{escalation_id}/resolve",
+                data={"decision": "offset", "verdict": "answer"},
+            )
+            assert forged.status_code == 403
+            answered = await web.post(
+                f"/escalations/{escalation_id}/resolve",
+                data={"decision": "cursor", "verdict": "answer", "csrf": csrf.group(1)},
+            )
+            assert answered.status_code == 303
+            await wait_for(lambda: reached("completed"))  # type: ignore[arg-type, return-value]
+            card = (await web.get("/?fragment=1")).text
+            assert re.search(rf'class="card state-completed" data-task="{task.id}"', card)
+            page = (await web.get(f"/tasks/{task.id}")).text
+            assert "task.input-required" in page
+            assert "escalation.decided" in page
+            assert "&lt;script&gt;" in page
+            assert SCRIPT not in page
+    finally:
+        await crew.stop(grace=0)
+
+
+async def test_event_stream_pages_and_live_notices(
+    rolebus_settings: Settings, rolebus_bus: Bus
+) -> None:
+    async with serving(rolebus_settings) as base, httpx.AsyncClient(base_url=base) as web:
+        stream = (await web.get("/stream", params={"role": "eng-be"})).text
+        assert "rolebus replay --role eng-be" in stream
+        assert (await web.get("/contracts")).status_code == 200
+        async with web.stream("GET", "/events", timeout=30) as events:
+            lines = events.aiter_lines()
+            assert await anext(lines) == ": connected"
+            await rolebus_bus.publish_task("task.backend.x", title="x")
+            from rolebus.messages import Event
+
+            await rolebus_bus.publish(
+                "event.task.claimed", Event(state="claimed", task_id="t", role="eng-be")
+            )
+
+            async def notice() -> str:
+                async for line in lines:
+                    if line.startswith("data:"):
+                        return line
+                return ""
+
+            assert (await asyncio.wait_for(notice(), timeout=20)).startswith("data: ")
+
+
+async def test_a_token_is_required_when_one_is_set(rolebus_settings: Settings) -> None:
+    async with (
+        serving(rolebus_settings, token="s3cret") as base,
+        httpx.AsyncClient(base_url=base) as web,
+    ):
+        assert (await web.get("/")).status_code == 401
+        assert (await web.get("/", params={"token": "wrong"})).status_code == 401
+        login = await web.get("/", params={"token": "s3cret"})
+        assert login.status_code == 307
+        assert "rolebus_token" in login.headers["set-cookie"]
+        assert (await web.get("/")).status_code == 200  # the cookie carries it now
