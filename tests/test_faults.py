@@ -62,6 +62,21 @@ async def publish(bus: Bus, count: int, **payload: object) -> list[str]:
     ]
 
 
+async def kill_while_working(bus: Bus, roles: Path, url: str, *, kills: int, every: int) -> int:
+    """Start a worker, let it record ``every`` events, SIGKILL it; ``kills`` times."""
+    for _ in range(kills):
+        victim = spawn_worker(roles, url)
+        before = await event_count(bus)
+
+        async def progressing(before: int = before) -> bool:
+            return await event_count(bus) >= before + every
+
+        await wait_for(progressing, timeout=60)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+    return kills
+
+
 async def settled(bus: Bus, ids: list[str], timeout: float = 90) -> HistoryReport:
     async def done() -> bool:
         return not (await check_history(bus.connection, ids)).lost
@@ -116,18 +131,7 @@ async def test_worker_sigkill_mid_batch_repeatedly(
 ) -> None:
     roles = write_team(tmp_path / "roles", ack_wait="1s", max_deliver=20)
     ids = await publish(rolebus_bus, 60, sleep=0.05)
-    kills = 0
-    for _ in range(3):
-        worker = spawn_worker(roles, rolebus_server.url)
-        before = await event_count(rolebus_bus)
-
-        async def progressing(before: int = before) -> bool:
-            return await event_count(rolebus_bus) >= before + 8
-
-        await wait_for(progressing, timeout=30)
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(timeout=10)
-        kills += 1
+    kills = await kill_while_working(rolebus_bus, roles, rolebus_server.url, kills=3, every=8)
     survivor = spawn_worker(roles, rolebus_server.url)
     try:
         report = await settled(rolebus_bus, ids)
@@ -302,19 +306,8 @@ async def test_slow_tier_many_kills_of_worker_replicas_under_a_long_stream_of_wo
     roles = write_team(tmp_path / "roles", ack_wait="1s", max_deliver=50)
     ids = await publish(rolebus_bus, 2000, sleep=0.02)
     steady = spawn_worker(roles, rolebus_server.url)
-    kills = 0
     try:
-        for _ in range(20):
-            victim = spawn_worker(roles, rolebus_server.url)
-            before = await event_count(rolebus_bus)
-
-            async def progressing(before: int = before) -> bool:
-                return await event_count(rolebus_bus) >= before + 40
-
-            await wait_for(progressing, timeout=60)
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(timeout=10)
-            kills += 1
+        kills = await kill_while_working(rolebus_bus, roles, rolebus_server.url, kills=20, every=40)
         report = await settled(rolebus_bus, ids, timeout=300)
     finally:
         steady.terminate()
