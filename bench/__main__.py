@@ -94,6 +94,11 @@ async def main(quick: bool, only: set[str] | None, output: Path) -> Results:
                 await case(run)
             seconds[name] = seconds.get(name, 0.0) + time.monotonic() - started
             print(f"  {name}: {time.monotonic() - started:.1f}s", flush=True)
+        if not only or "dashboard" in only:
+            started = time.monotonic()
+            extra.update(await cases.bench_dashboard(url, results, seconds=5.0 if quick else 30.0))
+            seconds["dashboard"] = time.monotonic() - started
+            print(f"  dashboard: {seconds['dashboard']:.1f}s", flush=True)
         if not only or "memory" in only:
             started = time.monotonic()
             extra.update(await cases.bench_memory(url, results, count=size["memory"]))
@@ -121,7 +126,7 @@ def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one run (< 60 s)")
     parser.add_argument(
-        "--only", default="", help="comma-separated: publish,consume,e2e,replay,memory"
+        "--only", default="", help="comma-separated: publish,consume,e2e,replay,dashboard,memory"
     )
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).resolve().parent / "results.json"

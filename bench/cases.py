@@ -597,3 +597,90 @@ async def bench_memory(url: str, results: Results, *, count: int) -> dict[str, l
     metric.rolebus.append(ours[-1])
     metric.baseline.append(theirs[-1])
     return {"rolebus_rss_by_quarter_mb": ours[:4], "raw_rss_by_quarter_mb": theirs[:4]}
+
+
+# --- 6. dashboard under load -------------------------------------------------------------------
+
+
+async def bench_dashboard(url: str, results: Results, *, seconds: float) -> dict[str, Any]:
+    """1,000 events/s for ``seconds`` while a client follows the board live (one
+    fragment fetch per notice, like the browser): notices stay batched and the
+    dashboard process's memory stays flat."""
+    import httpx
+
+    with socket_port() as free:
+        port = int(free)
+    env = {**os.environ, "NATS_URL": url, "ROLEBUS_ROLES": str(REPO / "roles")}
+    process = spawn(
+        [str(Path(sys.executable).parent / "rolebus"), "dashboard", "--port", str(port)], env
+    )
+    bus = await Bus.connect(Settings(nats_url=url), name="bench-dashboard")
+    samples: list[float] = []
+    notices = 0
+    try:
+        assert process.stdout is not None
+        await asyncio.to_thread(process.stdout.readline)
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=30) as web:
+            await web.get("/")
+            idle = rss_mb(process.pid)
+
+            async def follow() -> None:
+                nonlocal notices
+                async with web.stream("GET", "/events") as stream:
+                    async for line in stream.aiter_lines():
+                        if line.startswith("data:"):
+                            notices += 1
+                            await web.get("/?fragment=1")
+
+            follower = asyncio.create_task(follow())
+            start = perf()
+            sent = 0
+            while perf() - start < seconds:
+                target = start + sent / 1000
+                delay = target - perf()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                event = Event(state="claimed", task_id=f"d{sent}", role="eng-be")
+                await bus.connection.publish_start(
+                    "event.task.claimed", codec_encode(event), msg_id=event.id
+                )
+                sent += 1
+                if sent % 1000 == 0:
+                    samples.append(rss_mb(process.pid))
+            elapsed = perf() - start
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await follower
+    finally:
+        await bus.close()
+        stop(process)
+    metric = results.metric(
+        "dashboard RSS at 1,000 events/s",
+        "MB",
+        higher_is_better=False,
+        baseline_name="the same process idle",
+        note=f"{sent:,} events over {elapsed:.0f}s; a client following live",
+    )
+    metric.rolebus.append(max(samples))
+    metric.baseline.append(idle)
+    return {
+        "dashboard_rss_each_1000_events_mb": samples,
+        "dashboard_notices_per_second": notices / elapsed,
+        "dashboard_events_per_second": sent / elapsed,
+    }
+
+
+@contextlib.contextmanager
+def socket_port() -> Any:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        yield probe.getsockname()[1]
+
+
+def codec_encode(event: Event) -> bytes:
+    from rolebus import codec
+
+    return codec.encode(event)
