@@ -18,11 +18,20 @@ from .test_dashboard import SCRIPT, TEAM, ambiguous, serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The flags the machine's probe uses: no network chatter, no sandbox as root.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
-                                "(.ci/run installs Debian's chromium package)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed (.ci/run installs Debian's chromium package)",
+)
 
 
 async def test_the_board_updates_live_and_the_inbox_resumes_a_parked_task(
@@ -30,8 +39,9 @@ async def test_the_board_updates_live_and_the_inbox_resumes_a_parked_task(
 ) -> None:
     shots = Path(os.environ.get("ROLEBUS_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    crew = await start_workers(rolebus_settings, TEAM, [TEAM.role("eng-be")],
-                               handlers={"eng-be": ambiguous}, grace=1)
+    crew = await start_workers(
+        rolebus_settings, TEAM, [TEAM.role("eng-be")], handlers={"eng-be": ambiguous}, grace=1
+    )
     dialogs: list[str] = []
     try:
         async with serving(rolebus_settings) as base, async_playwright() as playwright:
