@@ -129,7 +129,18 @@ async def test_event_stream_pages_and_live_notices(
     async with serving(rolebus_settings) as base, httpx.AsyncClient(base_url=base) as web:
         stream = (await web.get("/stream", params={"role": "eng-be"})).text
         assert "rolebus replay --role eng-be" in stream
-        assert (await web.get("/contracts")).status_code == 200
+        from rolebus.contracts import ContractRegistry, document_from
+        from rolebus.team_agents import orders_api
+
+        registry = ContractRegistry(rolebus_bus.connection)
+        for version in ("1.0.0", "1.1.0"):
+            document = document_from(orders_api(version), source="test")
+            await registry.publish(document, author="architect")
+        contracts = await web.get(
+            "/contracts", params={"name": "orders-api", "from": "1.0.0", "to": "1.1.0"}
+        )
+        assert 'data-diff="orders-api"' in contracts.text
+        assert "+ listOrders.output.eta (string) added" in contracts.text
         async with web.stream("GET", "/events", timeout=30) as events:
             lines = events.aiter_lines()
             assert await anext(lines) == ": connected"

@@ -271,19 +271,37 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
 
     async def contracts_page(request: Request) -> Response:
         registry = ContractRegistry(connection())
+        picked = request.query_params
         sections = []
         for name in await registry.names():
             versions = await registry.versions(name)
+            by_version = {version.document.version: version for version in versions}
             rows = "".join(_version_row(version) for version in versions)
             diffs = "".join(
                 f"<li>{_e(a.document.version)} → {_e(b.document.version)}: "
                 f"{_e('; '.join(_changes(a, b)) or 'no changes')}</li>"
                 for a, b in itertools.pairwise(versions)
             )
+            # Any two versions: ?name=orders-api&from=1.0.0&to=2.0.0
+            chosen = ""
+            old, new = by_version.get(picked.get("from", "")), by_version.get(picked.get("to", ""))
+            if picked.get("name") == name and old is not None and new is not None:
+                lines = "".join(f"<li>{_e(line)}</li>" for line in _changes(old, new))
+                chosen = (
+                    f'<div class="card" data-diff="{_e(name)}"><b>{_e(old.document.version)}'
+                    f" → {_e(new.document.version)}</b><ul>{lines or '<li>no changes</li>'}"
+                    "</ul></div>"
+                )
+            options = "".join(f"<option>{_e(v)}</option>" for v in by_version)
+            form = (
+                f'<form><input type="hidden" name="name" value="{_e(name)}">'
+                f'<select name="from">{options}</select> → <select name="to">{options}'
+                "</select> <button>Diff</button></form>"
+            )
             sections.append(
                 f"<h2>{_e(name)}</h2><table><tr><th>version</th><th>by</th>"
                 f"<th>accepted by</th><th>changes requested</th></tr>{rows}</table>"
-                f"<ul>{diffs}</ul>"
+                f"<ul>{diffs}</ul>{form}{chosen}"
             )
         return _page("Contracts", "".join(sections) or "<p>No contracts yet.</p>")
 
