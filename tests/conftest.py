@@ -3,6 +3,7 @@ plugin installed with the package)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,20 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
         return CliResult(code, captured.out, captured.err)
 
     return invoke
+
+
+def user_environment(home: Path, **extra: str) -> dict[str, str]:
+    """What a user's shell gives the installed `rolebus` command: no NATS_URL (the
+    embedded server is used), a private state folder, any free port, our roles."""
+    env = {
+        **os.environ,
+        "ROLEBUS_HOME": str(home),
+        "ROLEBUS_PORT": "0",
+        "ROLEBUS_ROLES": str(REPO / "roles"),
+        **extra,
+    }
+    env.pop("NATS_URL", None)
+    return env
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from rolebus.server import EmbeddedServer
 
-from .conftest import REPO, CliRunner
+from .conftest import CliRunner, user_environment
 
 
 def test_help_teaches_the_commands(cli: CliRunner) -> None:
@@ -126,13 +125,7 @@ def test_an_oversize_payload_file_is_refused_with_size_and_limit(
 def test_the_installed_console_script_runs_server_and_publish_end_to_end(tmp_path: Path) -> None:
     """The real processes a user starts: `rolebus server`, then `rolebus publish`."""
     binary = Path(sys.executable).parent / "rolebus"
-    env = {
-        **os.environ,
-        "ROLEBUS_HOME": str(tmp_path / "home"),
-        "ROLEBUS_PORT": "0",
-        "ROLEBUS_ROLES": str(REPO / "roles"),
-    }
-    env.pop("NATS_URL", None)
+    env = user_environment(tmp_path / "home")
     server = subprocess.Popen(
         [str(binary), "server"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -203,13 +196,7 @@ def test_dlq_list_show_and_redrive_from_the_command_line(
 
 def test_up_runs_the_whole_team_on_an_embedded_server_and_stops_cleanly(tmp_path: Path) -> None:
     binary = Path(sys.executable).parent / "rolebus"
-    env = {
-        **os.environ,
-        "ROLEBUS_HOME": str(tmp_path / "home"),
-        "ROLEBUS_PORT": "0",
-        "ROLEBUS_ROLES": str(REPO / "roles"),
-    }
-    env.pop("NATS_URL", None)
+    env = user_environment(tmp_path / "home")
     up = subprocess.Popen(
         [str(binary), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

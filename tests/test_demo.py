@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from rolebus.history import read_events
 from rolebus.messages import Event
 from rolebus.roles import load_team
 
-from .conftest import REPO
+from .conftest import REPO, user_environment
 
 
 def position(events: list[Event], what: str, **match: object) -> int:
@@ -80,14 +79,7 @@ async def test_the_demo_plays_every_step_in_causal_order_and_loses_nothing(
 def test_make_demo_runs_twice_and_its_replay_command_reproduces_the_flow(tmp_path: Path) -> None:
     """What a new user does: run the demo (twice), then the replay command it printed."""
     binary = str(Path(sys.executable).parent / "rolebus")
-    env = {
-        **os.environ,
-        "ROLEBUS_HOME": str(tmp_path / "home"),
-        "ROLEBUS_PORT": "0",
-        "ROLEBUS_ROLES": str(REPO / "roles"),
-        "COLUMNS": "200",
-    }
-    env.pop("NATS_URL", None)
+    env = user_environment(tmp_path / "home", COLUMNS="200")
     roots = []
     for _ in range(2):
         demo = subprocess.run(

@@ -451,19 +451,11 @@ class Dispatcher:
     async def _decide(
         self, escalation: Escalation, text: str, approved: bool | None, *, decided_by: str
     ) -> list[Effect]:
-        found = await self.escalations.get(escalation.id)
-        while found is not None and found.record.status == "open":
-            decided = await self.escalations.change(
-                found,
-                status="decided",
-                decision=text,
-                approved=approved,
-                decided_by=decided_by,
-                decided_at=utc_now(),
-            )
-            if decided is not None:
-                return decision_effects(decided.record, self.team)
-            found = await self.escalations.get(escalation.id)
+        decided = await self.escalations.decide(
+            escalation.id, decision=text, approved=approved, decided_by=decided_by
+        )
+        if decided is not None:
+            return decision_effects(decided, self.team)
         return []  # someone (a person, a higher role) decided first
 
     async def _park(

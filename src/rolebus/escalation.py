@@ -138,6 +138,26 @@ class EscalationStore:
         )
         return None if revision is None else StoredEscalation(record=updated, revision=revision)
 
+    async def decide(
+        self, escalation_id: str, *, decision: str, approved: bool | None, decided_by: str
+    ) -> EscalationRecord | None:
+        """Close an open escalation with its decision (compare-and-set, retried);
+        None when it is unknown or someone decided first."""
+        found = await self.get(escalation_id)
+        while found is not None and found.record.status == "open":
+            decided = await self.change(
+                found,
+                status="decided",
+                decision=decision,
+                approved=approved,
+                decided_by=decided_by,
+                decided_at=utc_now(),
+            )
+            if decided is not None:
+                return decided.record
+            found = await self.get(escalation_id)
+        return None
+
     async def all(self) -> list[EscalationRecord]:
         return [
             codec.decode_as(EscalationRecord, value)
@@ -258,31 +278,24 @@ async def resolve(
     """Answer an open escalation (as a person): close its record and send the
     decision to the role that asked, which resumes the parked task."""
     store = EscalationStore(connection)
-    while True:
-        found = await store.require(escalation_id)
-        record = found.record
-        if record.status != "open":
-            raise NotFoundError(
-                f"escalation {escalation_id} is already {record.status} "
-                f"(by {record.decided_by}: {record.decision!r})",
-                hint="`rolebus escalations` lists the open ones",
-            )
-        if record.kind == "approval" and approved is None:
-            raise ConfigError(
-                f"escalation {escalation_id} asks for an approval",
-                hint="answer with --approve or --reject (and --decision saying why)",
-            )
-        decided = await store.change(
-            found,
-            status="decided",
-            decision=decision,
-            approved=approved,
-            decided_by=decided_by,
-            decided_at=utc_now(),
+    record = (await store.require(escalation_id)).record
+    if record.kind == "approval" and approved is None:
+        raise ConfigError(
+            f"escalation {escalation_id} asks for an approval",
+            hint="answer with --approve or --reject (and --decision saying why)",
         )
-        if decided is not None:
-            await publish_effects(connection, decision_effects(decided.record, team), trace=None)
-            return decided.record
+    decided = await store.decide(
+        escalation_id, decision=decision, approved=approved, decided_by=decided_by
+    )
+    if decided is None:
+        closed = (await store.require(escalation_id)).record
+        raise NotFoundError(
+            f"escalation {escalation_id} is already {closed.status} "
+            f"(by {closed.decided_by}: {closed.decision!r})",
+            hint="`rolebus escalations` lists the open ones",
+        )
+    await publish_effects(connection, decision_effects(decided, team), trace=None)
+    return decided
 
 
 def record_for(escalation: Escalation, *, kind: str) -> EscalationRecord:
