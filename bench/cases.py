@@ -439,7 +439,7 @@ async def fill_events(url: str, count: int) -> None:
             for number in range(count)
             for state in ("completed" if number % 2 else "claimed",)
         ]
-        await bus.publish_many(events, window=1000)  # type: ignore[arg-type]
+        await bus.publish_many(events, window=1000)
     finally:
         await bus.close()
 

@@ -113,7 +113,7 @@ def test_make_demo_runs_twice_and_its_replay_command_reproduces_the_flow(tmp_pat
             assert replayed.returncode == 0, replayed.stderr
             lines = [json.loads(line) for line in replayed.stdout.splitlines()]
             states = [(m["message"]["entity"], m["message"]["state"]) for m in lines]
-            assert states[0] == ("task", "claimed")
+            assert states[0] == ("task", "completed")  # the PM's: it files the feature
             assert ("escalation", "decided") in states
             assert ("handoff", "accepted") in states
             timeline = subprocess.run(

@@ -324,7 +324,8 @@ async def test_an_ambiguous_spec_escalates_to_the_architect_and_resumes_the_same
     assert stored is not None
     assert stored.state.result == {"built_with": "cursor (decided by architect)"}
     states = [e.state for e in await events(rolebus_bus) if e.task_id == task.id]
-    assert states == ["claimed", "input-required", "resumed", "claimed", "completed"]
+    # Each run is done well within ROLEBUS_CLAIMED_AFTER, so no `claimed` events.
+    assert states == ["input-required", "resumed", "completed"]
     escalation_states = [e.state for e in await events(rolebus_bus, "escalation")]
     assert escalation_states == ["opened", "decided"]
     [record] = await EscalationStore(rolebus_bus.connection).all()

@@ -41,12 +41,13 @@ async def workers(rolebus_settings: Settings, tmp_path: Path) -> AsyncIterator[S
         *,
         handler: Handler | None = None,
         replicas: int = 1,
+        claimed_after: float | None = None,
         **team_options: Any,
     ) -> list[Worker]:
         team = load_team(write_team(tmp_path / f"roles-{len(started.workers)}", **team_options))
         handlers = {role: handler} if handler else None
         crew = await start_workers(
-            rolebus_settings,
+            rolebus_settings.with_overrides(claimed_after=claimed_after),
             team,
             [team.role(role)],
             replicas=replicas,
@@ -99,6 +100,48 @@ async def test_a_task_completes_once_and_its_follow_up_is_published_with_a_deriv
     assert child["correlation_id"] == task.id
     assert child["from_role"] == "eng-be"
     events = await read_events(rolebus_bus.connection)
+    # Done well within ROLEBUS_CLAIMED_AFTER: no `claimed` event, one `completed`.
+    assert [event.state for event in events if event.task_id == task.id] == ["completed"]
+
+
+async def test_a_claimed_event_is_published_for_a_task_still_running_after_claimed_after(
+    rolebus_bus: Bus, workers: StartWorkers
+) -> None:
+    release = asyncio.Event()
+
+    async def waits(task: Task, context: HandlerContext) -> Outcome:
+        await release.wait()
+        return Outcome.completed()
+
+    await workers("eng-be", handler=waits, claimed_after=0.05)
+    task, _ = await rolebus_bus.publish_task("task.backend.slow", title="long")
+
+    async def claimed() -> bool:
+        events = await read_events(rolebus_bus.connection, states=["claimed"])
+        return [event.task_id for event in events] == [task.id]
+
+    await wait_for(claimed)  # while the handler is still running
+    release.set()
+
+    async def done() -> bool:
+        return (await completed_ids(rolebus_bus))[task.id] == 1
+
+    await wait_for(done)
+    events = await read_events(rolebus_bus.connection)
+    assert [event.state for event in events if event.task_id == task.id] == ["claimed", "completed"]
+
+
+async def test_claimed_after_zero_publishes_a_claimed_event_for_every_task(
+    rolebus_bus: Bus, workers: StartWorkers
+) -> None:
+    await workers("eng-be", claimed_after=0)
+    task, _ = await rolebus_bus.publish_task("task.backend.quick", title="quick")
+
+    async def done() -> bool:
+        return (await completed_ids(rolebus_bus))[task.id] == 1
+
+    await wait_for(done)
+    events = await read_events(rolebus_bus.connection)
     assert [event.state for event in events if event.task_id == task.id] == ["claimed", "completed"]
 
 
@@ -150,14 +193,7 @@ async def test_a_poison_task_is_dead_lettered_after_max_deliver_and_redrive_runs
     assert entry.subject == "task.backend.poison"
     assert attempts[task.id] == 3
     events = await read_events(rolebus_bus.connection)
-    assert [e.state for e in events if e.task_id == task.id] == [
-        "claimed",
-        "retrying",
-        "claimed",
-        "retrying",
-        "claimed",
-        "dead",
-    ]
+    assert [e.state for e in events if e.task_id == task.id] == ["retrying", "retrying", "dead"]
 
     healthy.set()
     await dlq.redrive(rolebus_bus.connection, entry)

@@ -7,6 +7,7 @@ async with await Bus.connect(Settings.from_env()) as bus:
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -112,10 +113,10 @@ class Bus:
         )
 
     async def publish_many(
-        self, messages: list[tuple[str, Envelope]], *, window: int = 1000
+        self, messages: Sequence[tuple[str, Envelope]], *, window: int = 1000
     ) -> list[PubAck]:
-        """Publish many messages with up to ``window`` awaiting their ack at once
-        (each still stored once per id, retried alone if its ack does not come)."""
+        """Publish many messages, up to ``window`` at once, stored as atomic batches
+        (group commit: one fsync a batch); each still stored once per id."""
         for subject, _ in messages:
             parse_subject(subject)
         trace = new_traceparent()

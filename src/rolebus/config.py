@@ -16,6 +16,10 @@ Variables (all optional):
 - ``ROLEBUS_SYNC``: the embedded server's ``sync_interval``; default ``always``
   (fsync every write; JetStream's own default of 2 minutes loses acknowledged
   writes on power loss).
+- ``ROLEBUS_CLAIMED_AFTER``: seconds a handler runs before its task's ``claimed``
+  event is published; default 0.25. Faster tasks skip that event (their terminal
+  event records the attempt): it would be one more fsynced write per task. ``0``
+  publishes it for every task.
 """
 
 from __future__ import annotations
@@ -48,6 +52,19 @@ def _port(value: str) -> int:
     return port
 
 
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 86400:
+        raise ConfigError(
+            f"{name}={value!r} is not a number of seconds",
+            hint="use a number such as 0.25 (0 for always)",
+        )
+    return seconds
+
+
 def _replicas(value: str) -> int:
     if value not in ("1", "3", "5"):
         raise ConfigError(
@@ -74,6 +91,7 @@ class Settings:
     port: int = 4222
     sync_interval: str = "always"
     replicas: int = 1
+    claimed_after: float = 0.25
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -93,6 +111,9 @@ class Settings:
             "port": _port(env.get("ROLEBUS_PORT") or "4222"),
             "sync_interval": env.get("ROLEBUS_SYNC") or "always",
             "replicas": _replicas(env.get("ROLEBUS_REPLICAS") or "1"),
+            "claimed_after": _seconds(
+                "ROLEBUS_CLAIMED_AFTER", env.get("ROLEBUS_CLAIMED_AFTER") or "0.25"
+            ),
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         settings = cls(**values)

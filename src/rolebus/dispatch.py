@@ -66,7 +66,7 @@ from rolebus.subjects import (
     escalation_subject,
     task_subject,
 )
-from rolebus.transport import Connection, InboundMessage
+from rolebus.transport import Connection, InboundMessage, PendingPublish
 
 __all__ = ["DispatchStats", "Dispatcher"]
 
@@ -96,8 +96,17 @@ class Item:
 class Dispatcher:
     """Handles one delivery at a time (the worker runs several concurrently)."""
 
-    def __init__(self, connection: Connection, role: RoleSpec, team: Team, handler: Handler):
+    def __init__(
+        self,
+        connection: Connection,
+        role: RoleSpec,
+        team: Team,
+        handler: Handler,
+        *,
+        claimed_after: float = 0.25,
+    ):
         self.connection = connection
+        self.claimed_after = claimed_after
         self.role = role
         self.team = team
         self.handler = handler
@@ -310,9 +319,23 @@ class Dispatcher:
 
     async def _run(self, message: InboundMessage, item: Item, stored: StoredState) -> None:
         trace = message.headers.get(Header.TRACEPARENT)
-        claimed = await publish_event(
-            self.connection, self._task_event(item, message, "claimed"), trace=trace
-        )
+        # The `claimed` event says "someone is on it": worth a write for the tasks
+        # people wait on, not for the ones done before anyone could look. Published
+        # only once the handler has run `claimed_after` seconds, it spares fast
+        # tasks a fourth fsynced write (the benchmark measured 35-75 % more tasks/s
+        # without it); their terminal event still records the attempt.
+        claimed: asyncio.Task[PendingPublish] | None = None
+
+        def publish_claimed() -> None:
+            nonlocal claimed
+            event = self._task_event(item, message, "claimed")
+            claimed = asyncio.ensure_future(publish_event(self.connection, event, trace=trace))
+
+        if self.claimed_after <= 0:
+            publish_claimed()
+            timer = None
+        else:
+            timer = asyncio.get_running_loop().call_later(self.claimed_after, publish_claimed)
         try:
             context = HandlerContext(
                 role=self.role,
@@ -332,7 +355,11 @@ class Dispatcher:
         except Exception as error:  # a handler's bug is a retryable failure, not ours
             self._log.warning("handler raised", task_id=item.task.id, error=repr(error))
             outcome = Outcome.failed(f"handler raised {type(error).__name__}: {error}")
-        await claimed.result()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if claimed is not None:
+            await (await claimed).result()
         try:
             await self._apply(message, item, stored, outcome)
         except (RoleError, ContractError) as error:

@@ -80,11 +80,12 @@ class ServerError(RolebusError):
 
 
 class TransportError(RolebusError):
-    """Talking to NATS failed."""
+    """Talking to NATS failed. ``code`` is JetStream's error code when it gave one."""
 
-    def __init__(self, message: str, *, subject: str = "", hint: str = "") -> None:
+    def __init__(self, message: str, *, subject: str = "", hint: str = "", code: int = 0) -> None:
         super().__init__(message, hint=hint)
         self.subject = subject
+        self.code = code
 
 
 class ConnectError(TransportError):

@@ -62,6 +62,11 @@ def _slo(
     return {"target": target, "value": value, "met": met}
 
 
+_ATTEMPT_ENDS = frozenset(
+    {"completed", "retrying", "input-required", "handed-off", "rejected", "dead"}
+)
+
+
 async def collect(
     connection: Connection, team: Team, *, window: float = 3600.0
 ) -> list[RoleStatus]:
@@ -75,9 +80,11 @@ async def collect(
         event = item.message
         if not isinstance(event, Event) or event.role is None:
             continue
-        if event.state == "claimed":
+        # Every attempt ends in exactly one of these (`claimed` is not published for
+        # fast tasks, so it cannot count them).
+        if event.state in _ATTEMPT_ENDS:
             attempts[event.role] = attempts.get(event.role, 0) + 1
-        elif event.state in ("retrying", "dead"):
+        if event.state in ("retrying", "dead"):
             failures[event.role] = failures.get(event.role, 0) + 1
     latencies: dict[str, list[float]] = {}
     for state in await all_states(connection):

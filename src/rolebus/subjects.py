@@ -30,6 +30,7 @@ __all__ = [
     "dlq_subject",
     "escalation_subject",
     "event_subject",
+    "group_commit_stream",
     "handoff_subject",
     "parse_subject",
     "role_filter_subjects",
@@ -109,6 +110,11 @@ class Header:
     DLQ_ATTEMPTS: Final = "Rolebus-Dlq-Attempts"
     DLQ_SUBJECT: Final = "Rolebus-Dlq-Subject"
     DLQ_STREAM_SEQ: Final = "Rolebus-Dlq-Stream-Seq"
+    # Atomic batch publish (NATS 2.12+): every message of a batch carries its id and
+    # position; the last one also carries the commit.
+    BATCH_ID: Final = "Nats-Batch-Id"
+    BATCH_SEQUENCE: Final = "Nats-Batch-Sequence"
+    BATCH_COMMIT: Final = "Nats-Batch-Commit"
 
 
 CONTENT_TYPE_MSGPACK: Final = "application/msgpack"
@@ -240,6 +246,22 @@ def parse_subject(subject: str) -> ParsedSubject:
     validate_token(second, what=f"{names[0]} in {subject!r}:")
     validate_token(third, what=f"{names[1]} in {subject!r}:")
     return ParsedSubject(family, second, third)
+
+
+_GROUP_COMMIT_FAMILIES: Final = {
+    TASK: WORK_STREAM,
+    HANDOFF: WORK_STREAM,
+    ESCALATION: WORK_STREAM,
+    DECISION: WORK_STREAM,
+    EVENT: EVENTS_STREAM,
+    DLQ: DLQ_STREAM,
+}
+
+
+def group_commit_stream(subject: str) -> str | None:
+    """The stream whose messages on ``subject`` may share an atomic batch, or None
+    (timers: scheduled messages are not batched)."""
+    return _GROUP_COMMIT_FAMILIES.get(subject.split(".", 1)[0])
 
 
 def stream_for_subject(subject: str) -> str:

@@ -45,12 +45,14 @@ from rolebus.errors import (
     TransportError,
     UnavailableError,
 )
+from rolebus.groupcommit import GroupCommit, GroupCommitStats, Write
 from rolebus.subjects import (
     BUCKETS,
     CONTENT_TYPE_MSGPACK,
     STREAMS,
     Header,
     StreamSpec,
+    group_commit_stream,
 )
 
 __all__ = [
@@ -190,6 +192,7 @@ class Connection:
         self._reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
         self._closing = False
         self._buckets: dict[str, Any] = {}
+        self._group_commit = GroupCommit(self._send_batch)
 
     # --- connecting ---------------------------------------------------------------------
 
@@ -307,11 +310,17 @@ class Connection:
     def connected(self) -> bool:
         return bool(self._client.is_connected)
 
+    @property
+    def group_commit(self) -> GroupCommitStats:
+        """How this connection's writes were sent: alone, or in atomic batches."""
+        return self._group_commit.stats
+
     def new_inbox(self) -> str:
         return str(self._client.new_inbox())
 
     async def close(self) -> None:
         self._closing = True
+        await self._group_commit.close()
         with contextlib.suppress(Exception):
             await self._client.drain()
         with contextlib.suppress(Exception):
@@ -414,7 +423,11 @@ class Connection:
                 raise UnavailableError(
                     f"JetStream unavailable for {subject!r}: {description}", subject=subject
                 )
-            raise TransportError(f"JetStream refused {subject!r}: {description}", subject=subject)
+            raise TransportError(
+                f"JetStream refused {subject!r}: {description}",
+                subject=subject,
+                code=int(error.get("err_code", 0)),
+            )
         return PubAck(
             stream=str(response["stream"]),
             seq=int(response["seq"]),
@@ -434,23 +447,64 @@ class Connection:
             future = None  # not sent: result() publishes with retries
         return PendingPublish(self, subject, data, msg_id, headers, future)
 
+    def publish_batched(
+        self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> PendingPublish:
+        """Like :meth:`publish_start`, through the stream's group commit: the
+        publishes queued in one event-loop turn are stored as atomic batches (one
+        fsync each). For bulk publishing: a batch takes ~2.5 ms to start, so a
+        lone publish is faster sent alone."""
+        all_headers = self.message_headers(msg_id, headers)
+        self.check_size(subject, data, all_headers)
+        stream = group_commit_stream(subject)
+        if stream is None:
+            future = None  # no batches for this stream: result() publishes alone
+        else:
+            future = self._group_commit.write(stream, subject, data, all_headers).stored
+        return PendingPublish(self, subject, data, msg_id, headers, future, stream)
+
+    async def _send_batch(self, batch_id: str, writes: list[Write]) -> int:
+        """Store ``writes`` as one atomic batch (see groupcommit.py); the sequence
+        of the last one. Only the commit asks for an ack."""
+        last = len(writes)
+        headers: dict[str, str] = {}
+        try:
+            for number, entry in enumerate(writes, start=1):
+                headers = {
+                    **entry.headers,
+                    Header.BATCH_ID: batch_id,
+                    Header.BATCH_SEQUENCE: str(number),
+                }
+                if number < last:
+                    await self._client.publish(entry.subject, entry.data, headers=headers)
+            headers[Header.BATCH_COMMIT] = "1"
+            reply = await self._client.request(
+                entry.subject, entry.data, timeout=5.0, headers=headers
+            )
+        except nats.errors.Error as error:
+            raise UnavailableError(
+                f"batch of {last} to {entry.subject!r} not acknowledged: {type(error).__name__}"
+            ) from error
+        return self._pub_ack(entry.subject, reply.data).seq
+
     async def publish_many(
         self,
         items: list[tuple[str, bytes, str, Mapping[str, str] | None]],
         *,
         window: int = 1000,
     ) -> list[PubAck]:
-        """Publish ``(subject, data, msg_id, headers)`` items with up to ``window``
-        unacknowledged at once; each is retried alone if its ack does not come."""
+        """Publish ``(subject, data, msg_id, headers)`` items, up to ``window`` at
+        once, as atomic batches (group commit); a batch the server refuses (a
+        duplicate Msg-Id among them, say) is published again one by one."""
         for subject, data, msg_id, headers in items:
             self.check_size(subject, data, self.message_headers(msg_id, headers))
         acks: list[PubAck] = []
         for start in range(0, len(items), window):
             pending = [
-                await self.publish_start(subject, data, msg_id=msg_id, headers=headers)
+                self.publish_batched(subject, data, msg_id=msg_id, headers=headers)
                 for subject, data, msg_id, headers in items[start : start + window]
             ]
-            acks.extend([await publish.result() for publish in pending])
+            acks.extend(await wait_all(pending))
         return acks
 
     async def publish_core(self, subject: str, data: bytes, *, reply: str = "") -> None:
@@ -512,6 +566,8 @@ class Connection:
             allow_direct=True,
             # Escalation timeouts are scheduled messages the server keeps (NATS 2.12+).
             allow_msg_schedules=True if spec.schedules else None,
+            # Group commit (groupcommit.py); scheduled messages are not batched.
+            allow_atomic=None if spec.schedules else True,
         )
 
     async def _ensure_stream(self, spec: StreamSpec, limits: StreamLimits) -> None:
@@ -546,24 +602,40 @@ class Connection:
                 hint="rolebus does not replace it for you: fix it with `nats stream edit`, "
                 "or delete it if its content is not needed",
             )
+        if wanted.allow_atomic and not have.allow_atomic:
+            await self._allow_atomic(have)
+
+    async def _allow_atomic(self, config: StreamConfig) -> None:
+        """Turn atomic batches on for a stream made before group commit (an additive
+        change). A user who may not edit streams keeps writing one by one."""
+        config.allow_atomic = True
+        try:
+            await self._js.update_stream(config)
+        except (nats.errors.Error, nats.js.errors.Error) as error:
+            log.warning(
+                "cannot turn on atomic publish: writes go one by one",
+                stream=config.name,
+                error=type(error).__name__,
+                hint="run `rolebus provision` as a user allowed to edit streams",
+            )
+            return
+        log.info("atomic publish turned on", stream=config.name)
 
     async def _ensure_bucket(self, bucket: str, limits: StreamLimits) -> None:
         try:
             await self._js.key_value(bucket)
-            return
         except nats.js.errors.BucketNotFoundError:
-            pass
+            await self._js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket,
+                    history=64,
+                    storage=StorageType.FILE,
+                    replicas=limits.replicas,
+                )
+            )
+            log.info("bucket created", bucket=bucket)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
             raise self._no_jetstream(error) from error
-        await self._js.create_key_value(
-            KeyValueConfig(
-                bucket=bucket,
-                history=64,
-                storage=StorageType.FILE,
-                replicas=limits.replicas,
-            )
-        )
-        log.info("bucket created", bucket=bucket)
 
     def _no_jetstream(self, error: Exception) -> TransportError:
         if self._denied(f"{_API}.STREAM.INFO.>") or self._denials:
@@ -731,27 +803,25 @@ class Connection:
 
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
         """Create ``key`` only if absent; the new revision, or None if it exists."""
-        kv = await self._bucket(bucket)
-        try:
-            with self._translated(f"create {bucket}/{key}"):
-                return int(await kv.create(key, value))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return None
-        except nats.js.errors.APIError as error:
-            if error.err_code == 10071:  # wrong last sequence
-                return None
-            raise
+        return await self._kv_write(bucket, key, value, 0)
 
     async def kv_update(self, bucket: str, key: str, value: bytes, revision: int) -> int | None:
         """Compare-and-set: write only if ``key`` is still at ``revision``."""
+        return await self._kv_write(bucket, key, value, revision)
+
+    async def _kv_write(self, bucket: str, key: str, value: bytes, revision: int) -> int | None:
+        """Compare-and-set (revision 0: create); the new revision, or None when the
+        key moved on."""
         kv = await self._bucket(bucket)
         try:
-            with self._translated(f"update {bucket}/{key}"):
+            with self._translated(f"write {bucket}/{key}"):
+                if revision == 0:
+                    return int(await kv.create(key, value))
                 return int(await kv.update(key, value, last=revision))
         except nats.js.errors.KeyWrongLastSequenceError:
             return None
         except nats.js.errors.APIError as error:
-            if error.err_code == 10071:
+            if error.err_code == 10071:  # wrong last sequence
                 return None
             raise
 
@@ -1051,7 +1121,7 @@ class PendingPublish:
     """A publish in flight; :meth:`result` waits for its ack (bounded), and on
     a timeout or error publishes again with the same Msg-Id (de-duplicated)."""
 
-    __slots__ = ("_connection", "_data", "_future", "_headers", "_msg_id", "_subject")
+    __slots__ = ("_batched", "_connection", "_data", "_future", "_headers", "_msg_id", "_subject")
 
     def __init__(
         self,
@@ -1061,6 +1131,7 @@ class PendingPublish:
         msg_id: str,
         headers: Mapping[str, str] | None,
         future: asyncio.Future[Any] | None,
+        batched: str | None = None,
     ) -> None:
         self._connection = connection
         self._subject = subject
@@ -1068,10 +1139,17 @@ class PendingPublish:
         self._msg_id = msg_id
         self._headers = headers
         self._future = future
+        # The stream, when ``future`` is a group commit's (a sequence, or None: not
+        # stored, publish alone). That future always resolves: no timer needed.
+        self._batched = batched
 
     async def result(self, timeout: float = 5.0) -> PubAck:
         future = self._future
-        if future is not None:
+        if future is not None and self._batched is not None:
+            seq = future.result() if future.done() else await future
+            if seq is not None:
+                return PubAck(self._batched, int(seq), False)
+        elif future is not None:
             try:
                 # Usually the ack is already here: skip wait_for and its timer.
                 ack = future.result() if future.done() else await asyncio.wait_for(future, timeout)

@@ -71,7 +71,13 @@ class Worker:
         self.handler = handler or load_handler(role.handler, role=role.id)
         self.grace = grace
         self.replica = replica
-        self.dispatcher = Dispatcher(bus.connection, role, team, self.handler)
+        self.dispatcher = Dispatcher(
+            bus.connection,
+            role,
+            team,
+            self.handler,
+            claimed_after=bus.settings.claimed_after,
+        )
         self.states = StateStore(bus.connection)
         self._connection = bus.connection
         self._consumer = consumer_name(role.id)
