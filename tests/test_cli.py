@@ -122,6 +122,54 @@ def test_an_oversize_payload_file_is_refused_with_size_and_limit(
     assert "over the server's max_payload of 1,048,576 bytes" in result.stderr
 
 
+def test_publish_file_stores_every_line_once_in_batches_and_twice_adds_nothing(
+    cli: CliRunner, rolebus_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    backlog = tmp_path / "backlog.jsonl"
+    lines = ["# the backlog: one task a line", ""]
+    lines += [
+        json.dumps({"subject": "task.backend.implement", "title": f"endpoint {n}", "id": f"b{n}"})
+        for n in range(2500)
+    ]
+    lines.append(json.dumps({"subject": "task.frontend", "kind": "build", "title": "page"}))
+    backlog.write_text("\n".join(lines) + "\n")
+    env = {"NATS_URL": rolebus_server.url}
+    result = cli("publish-file", str(backlog), "--json", env=env)
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["published"], summary["duplicates"]) == (2501, 0)
+    assert (summary["first_seq"], summary["last_seq"]) == (1, 2501)
+    assert summary["ids"][:2] == ["b0", "b1"]
+    again = cli("publish-file", str(backlog), env=env)
+    assert again.code == 0, again.stderr
+    assert "published 1 tasks" in again.stdout  # only the line without an id is new
+    assert "2,500 already stored, not added again" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"subject": "task.backend.x", "title": "a"}\n{"subject": ', "line 2 is not JSON"),
+        ('{"subject": "task.nowhere.x", "title": "a"}', "line 1: no role owns the domain"),
+        ('{"subject": "task.backend.x", "titel": "a"}', "line 1: unknown field 'titel'"),
+        ('{"subject": "task.backend.x", "title": "a", "payload": [1]}', "line 1: payload:"),
+        ('["task.backend.x"]', "line 1: a JSON list, not an object"),
+        ("# nothing but a comment", "has no tasks"),
+    ],
+)
+def test_publish_file_names_the_bad_line_and_publishes_nothing(
+    cli: CliRunner, rolebus_server: EmbeddedServer, tmp_path: Path, content: str, message: str
+) -> None:
+    backlog = tmp_path / "backlog.jsonl"
+    backlog.write_text(content + "\n")
+    result = cli("publish-file", str(backlog), env={"NATS_URL": rolebus_server.url})
+    assert result.code == 1
+    assert message in result.stderr
+    assert "hint:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "ROLEBUS_WORK" not in result.stdout
+
+
 def test_the_installed_console_script_runs_server_and_publish_end_to_end(tmp_path: Path) -> None:
     """The real processes a user starts: `rolebus server`, then `rolebus publish`."""
     binary = Path(sys.executable).parent / "rolebus"

@@ -14,6 +14,7 @@ def test_defaults_need_no_environment() -> None:
     assert settings.home == Path(".rolebus")
     assert settings.port == 4222
     assert settings.sync_interval == "always"
+    assert settings.claimed_after == 0.25
 
 
 def test_environment_and_overrides_are_read_once() -> None:
@@ -35,6 +36,14 @@ def test_a_bad_url_or_port_is_refused_with_the_variable() -> None:
         Settings.from_env({"NATS_URL": "http://x"})
     with pytest.raises(ConfigError, match="ROLEBUS_PORT"):
         Settings.from_env({"ROLEBUS_PORT": "http"})
+
+
+def test_claimed_after_is_read_and_a_bad_value_names_the_variable() -> None:
+    assert Settings.from_env({"ROLEBUS_CLAIMED_AFTER": "0"}).claimed_after == 0
+    assert Settings.from_env({"ROLEBUS_CLAIMED_AFTER": "1.5"}).claimed_after == 1.5
+    for bad in ("soon", "-1"):
+        with pytest.raises(ConfigError, match="ROLEBUS_CLAIMED_AFTER"):
+            Settings.from_env({"ROLEBUS_CLAIMED_AFTER": bad})
 
 
 def test_settings_are_frozen() -> None:

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TextIO, TypeVar, cast
@@ -25,6 +26,7 @@ from rich.table import Table
 from rolebus import codec, dlq
 from rolebus import subjects as names
 from rolebus.auth import ADMIN, Credentials, render_config
+from rolebus.bulk import parse_task_lines
 from rolebus.bus import Bus, task_subject_for
 from rolebus.config import Settings
 from rolebus.dlq import DeadLetter
@@ -315,6 +317,64 @@ def publish(
         return
     note = " (duplicate: already stored, not added again)" if ack.duplicate else ""
     out.print(f"published task [bold]{task.id}[/] ({ack.stream} seq {ack.seq}){note}")
+
+
+@app.command("publish-file")
+def publish_file(
+    file: Annotated[str, typer.Argument(help="A JSON-lines file of tasks; - for stdin.")],
+    roles: RolesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish many tasks from a JSON-lines file, one task per line, in atomic batches.
+
+    A line: `{"subject": "task.backend.implement", "title": "Orders API"}`, with
+    optional "kind", "payload", "priority" and "id". Every line is checked before
+    anything is published; a bad one is named by its number. Publishing the same
+    file twice adds nothing (each task's id is its Msg-Id; give "id" to choose them).
+
+    Example: `rolebus publish-file backlog.jsonl`
+    """
+    settings = settings_for(roles)
+    team = team_for(settings)
+    source = "stdin" if file == "-" else file
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read {file}: {error.strerror}", hint="check the path, or use - for stdin"
+        ) from error
+    tasks = parse_task_lines(text, source=source, team=team)
+    chunk = 5000
+
+    async def go() -> list[Any]:
+        acks: list[Any] = []
+        async with await Bus.connect(settings, name="rolebus-publish") as bus:
+            for start in range(0, len(tasks), chunk):
+                acks.extend(await bus.publish_many(tasks[start : start + chunk]))
+                if len(tasks) > chunk and not as_json:
+                    err.print(f"  {len(acks):,} / {len(tasks):,} published")
+        return acks
+
+    started = time.monotonic()
+    acks = run(go())
+    seconds = time.monotonic() - started
+    duplicates = sum(1 for ack in acks if ack.duplicate)
+    summary = {
+        "published": len(acks) - duplicates,
+        "duplicates": duplicates,
+        "first_seq": min(ack.seq for ack in acks),
+        "last_seq": max(ack.seq for ack in acks),
+        "seconds": round(seconds, 3),
+        "ids": [task.id for _, task in tasks],
+    }
+    if as_json:
+        print_json(summary)
+        return
+    note = f" ({duplicates:,} already stored, not added again)" if duplicates else ""
+    out.print(
+        f"published {summary['published']:,} tasks from {source}{note} in {seconds:.2f}s "
+        f"({acks[0].stream} seq {summary['first_seq']}..{summary['last_seq']})"
+    )
 
 
 # --- catalog -----------------------------------------------------------------------------
