@@ -13,7 +13,7 @@ import uvicorn
 
 from rolebus.bus import Bus
 from rolebus.config import Settings
-from rolebus.dashboard import create_app
+from rolebus.dashboard import Board, create_app
 from rolebus.handlers import HandlerContext
 from rolebus.messages import EscalationRequest, Outcome, Task
 from rolebus.roles import load_team
@@ -91,8 +91,15 @@ async def test_board_escapes_titles_and_the_inbox_resumes_a_parked_task(
             reached = state_of(rolebus_bus, task.id)
             await wait_for(lambda: reached("input-required"))  # type: ignore[arg-type, return-value]
 
-            fragment = (await web.get("/?fragment=1")).text
-            assert f'data-task="{task.id}"' in fragment
+            # The board refreshes in the background after events: wait for it.
+            fragment = ""
+
+            async def board_shows(pattern: str) -> bool:
+                nonlocal fragment
+                fragment = (await web.get("/?fragment=1")).text
+                return re.search(pattern, fragment) is not None
+
+            await wait_for(lambda: board_shows(f'data-task="{task.id}"'))
             assert "&lt;script&gt;alert(1)&lt;/script&gt;" in fragment
             assert SCRIPT not in fragment
 
@@ -112,8 +119,9 @@ async def test_board_escapes_titles_and_the_inbox_resumes_a_parked_task(
             )
             assert answered.status_code == 303
             await wait_for(lambda: reached("completed"))  # type: ignore[arg-type, return-value]
-            card = (await web.get("/?fragment=1")).text
-            assert re.search(rf'class="card state-completed" data-task="{task.id}"', card)
+            await wait_for(
+                lambda: board_shows(f'class="card state-completed" data-task="{task.id}"')
+            )
             page = (await web.get(f"/tasks/{task.id}")).text
             assert "task.input-required" in page
             assert "escalation.decided" in page
@@ -171,3 +179,40 @@ async def test_a_token_is_required_when_one_is_set(rolebus_settings: Settings) -
         assert login.status_code == 307
         assert "rolebus_token" in login.headers["set-cookie"]
         assert (await web.get("/")).status_code == 200  # the cookie carries it now
+
+
+async def test_the_board_refreshes_once_per_burst_of_events_and_never_per_view() -> None:
+    loads = 0
+    release = asyncio.Event()
+
+    async def load() -> int:
+        nonlocal loads
+        loads += 1
+        await release.wait()
+        return loads
+
+    board = Board(load)
+    refresher = asyncio.create_task(board.run())
+    try:
+        release.set()
+        assert await board.current() == 1
+        release.clear()
+        for _ in range(1000):  # a burst: one refresh, maybe one more after it
+            await board.on_event(None)  # type: ignore[arg-type]
+
+        async def refreshing() -> bool:
+            return loads == 2
+
+        await wait_for(refreshing)
+        for _ in range(100):  # views read the snapshot
+            assert await board.current() == 1
+        release.set()
+
+        async def refreshed() -> bool:
+            return board.version == 2
+
+        await wait_for(refreshed)
+        assert await board.current() == 2
+        assert loads == 2
+    finally:
+        refresher.cancel()

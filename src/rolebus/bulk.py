@@ -55,9 +55,7 @@ def parse_task_lines(text: str, *, source: str, team: Team | None) -> list[tuple
 
 def _task(entry: Any, team: Team | None) -> tuple[str, Task]:
     if not isinstance(entry, dict):
-        raise ConfigError(
-            f"a JSON {type(entry).__name__}, not an object", hint=f"e.g. {_EXAMPLE}"
-        )
+        raise ConfigError(f"a JSON {type(entry).__name__}, not an object", hint=f"e.g. {_EXAMPLE}")
     unknown = sorted(set(entry) - _FIELDS)
     if unknown:
         raise ConfigError(
