@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import hmac
 import html
 import itertools
@@ -23,6 +24,7 @@ import secrets
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -36,19 +38,29 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.contracts import ContractRegistry, ContractVersion, diff
-from rolebus.errors import RolebusError
+from rolebus.errors import RolebusError, SubjectError
 from rolebus.escalation import EscalationStore, resolve
-from rolebus.history import ReplayFilter, all_states, flow_states, replay
+from rolebus.history import ReplayFilter, flow_states, iter_states, replay
 from rolebus.messages import Event
 from rolebus.roles import Team
-from rolebus.state import TaskState
+from rolebus.state import StateStore, TaskState
 from rolebus.status import collect
-from rolebus.subjects import EVENTS_STREAM
+from rolebus.subjects import EVENTS_STREAM, validate_token
 from rolebus.transport import StoredMessage
 
 __all__ = ["Board", "create_app"]
 
 log = structlog.get_logger(__name__)
+
+_CARDS = 50  # per role on the board, newest first
+
+
+async def _numbered(items: AsyncIterator[TaskState]) -> AsyncIterator[tuple[int, TaskState]]:
+    number = 0
+    async for item in items:
+        number += 1
+        yield number, item
+
 
 _STYLE = """
 body{font:14px system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -189,10 +201,21 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
     def connection() -> Any:
         return state["bus"].connection
 
-    async def load_board() -> tuple[list[TaskState], dict[str, Any]]:
-        states = await all_states(connection())
+    async def load_board() -> tuple[dict[str, list[TaskState]], dict[str, Any]]:
+        # Streamed: only each role's newest cards are kept, not every task ever.
+        newest: dict[str, list[tuple[datetime, int, TaskState]]] = {r.id: [] for r in team}
+        async for number, task_state in _numbered(iter_states(connection())):
+            heap = newest.get(task_state.role)
+            if heap is None:
+                continue
+            entry = (task_state.updated_at, number, task_state)
+            if len(heap) < _CARDS:
+                heapq.heappush(heap, entry)
+            else:
+                heapq.heappushpop(heap, entry)
+        cards = {role: [e[2] for e in sorted(heap, reverse=True)] for role, heap in newest.items()}
         statuses = {s.role: s for s in await collect(connection(), team, window=3600)}
-        return states, statuses
+        return cards, statuses
 
     live = Board(load_board)
 
@@ -213,15 +236,13 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
 
     async def board(request: Request) -> Response:
         try:
-            states, statuses = await live.current()
+            cards_by_role, statuses = await live.current()
         except TimeoutError:
             return HTMLResponse("the board is still loading: reload in a moment", 503)
         columns = []
         for role in team:
             status = statuses[role.id]
-            cards = sorted(
-                (s for s in states if s.role == role.id), key=lambda s: s.updated_at, reverse=True
-            )[:50]
+            cards = cards_by_role[role.id]
             slo = "".join(
                 f"<div class='muted'>{_e(name)}: {_slo_cell(check)}</div>"
                 for name, check in status.slo.items()
@@ -242,10 +263,13 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
 
     async def task_page(request: Request) -> Response:
         task_id = request.path_params["task_id"]
-        found = [s for s in await all_states(connection()) if s.task_id == task_id]
-        if not found:
+        try:
+            stored = await StateStore(connection()).get(validate_token(task_id, what="task id"))
+        except SubjectError:
+            stored = None
+        if stored is None:
             return _page("Not found", f"<p>No task {_e(task_id)}.</p>")
-        root = found[0]
+        root = stored.state
         flow = await flow_states(connection(), root.correlation_id or root.task_id)
         events = [
             item.message

@@ -193,15 +193,19 @@ async def read_events(connection: Connection, *, states: list[str] | None = None
 
 async def all_states(connection: Connection) -> list[TaskState]:
     """The live projection: every task's current state, in one read of the bucket."""
-    return [
-        codec.decode_as(TaskState, value) async for _, value in connection.kv_items(TASKS_BUCKET)
-    ]
+    return [state async for state in iter_states(connection)]
+
+
+async def iter_states(connection: Connection) -> AsyncIterator[TaskState]:
+    """Every task's current state, streamed (memory does not grow with the tasks)."""
+    async for _, value in connection.kv_items(TASKS_BUCKET):
+        yield codec.decode_as(TaskState, value)
 
 
 async def flow_states(connection: Connection, correlation_id: str) -> list[TaskState]:
     return [
         state
-        for state in await all_states(connection)
+        async for state in iter_states(connection)
         if state.correlation_id == correlation_id or state.task_id == correlation_id
     ]
 

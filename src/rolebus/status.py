@@ -14,7 +14,7 @@ from typing import Any
 
 from rolebus import dlq
 from rolebus.escalation import EscalationStore
-from rolebus.history import ReplayFilter, all_states, replay
+from rolebus.history import ReplayFilter, iter_states, replay
 from rolebus.messages import Event
 from rolebus.roles import Team
 from rolebus.subjects import EVENTS_STREAM, WORK_STREAM, consumer_name
@@ -87,7 +87,7 @@ async def collect(
         if event.state in ("retrying", "dead"):
             failures[event.role] = failures.get(event.role, 0) + 1
     latencies: dict[str, list[float]] = {}
-    for state in await all_states(connection):
+    async for state in iter_states(connection):
         if state.state == "completed" and state.created_at and state.updated_at >= since:
             latencies.setdefault(state.role, []).append(
                 (state.updated_at - state.created_at).total_seconds() * 1000
