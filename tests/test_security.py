@@ -190,3 +190,30 @@ async def test_tls_with_a_self_signed_ca(tmp_path: Path) -> None:
             await Bus.connect(Settings(nats_url=url))
     finally:
         server.stop()
+
+
+async def test_an_nkey_user_connects_with_its_seed_file_and_a_wrong_seed_is_refused(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    import nkeys
+
+    def new_user(name: str) -> tuple[Path, str]:
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        path = tmp_path / f"{name}.nk"
+        path.write_bytes(seed + b"\n")
+        return path, nkeys.from_seed(seed).public_key.decode()
+
+    allowed, public = new_user("allowed")
+    stranger, _ = new_user("stranger")
+    config = f'authorization {{\n  users = [ {{ nkey: "{public}" }} ]\n}}\n'
+    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=config).start()
+    try:
+        async with await Bus.connect(Settings(nats_url=server.url, nkey_seed_file=allowed)) as bus:
+            _, ack = await bus.publish_task("task.backend.x", title="signed with an nkey")
+            assert ack.seq == 1
+        with pytest.raises(ConnectError, match="refused our credentials"):
+            await Bus.connect(Settings(nats_url=server.url, nkey_seed_file=stranger))
+    finally:
+        server.stop()
