@@ -321,9 +321,9 @@ class Dispatcher:
         trace = message.headers.get(Header.TRACEPARENT)
         # The `claimed` event says "someone is on it": worth a write for the tasks
         # people wait on, not for the ones done before anyone could look. Published
-        # only once the handler has run `claimed_after` seconds, it spares fast
-        # tasks a fourth fsynced write (the benchmark measured 35-75 % more tasks/s
-        # without it); their terminal event still records the attempt.
+        # only once the handler has run `claimed_after` seconds, it spares a fast
+        # task one of its three fsynced writes (35-75 % more tasks/s in the
+        # benchmark); its terminal event still records the attempt.
         claimed: asyncio.Task[PendingPublish] | None = None
 
         def publish_claimed() -> None:

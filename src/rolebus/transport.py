@@ -312,7 +312,7 @@ class Connection:
 
     @property
     def group_commit(self) -> GroupCommitStats:
-        """How this connection's writes were sent: alone, or in atomic batches."""
+        """How this connection's bulk publishes were stored (batches, their messages, refusals)."""
         return self._group_commit.stats
 
     def new_inbox(self) -> str:
