@@ -29,12 +29,12 @@ from rolebus.history import (
     replay,
     stream_named,
 )
-from rolebus.messages import Task
+from rolebus.messages import Event, Task
 from rolebus.rerun import rerun
 from rolebus.roles import load_team
 from rolebus.runner import start_workers
 from rolebus.server import EmbeddedServer
-from rolebus.status import collect, prometheus_text, serve_metrics
+from rolebus.status import AttemptCounts, collect, prometheus_text, serve_metrics
 from rolebus.subjects import WORK_STREAM
 from rolebus.testing import wait_for
 
@@ -215,6 +215,29 @@ async def test_rerun_reports_identical_outcomes_for_the_same_handler_and_a_diff_
     ]
     assert [r.same for r in changed] == [False, False]
     assert '-    "answer": "changes-requested"' in changed[0].diff()
+
+
+async def test_attempt_counts_read_only_the_events_since_their_last_update(
+    rolebus_bus: Bus,
+) -> None:
+    def event(number: int, state: str, role: str = "eng-be") -> tuple[str, Event]:
+        return f"event.task.{state}", Event(id=f"a{number}", state=state, task_id="t", role=role)
+
+    await rolebus_bus.publish_many(
+        [event(1, "claimed"), event(2, "retrying"), event(3, "completed"), event(4, "dead", "pm")]
+    )
+    counts = AttemptCounts(window=3600)
+    await counts.update(rolebus_bus.connection)
+    assert counts.totals("eng-be") == (2, 1)  # `claimed` is not an attempt's end
+    assert counts.totals("pm") == (1, 1)
+    await rolebus_bus.publish_many([event(5, "completed"), event(6, "retrying")])
+    await counts.update(rolebus_bus.connection)
+    assert counts.totals("eng-be") == (4, 2)  # the first four were not counted again
+    fresh = AttemptCounts(window=3600)
+    await fresh.update(rolebus_bus.connection)
+    assert fresh.totals("eng-be") == counts.totals("eng-be")
+    statuses = {s.role: s for s in await collect(rolebus_bus.connection, TEAM, counts=counts)}
+    assert (statuses["eng-be"].attempts, statuses["eng-be"].failures) == (4, 2)
 
 
 async def test_status_measures_each_role_against_its_slo_and_serves_prometheus(

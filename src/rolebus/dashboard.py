@@ -40,11 +40,11 @@ from rolebus.config import Settings
 from rolebus.contracts import ContractRegistry, ContractVersion, diff
 from rolebus.errors import RolebusError, SubjectError
 from rolebus.escalation import EscalationStore, resolve
-from rolebus.history import ReplayFilter, flow_states, iter_states, replay
+from rolebus.history import ReplayFilter, flow_states, replay
 from rolebus.messages import Event
 from rolebus.roles import Team
 from rolebus.state import StateStore, TaskState
-from rolebus.status import collect
+from rolebus.status import AttemptCounts, collect
 from rolebus.subjects import EVENTS_STREAM, validate_token
 from rolebus.transport import StoredMessage
 
@@ -53,13 +53,6 @@ __all__ = ["Board", "create_app"]
 log = structlog.get_logger(__name__)
 
 _CARDS = 50  # per role on the board, newest first
-
-
-async def _numbered(items: AsyncIterator[TaskState]) -> AsyncIterator[tuple[int, TaskState]]:
-    number = 0
-    async for item in items:
-        number += 1
-        yield number, item
 
 
 _STYLE = """
@@ -202,21 +195,25 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
         return state["bus"].connection
 
     async def load_board() -> tuple[dict[str, list[TaskState]], dict[str, Any]]:
-        # Streamed: only each role's newest cards are kept, not every task ever.
+        # One streamed read of the task states serves the status (latencies) and the
+        # cards: only each role's newest are kept, not every task ever.
         newest: dict[str, list[tuple[datetime, int, TaskState]]] = {r.id: [] for r in team}
-        async for number, task_state in _numbered(iter_states(connection())):
-            heap = newest.get(task_state.role)
-            if heap is None:
-                continue
-            entry = (task_state.updated_at, number, task_state)
-            if len(heap) < _CARDS:
-                heapq.heappush(heap, entry)
-            else:
-                heapq.heappushpop(heap, entry)
-        cards = {role: [e[2] for e in sorted(heap, reverse=True)] for role, heap in newest.items()}
-        statuses = {s.role: s for s in await collect(connection(), team, window=3600)}
-        return cards, statuses
+        seen = itertools.count()
 
+        def keep_newest(task_state: TaskState) -> None:
+            heap = newest.get(task_state.role)
+            if heap is not None:
+                entry = (task_state.updated_at, next(seen), task_state)
+                if len(heap) < _CARDS:
+                    heapq.heappush(heap, entry)
+                else:
+                    heapq.heappushpop(heap, entry)
+
+        found = await collect(connection(), team, counts=counts, each_state=keep_newest)
+        cards = {role: [e[2] for e in sorted(heap, reverse=True)] for role, heap in newest.items()}
+        return cards, {status.role: status for status in found}
+
+    counts = AttemptCounts(window=3600)
     live = Board(load_board)
 
     @contextlib.asynccontextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,10 +18,11 @@ from rolebus.escalation import EscalationStore
 from rolebus.history import ReplayFilter, iter_states, replay
 from rolebus.messages import Event
 from rolebus.roles import Team
+from rolebus.state import TaskState
 from rolebus.subjects import EVENTS_STREAM, WORK_STREAM, consumer_name
 from rolebus.transport import Connection
 
-__all__ = ["RoleStatus", "collect", "prometheus_text", "serve_metrics"]
+__all__ = ["AttemptCounts", "RoleStatus", "collect", "prometheus_text", "serve_metrics"]
 
 
 @dataclass
@@ -67,27 +69,70 @@ _ATTEMPT_ENDS = frozenset(
 )
 
 
+class AttemptCounts:
+    """Attempts and failures per role over the last ``window`` seconds, counted per
+    second from the task events and read incrementally: an update replays only the
+    events stored since the previous one. `rolebus status` reads once; the
+    dashboard keeps one, so its refreshes stop replaying the whole hour."""
+
+    def __init__(self, window: float = 3600.0) -> None:
+        self.window = window
+        # role -> second -> [attempts, failures]
+        self._seconds: dict[str, dict[int, list[int]]] = {}
+        self._next_seq: int | None = None
+
+    async def update(self, connection: Connection) -> None:
+        now = datetime.now(UTC)
+        wanted = ReplayFilter(
+            stream=EVENTS_STREAM,
+            subject="event.task.*",
+            since=None if self._next_seq else now - timedelta(seconds=self.window),
+            from_seq=self._next_seq,
+        )
+        async for item in replay(connection, wanted):
+            self._next_seq = item.stored.seq + 1
+            event = item.message
+            if not isinstance(event, Event) or event.role is None:
+                continue
+            # Every attempt ends in exactly one of these (`claimed` is not published
+            # for fast tasks, so it cannot count them).
+            attempt = event.state in _ATTEMPT_ENDS
+            failure = event.state in ("retrying", "dead")
+            if attempt or failure:
+                second = int(item.stored.time.timestamp())
+                counts = self._seconds.setdefault(event.role, {}).setdefault(second, [0, 0])
+                counts[0] += attempt
+                counts[1] += failure
+        oldest = now.timestamp() - self.window
+        for seconds in self._seconds.values():
+            for second in [second for second in seconds if second < oldest]:
+                del seconds[second]
+
+    def totals(self, role: str) -> tuple[int, int]:
+        """(attempts, failures) of ``role`` as of the last update."""
+        seconds = self._seconds.get(role, {}).values()
+        return sum(c[0] for c in seconds), sum(c[1] for c in seconds)
+
+
 async def collect(
-    connection: Connection, team: Team, *, window: float = 3600.0
+    connection: Connection,
+    team: Team,
+    *,
+    window: float = 3600.0,
+    counts: AttemptCounts | None = None,
+    each_state: Callable[[TaskState], None] | None = None,
 ) -> list[RoleStatus]:
-    """Per-role counters now, latency and error rate over the last ``window`` seconds."""
+    """Per-role counters now, latency and error rate over the last ``window`` seconds
+    (pass the same ``counts`` again to read only the events since the last call;
+    ``each_state`` sees every task's state on the way, to spare a caller a second
+    read of them all)."""
     since = datetime.now(UTC) - timedelta(seconds=window)
-    attempts: dict[str, int] = {}
-    failures: dict[str, int] = {}
-    async for item in replay(
-        connection, ReplayFilter(stream=EVENTS_STREAM, since=since, subject="event.task.*")
-    ):
-        event = item.message
-        if not isinstance(event, Event) or event.role is None:
-            continue
-        # Every attempt ends in exactly one of these (`claimed` is not published for
-        # fast tasks, so it cannot count them).
-        if event.state in _ATTEMPT_ENDS:
-            attempts[event.role] = attempts.get(event.role, 0) + 1
-        if event.state in ("retrying", "dead"):
-            failures[event.role] = failures.get(event.role, 0) + 1
+    counts = counts or AttemptCounts(window)
+    await counts.update(connection)
     latencies: dict[str, list[float]] = {}
     async for state in iter_states(connection):
+        if each_state is not None:
+            each_state(state)
         if state.state == "completed" and state.created_at and state.updated_at >= since:
             latencies.setdefault(state.role, []).append(
                 (state.updated_at - state.created_at).total_seconds() * 1000
@@ -104,8 +149,7 @@ async def collect(
     for role in team:
         consumer = await connection.consumer_state(WORK_STREAM, consumer_name(role.id))
         samples = latencies.get(role.id, [])
-        tried = attempts.get(role.id, 0)
-        failed = failures.get(role.id, 0)
+        tried, failed = counts.totals(role.id)
         error_rate = failed / tried if tried else None
         p50 = statistics.median(samples) if samples else None
         p99 = _percentile(samples, 0.99)
