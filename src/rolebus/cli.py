@@ -330,8 +330,9 @@ def publish_file(
 
     A line: `{"subject": "task.backend.implement", "title": "Orders API"}`, with
     optional "kind", "payload", "priority" and "id". Every line is checked before
-    anything is published; a bad one is named by its number. Publishing the same
-    file twice adds nothing (each task's id is its Msg-Id; give "id" to choose them).
+    anything is published; a bad one is named by its number. A line with an "id" is
+    stored once however often the file is published (the id is its Msg-Id); a line
+    without one gets a new id, and a new task, each time.
 
     Example: `rolebus publish-file backlog.jsonl`
     """
