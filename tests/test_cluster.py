@@ -16,6 +16,7 @@ import pytest
 from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.errors import RolebusError, UnavailableError
+from rolebus.messages import Task
 from rolebus.roles import load_team
 from rolebus.runner import start_workers
 from rolebus.server import ClusterPeer, EmbeddedServer
@@ -184,5 +185,30 @@ async def test_two_nodes_down_is_a_clear_unavailable_error_that_recovers(
             1,
             HistoryReport(published=2),
         )
+    finally:
+        await bus.close()
+
+
+async def test_bulk_publishing_stores_atomic_batches_on_replicated_streams(
+    cluster: dict[str, EmbeddedServer],
+) -> None:
+    bus = await connect_when_ready(settings_for(cluster))
+    try:
+        tasks = [
+            ("task.backend.build", Task(id=f"r3-{n}", kind="build", title=f"bulk {n}"))
+            for n in range(1500)
+        ]
+        acks = await bus.publish_many(tasks)
+        stats = bus.connection.group_commit
+        assert (stats.refused, stats.batched) == (0, 1500)  # all through R3 atomic batches
+        assert stats.batches >= 2
+        assert sorted(ack.seq for ack in acks) == list(range(1, 1501))
+        client = await nats.connect(servers=[node.url for node in cluster.values()])
+        try:
+            info = await client.jetstream().stream_info(WORK_STREAM)
+            assert info.config.num_replicas == 3
+            assert info.state.messages == 1500
+        finally:
+            await client.close()
     finally:
         await bus.close()
