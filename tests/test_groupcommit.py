@@ -4,9 +4,11 @@ lane logic on its own (a sender the test controls: no broker involved)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
+from nats.js import JetStreamContext
 
 from rolebus.bus import Bus
 from rolebus.config import Settings
@@ -63,44 +65,44 @@ async def test_a_batch_with_an_already_stored_msg_id_is_published_again_one_by_o
     assert state["messages"] == 5  # each id once
 
 
-async def test_provisioning_turns_atomic_publish_on_for_streams_made_before_it(
-    rolebus_server: EmbeddedServer, rolebus_settings: Settings
-) -> None:
+@pytest.fixture
+async def js(rolebus_server: EmbeddedServer) -> AsyncIterator[JetStreamContext]:
+    """Plain nats-py, to make a work stream by hand as someone did before group commit."""
     client = await nats.connect(rolebus_server.url)
     try:
-        js = client.jetstream()
-        await js.add_stream(
-            name=WORK_STREAM,
-            subjects=["task.>", "handoff.>", "escalation.>", "decision.>"],
-            discard="new",
-        )
-        assert not (await js.stream_info(WORK_STREAM)).config.allow_atomic
-        bus = await Bus.connect(rolebus_settings)
-        await bus.close()
-        assert (await js.stream_info(WORK_STREAM)).config.allow_atomic
+        yield client.jetstream()
     finally:
         await client.close()
+
+
+async def test_provisioning_turns_atomic_publish_on_for_streams_made_before_it(
+    js: JetStreamContext, rolebus_settings: Settings
+) -> None:
+    await js.add_stream(
+        name=WORK_STREAM,
+        subjects=["task.>", "handoff.>", "escalation.>", "decision.>"],
+        discard="new",
+    )
+    assert not (await js.stream_info(WORK_STREAM)).config.allow_atomic
+    bus = await Bus.connect(rolebus_settings)
+    await bus.close()
+    assert (await js.stream_info(WORK_STREAM)).config.allow_atomic
 
 
 async def test_without_atomic_publish_the_messages_go_one_by_one_and_all_are_stored(
-    rolebus_server: EmbeddedServer, rolebus_settings: Settings
+    js: JetStreamContext, rolebus_settings: Settings
 ) -> None:
-    client = await nats.connect(rolebus_server.url)
+    await js.add_stream(name=WORK_STREAM, subjects=["task.>"], discard="new")
+    bus = await Bus.connect(rolebus_settings, provision=False)  # a user who may not edit it
     try:
-        js = client.jetstream()
-        await js.add_stream(name=WORK_STREAM, subjects=["task.>"], discard="new")
-        bus = await Bus.connect(rolebus_settings, provision=False)  # a user who may not edit it
-        try:
-            first = await bus.publish_many(tasks(50, "n"))
-            second = await bus.publish_many(tasks(50, "m"))
-            stats = bus.connection.group_commit
-            assert stats.refused == 1  # once: then that stream's lane stays off
-            assert stats.batches == 0
-            assert [ack.seq for ack in first + second] == list(range(1, 101))
-        finally:
-            await bus.close()
+        first = await bus.publish_many(tasks(50, "n"))
+        second = await bus.publish_many(tasks(50, "m"))
+        stats = bus.connection.group_commit
+        assert stats.refused == 1  # once: then that stream's lane stays off
+        assert stats.batches == 0
+        assert [ack.seq for ack in first + second] == list(range(1, 101))
     finally:
-        await client.close()
+        await bus.close()
 
 
 # --- the lanes alone --------------------------------------------------------------------

@@ -68,6 +68,16 @@ async def completed_ids(bus: Bus) -> Counter[str]:
     )
 
 
+async def states_once_completed(bus: Bus, task_id: str) -> list[str]:
+    """The task's event states, in order, once its one `completed` is stored."""
+
+    async def done() -> bool:
+        return (await completed_ids(bus))[task_id] == 1
+
+    await wait_for(done)
+    return [event.state for event in await read_events(bus.connection) if event.task_id == task_id]
+
+
 async def dead_letters(bus: Bus) -> list[dlq.DeadLetter]:
     return [entry async for entry in dlq.list_dead_letters(bus.connection)]
 
@@ -122,13 +132,7 @@ async def test_a_claimed_event_is_published_for_a_task_still_running_after_claim
 
     await wait_for(claimed)  # while the handler is still running
     release.set()
-
-    async def done() -> bool:
-        return (await completed_ids(rolebus_bus))[task.id] == 1
-
-    await wait_for(done)
-    events = await read_events(rolebus_bus.connection)
-    assert [event.state for event in events if event.task_id == task.id] == ["claimed", "completed"]
+    assert await states_once_completed(rolebus_bus, task.id) == ["claimed", "completed"]
 
 
 async def test_claimed_after_zero_publishes_a_claimed_event_for_every_task(
@@ -136,13 +140,7 @@ async def test_claimed_after_zero_publishes_a_claimed_event_for_every_task(
 ) -> None:
     await workers("eng-be", claimed_after=0)
     task, _ = await rolebus_bus.publish_task("task.backend.quick", title="quick")
-
-    async def done() -> bool:
-        return (await completed_ids(rolebus_bus))[task.id] == 1
-
-    await wait_for(done)
-    events = await read_events(rolebus_bus.connection)
-    assert [event.state for event in events if event.task_id == task.id] == ["claimed", "completed"]
+    assert await states_once_completed(rolebus_bus, task.id) == ["claimed", "completed"]
 
 
 async def test_a_handler_slower_than_ack_wait_is_not_run_twice_while_alive(

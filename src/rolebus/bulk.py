@@ -67,10 +67,7 @@ def _task(entry: Any, team: Team | None) -> tuple[str, Task]:
             raise ConfigError(f"needs a {required!r} string", hint=f"e.g. {_EXAMPLE}")
     subject = task_subject_for(entry["subject"], entry.get("kind"))
     parsed = parse_subject(subject)
-    if team is not None and parsed.second not in team.domain_owner:
-        raise ConfigError(
-            f"no role owns the domain {parsed.second!r}",
-            hint=f"known domains: {', '.join(sorted(team.domain_owner))}",
-        )
+    if team is not None:
+        team.owner_of(parsed.second)
     fields = {key: entry[key] for key in ("payload", "priority", "id") if key in entry}
     return subject, Task(kind=parsed.third, title=entry["title"], **fields)

@@ -265,9 +265,10 @@ class Team:
         try:
             return self.roles[self.domain_owner[domain]]
         except KeyError:
+            # Asked by whoever names a domain (a publish, a file of tasks): no role
+            # file is at fault, so no file or field is named.
             raise RoleError(
                 f"no role owns the domain {domain!r}",
-                field="domains",
                 hint=f"known domains: {', '.join(sorted(self.domain_owner))}; "
                 "or add it to a role's domains",
             ) from None
