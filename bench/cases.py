@@ -155,21 +155,7 @@ async def bench_consume(url: str, results: Results, *, count: int, run: int) -> 
     client = await connect(url)
     try:
         await reset(client)
-        await prefill(url, count, f"c{run}r")
-        team = load_team(ROLES)
-        handlers: dict[str, Any] = {"eng-be": _noop}
-        start = perf()
-        crew = await start_workers(
-            Settings(nats_url=url), team, [team.role("eng-be")], handlers=handlers, supervise=False
-        )
-        worker = crew.workers[0]
-
-        async def drained() -> bool:
-            return worker.stats.completed >= count
-
-        await wait_until(drained, 600)
-        rate = count / (perf() - start)
-        await crew.stop(grace=0)
+        rate = await _consume_with_rolebus(url, count, f"c{run}r")
         results.metric(
             "consume (decode, validate, handle, ack)",
             "tasks/s",
@@ -217,6 +203,53 @@ async def bench_consume(url: str, results: Results, *, count: int, run: int) -> 
         fast.baseline.append(await _faststream_consume(url, client, count, run))
     finally:
         await client.close()
+
+
+async def _consume_with_rolebus(url: str, count: int, prefix: str) -> float:
+    """Prefill ``count`` tasks, drain them with one in-process worker: tasks/s."""
+    await prefill(url, count, prefix)
+    team = load_team(ROLES)
+    start = perf()
+    crew = await start_workers(
+        Settings(nats_url=url),
+        team,
+        [team.role("eng-be")],
+        handlers={"eng-be": _noop},
+        supervise=False,
+    )
+    worker = crew.workers[0]
+
+    async def drained() -> bool:
+        return worker.stats.completed >= count
+
+    await wait_until(drained, 600)
+    rate = count / (perf() - start)
+    await crew.stop(grace=0)
+    return rate
+
+
+async def profile_consume(url: str, *, count: int, folder: Path) -> list[Path]:
+    """One consume run of the rolebus worker under pyinstrument (not measured: the
+    sampler slows it down), written as text and HTML into ``folder``."""
+    from pyinstrument import Profiler
+
+    client = await connect(url)
+    try:
+        await reset(client)
+    finally:
+        await client.close()
+    # Not async-aware sampling: the event loop's own stacks show where the CPU goes.
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    profiler.start()
+    try:
+        await _consume_with_rolebus(url, count, "profiled")
+    finally:
+        profiler.stop()
+    folder.mkdir(parents=True, exist_ok=True)
+    text, page = folder / "consume.txt", folder / "consume.html"
+    text.write_text(profiler.output_text(unicode=True, show_all=False))
+    page.write_text(profiler.output_html())
+    return [text, page]
 
 
 async def _noop(task: Task, context: Any) -> Any:

@@ -170,10 +170,11 @@ async def connect(url: str) -> Client:
     return await nats.connect(url, allow_reconnect=False)
 
 
-def start_server(workdir: Path | None = None) -> EmbeddedServer:
-    """The same server config rolebus runs on: JetStream, file store, sync always."""
+def start_server(workdir: Path | None = None, *, sync_interval: str = "always") -> EmbeddedServer:
+    """The same server config rolebus runs on: JetStream, file store, sync always
+    (``sync_interval`` lets a run measure what the fsyncs cost)."""
     folder = Path(tempfile.mkdtemp(prefix="rolebus-bench-", dir=workdir))
-    return EmbeddedServer(store_dir=folder, port=0).start()
+    return EmbeddedServer(store_dir=folder, port=0, sync_interval=sync_interval).start()
 
 
 async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float) -> None:

@@ -38,3 +38,39 @@ def test_bench_quick_measures_every_case_against_its_baseline(tmp_path: Path) ->
         assert metric["ratio"] is not None, name
     assert results["meta"]["server_config"] == "JetStream file store, sync_interval always"
     assert "ratio" in done.stdout
+
+
+def test_bench_can_run_on_another_sync_interval_and_profile_the_worker(tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+    profile = tmp_path / "profile"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--only",
+            "consume",
+            "--sync",
+            "2m",
+            "--profile",
+            str(profile),
+            "--output",
+            str(output),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(output.read_text())
+    assert results["meta"]["server_config"] == "JetStream file store, sync_interval 2m"
+    assert set(results["metrics"]) == {
+        "consume (decode, validate, handle, ack)",
+        "consume vs FastStream",
+    }
+    # The profile shows the worker's own frames, where a hot path would be found.
+    assert "Dispatcher.handle" in (profile / "consume.txt").read_text()
+    assert (profile / "consume.html").read_text().startswith("<!DOCTYPE html>")
