@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from rolebus.history import ReplayFilter, replay
 from rolebus.messages import Event, Task
 from rolebus.roles import load_team
 from rolebus.runner import start_workers
-from rolebus.subjects import EVENTS_STREAM, WORK_STREAM
+from rolebus.state import TaskState
+from rolebus.subjects import EVENTS_STREAM, TASKS_BUCKET, WORK_STREAM
 from rolebus.transport import StoredMessage
 
 HERE = Path(__file__).resolve().parent
@@ -637,8 +639,9 @@ async def bench_memory(url: str, results: Results, *, count: int) -> dict[str, l
 
 async def bench_dashboard(url: str, results: Results, *, seconds: float) -> dict[str, Any]:
     """1,000 events/s for ``seconds`` while a client follows the board live (one
-    fragment fetch per notice, like the browser): notices stay batched and the
-    dashboard process's memory stays flat."""
+    fragment fetch per notice, like the browser), each event with the task record
+    that goes with it: notices stay batched, the dashboard process's memory stays
+    flat, and the board is only a refresh behind at the end."""
     import httpx
 
     with socket_port() as free:
@@ -674,9 +677,14 @@ async def bench_dashboard(url: str, results: Results, *, seconds: float) -> dict
                 delay = target - perf()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                event = Event(state="claimed", task_id=f"d{sent}", role="eng-be")
+                # What a running task writes: its state record and its event.
+                task_id = f"d{sent}"
+                event = Event(state="completed", task_id=task_id, role="eng-be")
                 await bus.connection.publish_start(
-                    "event.task.claimed", codec_encode(event), msg_id=event.id
+                    "event.task.completed", codec_encode(event), msg_id=event.id
+                )
+                await bus.connection.publish_start(
+                    f"$KV.{TASKS_BUCKET}.{task_id}", record_for(task_id), msg_id=event.id
                 )
                 sent += 1
                 if sent % 1000 == 0:
@@ -685,6 +693,16 @@ async def bench_dashboard(url: str, results: Results, *, seconds: float) -> dict
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await follower
+
+            # How far behind the live board was: the time until the last task shows.
+            last = f'data-task="d{sent - 1}"'
+
+            async def caught_up() -> bool:
+                return last in (await web.get("/?fragment=1")).text
+
+            behind = perf()
+            await wait_until(caught_up, 300)
+            lag = perf() - behind
     finally:
         await bus.close()
         stop(process)
@@ -700,6 +718,7 @@ async def bench_dashboard(url: str, results: Results, *, seconds: float) -> dict
     return {
         "dashboard_rss_each_1000_events_mb": samples,
         "dashboard_notices_per_second": notices / elapsed,
+        "dashboard_seconds_behind_at_the_end": lag,
         "dashboard_events_per_second": sent / elapsed,
     }
 
@@ -717,3 +736,21 @@ def codec_encode(event: Event) -> bytes:
     from rolebus import codec
 
     return codec.encode(event)
+
+
+def record_for(task_id: str) -> bytes:
+    """A completed task's state record, as a worker stores it."""
+    from rolebus import codec
+
+    finished = datetime.now(UTC)
+    return codec.encode(
+        TaskState(
+            task_id=task_id,
+            state="completed",
+            role="eng-be",
+            subject=SUBJECT,
+            title=f"Orders API endpoint {task_id}",
+            created_at=finished - timedelta(milliseconds=3),
+            updated_at=finished,
+        )
+    )

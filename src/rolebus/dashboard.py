@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import heapq
 import hmac
 import html
 import itertools
@@ -24,7 +23,6 @@ import secrets
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -42,6 +40,7 @@ from rolebus.errors import RolebusError, SubjectError
 from rolebus.escalation import EscalationStore, resolve
 from rolebus.history import ReplayFilter, flow_states, replay
 from rolebus.messages import Event
+from rolebus.projection import TaskProjection
 from rolebus.roles import Team
 from rolebus.state import StateStore, TaskState
 from rolebus.status import AttemptCounts, collect
@@ -195,25 +194,13 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
         return state["bus"].connection
 
     async def load_board() -> tuple[dict[str, list[TaskState]], dict[str, Any]]:
-        # One streamed read of the task states serves the status (latencies) and the
-        # cards: only each role's newest are kept, not every task ever.
-        newest: dict[str, list[tuple[datetime, int, TaskState]]] = {r.id: [] for r in team}
-        seen = itertools.count()
-
-        def keep_newest(task_state: TaskState) -> None:
-            heap = newest.get(task_state.role)
-            if heap is not None:
-                entry = (task_state.updated_at, next(seen), task_state)
-                if len(heap) < _CARDS:
-                    heapq.heappush(heap, entry)
-                else:
-                    heapq.heappushpop(heap, entry)
-
-        found = await collect(connection(), team, counts=counts, each_state=keep_newest)
-        cards = {role: [e[2] for e in sorted(heap, reverse=True)] for role, heap in newest.items()}
+        # Both read only what was written since the last refresh.
+        found = await collect(connection(), team, counts=counts, records=records)
+        cards = {role.id: records.cards(role.id) for role in team}
         return cards, {status.role: status for status in found}
 
     counts = AttemptCounts(window=3600)
+    records = TaskProjection((role.id for role in team), cards=_CARDS, window=3600)
     live = Board(load_board)
 
     @contextlib.asynccontextmanager

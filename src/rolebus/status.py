@@ -7,18 +7,16 @@ One collection serves ``rolebus status`` and the Prometheus endpoint of
 from __future__ import annotations
 
 import asyncio
-import statistics
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rolebus import dlq
 from rolebus.escalation import EscalationStore
-from rolebus.history import ReplayFilter, iter_states, replay
+from rolebus.history import ReplayFilter, replay
 from rolebus.messages import Event
+from rolebus.projection import TaskProjection
 from rolebus.roles import Team
-from rolebus.state import TaskState
 from rolebus.subjects import EVENTS_STREAM, WORK_STREAM, consumer_name
 from rolebus.transport import Connection
 
@@ -44,13 +42,6 @@ class RoleStatus:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _percentile(samples: list[float], fraction: float) -> float | None:
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def _slo(
@@ -120,23 +111,15 @@ async def collect(
     *,
     window: float = 3600.0,
     counts: AttemptCounts | None = None,
-    each_state: Callable[[TaskState], None] | None = None,
+    records: TaskProjection | None = None,
 ) -> list[RoleStatus]:
-    """Per-role counters now, latency and error rate over the last ``window`` seconds
-    (pass the same ``counts`` again to read only the events since the last call;
-    ``each_state`` sees every task's state on the way, to spare a caller a second
-    read of them all)."""
-    since = datetime.now(UTC) - timedelta(seconds=window)
+    """Per-role counters now, latency and error rate over the last ``window`` seconds.
+    Pass the same ``counts`` and ``records`` again to read only the events and task
+    records written since the last call (the dashboard does)."""
     counts = counts or AttemptCounts(window)
     await counts.update(connection)
-    latencies: dict[str, list[float]] = {}
-    async for state in iter_states(connection):
-        if each_state is not None:
-            each_state(state)
-        if state.state == "completed" and state.created_at and state.updated_at >= since:
-            latencies.setdefault(state.role, []).append(
-                (state.updated_at - state.created_at).total_seconds() * 1000
-            )
+    records = records or TaskProjection((role.id for role in team), window=window)
+    await records.update(connection)
     dead: dict[str, int] = {}
     async for entry in dlq.list_dead_letters(connection):
         dead[entry.role] = dead.get(entry.role, 0) + 1
@@ -148,11 +131,9 @@ async def collect(
     statuses = []
     for role in team:
         consumer = await connection.consumer_state(WORK_STREAM, consumer_name(role.id))
-        samples = latencies.get(role.id, [])
+        completed, (p50, p99) = records.latencies(role.id).percentiles(0.5, 0.99)
         tried, failed = counts.totals(role.id)
         error_rate = failed / tried if tried else None
-        p50 = statistics.median(samples) if samples else None
-        p99 = _percentile(samples, 0.99)
         statuses.append(
             RoleStatus(
                 role=role.id,
@@ -162,7 +143,7 @@ async def collect(
                 dead_letters=dead.get(role.id, 0),
                 open_escalations=holders.get(role.id, 0),
                 workers_waiting=consumer["waiting"],
-                completed=len(samples),
+                completed=completed,
                 attempts=tried,
                 failures=failed,
                 p50_ms=p50,

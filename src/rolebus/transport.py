@@ -59,6 +59,7 @@ __all__ = [
     "Connection",
     "ConsumerSpec",
     "InboundMessage",
+    "KvChange",
     "PendingPublish",
     "PubAck",
     "Puller",
@@ -104,6 +105,15 @@ class ConsumerSpec:
     ack_wait: float
     max_deliver: int
     max_ack_pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvChange:
+    """One write to a KV bucket: ``value`` is None when the key was deleted."""
+
+    seq: int
+    key: str
+    value: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -833,13 +843,30 @@ class Connection:
     async def kv_items(self, bucket: str) -> AsyncIterator[tuple[str, bytes]]:
         """Every live key and value of a bucket, streamed in one pass (the last
         value of each key; deleted keys are skipped)."""
+        async for change in self.kv_changes(bucket):
+            if change.value is not None:
+                yield change.key, change.value
+
+    async def kv_changes(
+        self, bucket: str, *, from_seq: int | None = None
+    ) -> AsyncIterator[KvChange]:
+        """A bucket's writes in order: without ``from_seq`` the last one of each key
+        (deleted keys included, as deletions), from ``from_seq`` every write still
+        stored from that stream sequence on. Pass the last ``seq`` + 1 to read only
+        what changed since."""
         prefix = f"$KV.{bucket}."
         async for stored in self.read_stream(
-            f"KV_{bucket}", filter_subjects=[f"{prefix}>"], last_per_subject=True
+            f"KV_{bucket}",
+            filter_subjects=[f"{prefix}>"],
+            start_seq=from_seq,
+            last_per_subject=from_seq is None,
         ):
-            if stored.headers.get("KV-Operation") in ("DEL", "PURGE"):
-                continue
-            yield stored.subject.removeprefix(prefix), stored.data
+            deleted = stored.headers.get("KV-Operation") in ("DEL", "PURGE")
+            yield KvChange(
+                seq=stored.seq,
+                key=stored.subject.removeprefix(prefix),
+                value=None if deleted else stored.data,
+            )
 
     # --- reading streams --------------------------------------------------------------
 
