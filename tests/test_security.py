@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import ipaddress
+import json
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -195,8 +201,6 @@ async def test_tls_with_a_self_signed_ca(tmp_path: Path) -> None:
 async def test_an_nkey_user_connects_with_its_seed_file_and_a_wrong_seed_is_refused(
     tmp_path: Path,
 ) -> None:
-    import os
-
     import nkeys
 
     def new_user(name: str) -> tuple[Path, str]:
@@ -215,5 +219,125 @@ async def test_an_nkey_user_connects_with_its_seed_file_and_a_wrong_seed_is_refu
             assert ack.seq == 1
         with pytest.raises(ConnectError, match="refused our credentials"):
             await Bus.connect(Settings(nats_url=server.url, nkey_seed_file=stranger))
+    finally:
+        server.stop()
+
+
+def _jwt(claims: dict[str, object], issuer: Any) -> str:
+    """A NATS JWT (v2) signed by ``issuer``'s nkey, as `nsc` would write it."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    body: dict[str, object] = {
+        **claims,
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+    }
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
+    body["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    header = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    signing_input = f"{header}.{b64(json.dumps(body).encode())}"
+    return f"{signing_input}.{b64(issuer.sign(signing_input.encode()))}"
+
+
+def _creds(user_jwt: str, seed: bytes) -> str:
+    return (
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+
+
+async def test_a_creds_file_user_of_a_jetstream_account_runs_the_bus(tmp_path: Path) -> None:
+    """Operator mode (decentralized JWT auth): an operator signs an account with
+    JetStream, the account signs a user, and `NATS_CREDS` is all rolebus needs."""
+    import nkeys
+
+    def new_key(prefix: int) -> tuple[bytes, Any]:
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        return seed, nkeys.from_seed(seed)
+
+    _, operator = new_key(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, user = new_key(nkeys.PREFIX_BYTE_USER)
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "conn": -1, "leaf": -1}
+    operator_jwt = _jwt(
+        {
+            "sub": operator.public_key.decode(),
+            "name": "op",
+            "nats": {"type": "operator", "version": 2},
+        },
+        operator,
+    )
+    account_jwt = _jwt(
+        {
+            "sub": account.public_key.decode(),
+            "name": "team",
+            "nats": {
+                "type": "account",
+                "version": 2,
+                "limits": {
+                    **unlimited,
+                    "imports": -1,
+                    "exports": -1,
+                    "wildcards": True,
+                    "mem_storage": -1,
+                    "disk_storage": -1,
+                    "streams": -1,
+                    "consumer": -1,
+                },
+            },
+        },
+        operator,
+    )
+    user_jwt = _jwt(
+        {
+            "sub": user.public_key.decode(),
+            "name": "eng-be",
+            "nats": {"type": "user", "version": 2, "pub": {}, "sub": {}, **unlimited},
+        },
+        account,
+    )
+    # JetStream needs the server's own (system) account, signed by the operator too.
+    _, system = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    system_jwt = _jwt(
+        {
+            "sub": system.public_key.decode(),
+            "name": "SYS",
+            "nats": {"type": "account", "version": 2},
+        },
+        operator,
+    )
+    creds = tmp_path / "eng-be.creds"
+    creds.write_text(_creds(user_jwt, user_seed))
+    config = (
+        f'operator: "{operator_jwt}"\nsystem_account: {system.public_key.decode()}\n'
+        f"resolver: MEMORY\nresolver_preload: {{\n"
+        f'  {account.public_key.decode()}: "{account_jwt}"\n'
+        f'  {system.public_key.decode()}: "{system_jwt}"\n}}\n'
+    )
+    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=config).start()
+    try:
+        async with await Bus.connect(Settings(nats_url=server.url, creds_file=creds)) as bus:
+            _, ack = await bus.publish_task("task.backend.x", title="signed by the account")
+            assert ack.seq == 1
+        # A user the account never signed is refused, with the reason.
+        stranger_seed, stranger = new_key(nkeys.PREFIX_BYTE_USER)
+        _, other_account = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+        forged = tmp_path / "stranger.creds"
+        forged.write_text(
+            _creds(
+                _jwt(
+                    {
+                        "sub": stranger.public_key.decode(),
+                        "nats": {"type": "user", "version": 2, **unlimited},
+                    },
+                    other_account,
+                ),
+                stranger_seed,
+            )
+        )
+        with pytest.raises(ConnectError, match="refused our credentials"):
+            await Bus.connect(Settings(nats_url=server.url, creds_file=forged))
     finally:
         server.stop()
