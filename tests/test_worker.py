@@ -11,6 +11,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import structlog.testing
 
 from rolebus import dlq
 from rolebus.bus import Bus
@@ -112,6 +113,27 @@ async def test_a_task_completes_once_and_its_follow_up_is_published_with_a_deriv
     events = await read_events(rolebus_bus.connection)
     # Done well within ROLEBUS_CLAIMED_AFTER: no `claimed` event, one `completed`.
     assert [event.state for event in events if event.task_id == task.id] == ["completed"]
+
+
+async def test_a_completed_task_logs_at_debug_and_a_retry_at_info(
+    rolebus_bus: Bus, workers: StartWorkers
+) -> None:
+    async def handler(task: Task, context: HandlerContext) -> Outcome:
+        if task.title == "flaky" and context.attempt == 1:
+            return Outcome.failed("the upstream timed out", retryable=True)
+        return Outcome(status="completed")
+
+    # Loggers are bound when workers start: capture from before.
+    with structlog.testing.capture_logs() as logs:
+        await workers("eng-be", handler=handler)
+        fine, _ = await rolebus_bus.publish_task("task.backend.implement", title="fine")
+        flaky, _ = await rolebus_bus.publish_task("task.backend.implement", title="flaky")
+        await states_once_completed(rolebus_bus, flaky.id)
+        await states_once_completed(rolebus_bus, fine.id)
+    levels = {(entry["event"], entry.get("task_id")): entry["log_level"] for entry in logs}
+    assert levels[("task completed", fine.id)] == "debug"
+    assert levels[("task completed", flaky.id)] == "debug"
+    assert levels[("task failed; will retry", flaky.id)] == "info"
 
 
 async def test_a_claimed_event_is_published_for_a_task_still_running_after_claimed_after(

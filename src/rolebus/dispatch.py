@@ -693,7 +693,10 @@ class Dispatcher:
         if state == "completed":
             self.stats.completed += 1
         self.stats.by_state[state] = self.stats.by_state.get(state, 0) + 1
-        self._log.info(
+        # The common case stays off the info level: a line per task is a cost on the
+        # hot path (and a flood); the exceptions are worth one.
+        report = self._log.debug if state == "completed" else self._log.info
+        report(
             f"task {state}",
             task_id=item.task.id,
             subject=message.subject,
