@@ -9,14 +9,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from .conftest import REPO
 
 
-def test_bench_quick_measures_every_case_against_its_baseline(tmp_path: Path) -> None:
-    output = tmp_path / "results.json"
+def run_bench(*options: str, output: Path) -> tuple[str, dict[str, Any]]:
+    """``python -m bench --quick OPTIONS``: its output and its results file."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
+        [sys.executable, "-m", "bench", "--quick", *options, "--output", str(output)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -24,7 +25,11 @@ def test_bench_quick_measures_every_case_against_its_baseline(tmp_path: Path) ->
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads(output.read_text())
+    return done.stdout, json.loads(output.read_text())
+
+
+def test_bench_quick_measures_every_case_against_its_baseline(tmp_path: Path) -> None:
+    printed, results = run_bench(output=tmp_path / "results.json")
     metrics = results["metrics"]
     assert {
         "publish, an ack each",
@@ -37,35 +42,20 @@ def test_bench_quick_measures_every_case_against_its_baseline(tmp_path: Path) ->
         assert metric["baseline"]["median"] is not None, name
         assert metric["ratio"] is not None, name
     assert results["meta"]["server_config"] == "JetStream file store, sync_interval always"
-    assert "ratio" in done.stdout
+    assert "ratio" in printed
 
 
 def test_bench_can_run_on_another_sync_interval_and_profile_the_worker(tmp_path: Path) -> None:
-    output = tmp_path / "results.json"
     profile = tmp_path / "profile"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--only",
-            "consume",
-            "--sync",
-            "2m",
-            "--profile",
-            str(profile),
-            "--output",
-            str(output),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    _, results = run_bench(
+        "--only",
+        "consume",
+        "--sync",
+        "2m",
+        "--profile",
+        str(profile),
+        output=tmp_path / "results.json",
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads(output.read_text())
     assert results["meta"]["server_config"] == "JetStream file store, sync_interval 2m"
     assert set(results["metrics"]) == {
         "consume (decode, validate, handle, ack)",
