@@ -104,6 +104,33 @@ async def publish_event(
     )
 
 
+def dead_event(
+    *,
+    task: Task | None,
+    stream_seq: int,
+    role: str,
+    subject: str,
+    attempt: int,
+    error: str,
+    reason: str,
+) -> Event:
+    """The ``dead`` event of a dead-lettered message: a task, or bytes that never
+    decoded into one (named after their stream sequence)."""
+    task_id = task.id if task is not None else f"seq-{stream_seq}"
+    return Event(
+        id=f"{task_id}_dead_{stream_seq}",
+        state="dead",
+        task_id=task_id,
+        role=role,
+        subject=subject,
+        attempt=attempt,
+        correlation_id=task.flow_id if task is not None else None,
+        causation_id=task_id,
+        error=error,
+        detail={"reason": reason, "stream_seq": stream_seq},
+    )
+
+
 def state_event(state: TaskState, role: str) -> Event:
     """The event that goes with a task reaching a resting state (terminal, or parked).
     Its id makes it unique: one ``completed`` per task ever; one ``input-required``

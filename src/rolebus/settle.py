@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rolebus import dlq
-from rolebus.effects import Effect, effect, publish_effects, publish_event, state_event
+from rolebus.effects import (
+    Effect,
+    dead_event,
+    effect,
+    publish_effects,
+    publish_event,
+    state_event,
+)
 from rolebus.errors import StaleClaimError
 from rolebus.messages import Envelope, Event, Outcome, Task
 from rolebus.roles import RoleSpec
@@ -221,22 +228,18 @@ class Settling:
             role=self.role.id,
             attempts=message.delivered,
         )
-        task_id = item.task.id if item is not None else f"seq-{message.stream_seq}"
         if stored is not None:
             await self._change(
                 stored, state="dead", error=error, attempt=message.delivered, effects=[]
             )
-        event = Event(
-            id=f"{task_id}_dead_{message.stream_seq}",
-            state="dead",
-            task_id=task_id,
+        event = dead_event(
+            task=item.task if item is not None else None,
+            stream_seq=message.stream_seq,
             role=self.role.id,
             subject=message.subject,
             attempt=message.delivered,
-            correlation_id=item.task.flow_id if item is not None else None,
-            causation_id=task_id,
             error=error,
-            detail={"reason": reason, "stream_seq": message.stream_seq},
+            reason=reason,
         )
         await (
             await publish_event(

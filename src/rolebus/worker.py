@@ -25,9 +25,10 @@ import structlog
 from rolebus import codec, dlq
 from rolebus.bus import Bus
 from rolebus.dispatch import Dispatcher, DispatchStats
+from rolebus.effects import dead_event
 from rolebus.errors import CodecError, RolebusError
 from rolebus.handlers import Handler, load_handler
-from rolebus.messages import Event, Task
+from rolebus.messages import Task
 from rolebus.roles import RoleSpec, Team
 from rolebus.state import StateStore
 from rolebus.subjects import WORK_STREAM, consumer_name
@@ -251,17 +252,13 @@ class Worker:
             current = await self.states.get(task.id)
             if current is not None and not current.state.terminal:
                 await self.states.change(current, state="dead", error=error, effects=[])
-        task_id = task.id if task is not None else f"seq-{seq}"
-        event = Event(
-            id=f"{task_id}_dead_{seq}",
-            state="dead",
-            task_id=task_id,
+        event = dead_event(
+            task=task,
+            stream_seq=seq,
             role=self.role.id,
             subject=stored_message.subject,
             attempt=deliveries,
-            correlation_id=task.flow_id if task is not None else None,
-            causation_id=task_id,
             error=error,
-            detail={"reason": "max-deliver", "stream_seq": seq},
+            reason="max-deliver",
         )
         await self._connection.publish("event.task.dead", codec.encode(event), msg_id=event.id)
