@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning rolebus errors into clean exits."""
     # Command groups in their own modules register themselves on `app`, in this
     # order in `--help`: publishing first, right after running.
-    for group in ("cli_publish", "cli_flow", "cli_history", "cli_dlq"):
+    for group in ("cli_publish", "cli_flow", "cli_history", "cli_watch", "cli_dlq"):
         importlib.import_module(f"rolebus.{group}")
 
     _run_app(app, argv)
