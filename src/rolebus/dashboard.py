@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import html
 import itertools
 import json
 import secrets
@@ -40,6 +39,8 @@ from rolebus.errors import RolebusError, SubjectError
 from rolebus.escalation import EscalationStore, resolve
 from rolebus.history import ReplayFilter, flow_states, replay
 from rolebus.messages import Event
+from rolebus.pages import escape as _e  # short: it wraps every value in the templates
+from rolebus.pages import page, slo_cell, task_card, version_row
 from rolebus.projection import TaskProjection
 from rolebus.roles import Team
 from rolebus.state import StateStore, TaskState
@@ -52,63 +53,6 @@ __all__ = ["Board", "create_app"]
 log = structlog.get_logger(__name__)
 
 _CARDS = 50  # per role on the board, newest first
-
-
-_STYLE = """
-body{font:14px system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
-nav{background:#1d2330;padding:8px 16px}nav a{color:#fff;margin-right:16px;text-decoration:none}
-main{padding:16px}.board{display:flex;gap:12px;align-items:flex-start;overflow-x:auto}
-.column{background:#fff;border:1px solid #dde1e7;border-radius:6px;min-width:220px;padding:8px}
-.card{border:1px solid #e4e7ec;border-radius:4px;padding:6px;margin:6px 0;background:#fbfcfd}
-.state-completed{border-left:4px solid #2f9e44}
-.state-dead,.state-rejected{border-left:4px solid #e03131}
-.state-input-required{border-left:4px solid #f59f00}
-.state-claimed,.state-retrying{border-left:4px solid #1c7ed6}
-.met{color:#2f9e44}.missed{color:#e03131}.muted{color:#6b7280;font-size:12px}
-table{border-collapse:collapse}td,th{border:1px solid #dde1e7;padding:4px 8px;text-align:left}
-"""
-
-_LIVE = """
-<script>
-const source = new EventSource("/events");
-let pending = false;
-source.onmessage = () => {
-  if (pending) return;
-  pending = true;
-  setTimeout(async () => {
-    pending = false;
-    const target = document.getElementById("live");
-    if (!target) return;
-    const query = location.search.replace("?", "&");
-    const response = await fetch(location.pathname + "?fragment=1" + query);
-    if (response.ok) target.innerHTML = await response.text();
-  }, 250);
-};
-</script>
-"""
-
-
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _page(title: str, body: str, *, live: bool = False) -> HTMLResponse:
-    nav = "".join(
-        f'<a href="{href}">{label}</a>'
-        for href, label in (
-            ("/", "Team"),
-            ("/escalations", "Escalations"),
-            ("/contracts", "Contracts"),
-            ("/stream", "Event stream"),
-        )
-    )
-    document = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)} - rolebus"
-        f"</title><style>{_STYLE}</style></head><body><nav>{nav}</nav><main>"
-        f"<h1>{_e(title)}</h1><div id='live'>{body}</div></main>"
-        f"{_LIVE if live else ''}</body></html>"
-    )
-    return HTMLResponse(document)
 
 
 class Board:
@@ -153,30 +97,6 @@ class Board:
             self._ready.set()
             self.changed.set()
             await asyncio.sleep(max(0.25, 2 * (time.monotonic() - started)))
-
-
-def _card(state: TaskState) -> str:
-    return (
-        f'<div class="card state-{_e(state.state)}" data-task="{_e(state.task_id)}">'
-        f'<a href="/tasks/{_e(state.task_id)}">{_e(state.title or state.task_id)}</a>'
-        f'<div class="muted">{_e(state.state)} · {_e(state.kind)}'
-        f"{' · attempt ' + _e(state.attempt) if state.attempt > 1 else ''}</div></div>"
-    )
-
-
-def _slo_cell(check: dict[str, Any]) -> str:
-    if check["met"] is None:
-        return '<span class="muted">no data</span>'
-    css, word = ("met", "met") if check["met"] else ("missed", "not met")
-    return f'<span class="{css}">{word}</span>'
-
-
-def _version_row(version: ContractVersion) -> str:
-    asked = "; ".join(f"{role}: {' '.join(why)}" for role, why in version.changes_requested.items())
-    return (
-        f"<tr><td>{_e(version.document.version)}</td><td>{_e(version.author)}</td>"
-        f"<td>{_e(', '.join(version.accepted_by) or '-')}</td><td>{_e(asked or '-')}</td></tr>"
-    )
 
 
 def _changes(old: ContractVersion, new: ContractVersion) -> list[str]:
@@ -228,7 +148,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
             status = statuses[role.id]
             cards = cards_by_role[role.id]
             slo = "".join(
-                f"<div class='muted'>{_e(name)}: {_slo_cell(check)}</div>"
+                f"<div class='muted'>{_e(name)}: {slo_cell(check)}</div>"
                 for name, check in status.slo.items()
                 if check["target"] is not None
             )
@@ -237,13 +157,13 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
                 f'<div class="muted">{_e(role.title)}</div>'
                 f"<div>backlog {status.backlog} · in flight {status.in_flight} · "
                 f"dead {status.dead_letters}</div>{slo}"
-                + "".join(_card(card) for card in cards)
+                + "".join(task_card(card) for card in cards)
                 + "</section>"
             )
         body = f'<div class="board">{"".join(columns)}</div>'
         if request.query_params.get("fragment"):
             return HTMLResponse(body)
-        return _page("Team board", body, live=True)
+        return page("Team board", body, live=True)
 
     async def task_page(request: Request) -> Response:
         task_id = request.path_params["task_id"]
@@ -252,7 +172,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
         except SubjectError:
             stored = None
         if stored is None:
-            return _page("Not found", f"<p>No task {_e(task_id)}.</p>")
+            return page("Not found", f"<p>No task {_e(task_id)}.</p>")
         root = stored.state
         flow = await flow_states(connection(), root.correlation_id or root.task_id)
         events = [
@@ -269,15 +189,15 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
             f"{_e(e.task_id)}</a></td><td>{_e(e.detail.get('title') or e.error or '')}</td></tr>"
             for e in events
         )
-        items = "".join(f"<li>{_card(s)}</li>" for s in flow)
+        items = "".join(f"<li>{task_card(s)}</li>" for s in flow)
         body = (
-            f"{_card(root)}<p class='muted'>attempts: {root.attempt}; result: "
+            f"{task_card(root)}<p class='muted'>attempts: {root.attempt}; result: "
             f"{_e(json.dumps(root.result, default=str))}</p><h2>Flow</h2><ul>{items}</ul>"
             f"<h2>Timeline</h2><table>{rows}</table>"
         )
         if request.query_params.get("fragment"):
             return HTMLResponse(body)
-        return _page(f"Task {task_id}", body, live=True)
+        return page(f"Task {task_id}", body, live=True)
 
     async def escalations_page(request: Request) -> Response:
         records = [r for r in await EscalationStore(connection()).all() if r.status == "open"]
@@ -302,7 +222,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
         body = "".join(forms) or "<p>No open escalations.</p>"
         if request.query_params.get("fragment"):
             return HTMLResponse(body)
-        return _page("Escalation inbox", body, live=True)
+        return page("Escalation inbox", body, live=True)
 
     async def resolve_escalation(request: Request) -> Response:
         # The inbox form is urlencoded; parsed here rather than pulling in multipart.
@@ -321,7 +241,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
                 approved=approved,
             )
         except RolebusError as error:
-            return _page("Could not resolve", f"<p>{_e(error.message)}</p><p>{_e(error.hint)}</p>")
+            return page("Could not resolve", f"<p>{_e(error.message)}</p><p>{_e(error.hint)}</p>")
         return RedirectResponse("/escalations", status_code=303)
 
     async def contracts_page(request: Request) -> Response:
@@ -331,7 +251,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
         for name in await registry.names():
             versions = await registry.versions(name)
             by_version = {version.document.version: version for version in versions}
-            rows = "".join(_version_row(version) for version in versions)
+            rows = "".join(version_row(version) for version in versions)
             diffs = "".join(
                 f"<li>{_e(a.document.version)} → {_e(b.document.version)}: "
                 f"{_e('; '.join(_changes(a, b)) or 'no changes')}</li>"
@@ -358,7 +278,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
                 f"<th>accepted by</th><th>changes requested</th></tr>{rows}</table>"
                 f"<ul>{diffs}</ul>{form}{chosen}"
             )
-        return _page("Contracts", "".join(sections) or "<p>No contracts yet.</p>")
+        return page("Contracts", "".join(sections) or "<p>No contracts yet.</p>")
 
     async def stream_page(request: Request) -> Response:
         role = request.query_params.get("role") or None
@@ -390,7 +310,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
         )
         if request.query_params.get("fragment"):
             return HTMLResponse(body)
-        return _page("Event stream", body, live=True)
+        return page("Event stream", body, live=True)
 
     async def events(request: Request) -> Response:
         async def notices() -> AsyncIterator[str]:
