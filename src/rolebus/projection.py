@@ -61,6 +61,7 @@ class LatencyHistogram:
         return datetime.now(UTC).timestamp() - self.window
 
     def expire(self) -> None:
+        """Drop the slices that left the window (every read does it first)."""
         oldest = int(self._oldest()) // _SLICE
         for slot in [slot for slot in self._slices if slot < oldest]:
             del self._slices[slot]
@@ -124,8 +125,6 @@ class TaskProjection:
                 log.warning("task record skipped", task_id=change.key, error=error.message)
                 continue
             self._fold(state)
-        for histogram in self._latencies.values():
-            histogram.expire()
 
     def _fold(self, state: TaskState) -> None:
         cards = self._cards.get(state.role)
