@@ -10,7 +10,6 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from rolebus import codec
 from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.errors import TransportError
@@ -18,7 +17,6 @@ from rolebus.groupcommit import ATOMIC_PUBLISH_DISABLED, MAX_BATCH, GroupCommit,
 from rolebus.messages import Event, Task
 from rolebus.server import EmbeddedServer
 from rolebus.subjects import EVENTS_STREAM, WORK_STREAM
-from rolebus.transport import PendingPublish, wait_all
 
 
 def tasks(count: int, prefix: str) -> list[tuple[str, Task]]:
@@ -65,33 +63,6 @@ async def test_a_batch_with_an_already_stored_msg_id_is_published_again_one_by_o
     assert acks[3].seq == 1
     state = await rolebus_bus.connection.stream_state(WORK_STREAM)
     assert state["messages"] == 5  # each id once
-
-
-async def test_single_publishes_join_the_group_commit_only_while_many_await_their_acks(
-    rolebus_bus: Bus,
-) -> None:
-    connection = rolebus_bus.connection
-
-    async def start(task: Task) -> PendingPublish:
-        return await connection.publish_start(
-            "task.backend.burst", codec.encode(task), msg_id=task.id
-        )
-
-    # Nothing waiting (a worker at a steady pace): sent alone, no batch.
-    alone = Task(id="alone", kind="burst", title="alone")
-    assert (await (await start(alone)).result()).seq == 1
-    assert connection.group_commit.batched == 0
-
-    # A burst, none of it acked yet (a worker at saturation): past the first ones
-    # they share atomic batches, and each still gets its own answer.
-    burst = [Task(id=f"burst{n}", kind="burst", title=f"burst {n}") for n in range(300)]
-    acks = await wait_all([await start(task) for task in burst])
-    stats = connection.group_commit
-    assert stats.refused == 0
-    assert 0 < stats.batched < len(burst)
-    assert sorted(ack.seq for ack in acks) == list(range(2, len(burst) + 2))
-    state = await connection.stream_state(WORK_STREAM)
-    assert state["messages"] == len(burst) + 1
 
 
 @pytest.fixture

@@ -115,6 +115,43 @@ async def test_a_task_completes_once_and_its_follow_up_is_published_with_a_deriv
     assert [event.state for event in events if event.task_id == task.id] == ["completed"]
 
 
+async def test_a_worker_with_a_backlog_stores_its_effects_in_atomic_batches(
+    rolebus_bus: Bus, workers: StartWorkers
+) -> None:
+    backlog = [
+        (
+            "task.backend.implement",
+            Task(
+                id=f"bl{n}",
+                kind="implement",
+                title=f"backlog {n}",
+                payload={"then": [{"subject": "task.frontend.build", "title": f"page {n}"}]},
+            ),
+        )
+        for n in range(60)
+    ]
+    await rolebus_bus.publish_many(backlog)
+    [worker] = await workers("eng-be", concurrency=2)
+    connection = worker.bus.connection
+
+    async def all_done() -> bool:
+        return len(await completed_ids(rolebus_bus)) == len(backlog)
+
+    await wait_for(all_done)
+    # Far more waiting than it holds: its follow-ups and events shared batches...
+    batched = connection.group_commit.batched
+    assert batched > 0
+    assert connection.group_commit.refused == 0
+    assert set((await completed_ids(rolebus_bus)).values()) == {1}
+    state = await rolebus_bus.connection.stream_state(WORK_STREAM)
+    assert state["messages"] == 2 * len(backlog)  # each follow-up stored once
+
+    # ...while a worker keeping up sends a task's effects alone (no batch to wait for).
+    lone, _ = await rolebus_bus.publish_task("task.backend.implement", title="lone")
+    await states_once_completed(rolebus_bus, lone.id)
+    assert connection.group_commit.batched == batched
+
+
 async def test_a_completed_task_logs_at_debug_and_a_retry_at_info(
     rolebus_bus: Bus, workers: StartWorkers
 ) -> None:

@@ -9,10 +9,10 @@ goes ~4x faster than pipelined single publishes.
 Why not always: a batch is slow to start, ~2.5 ms on this machine however small,
 against ~0.35 ms for one publish, and it costs the server more CPU per message. A
 worker's writes (a few per task, each awaited before the next step) measured slower
-end to end through batches at a steady 1,000 tasks/s. So they go alone until many
-are waiting for their acks on the same stream (``Connection.publish_start``): at
-saturation they share fsyncs, at a steady rate no batch forms (bench/README.md has
-the figures).
+end to end through batches at a steady 1,000 tasks/s. So they go alone unless the
+worker has a backlog (more messages waiting on the server than it holds, see
+``Settling._has_backlog``): a saturated worker shares fsyncs, one keeping up never
+waits for a batch (bench/README.md has the figures).
 
 How: each stream has a lane. The writes queued in one event-loop turn are sent as
 one batch at its end (up to 1,000, the server's limit), at most ``in_flight``

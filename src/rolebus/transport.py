@@ -75,11 +75,6 @@ _API = "$JS.API"
 _PING_INTERVAL = 3  # seconds: nats-py's default (120 s x 2) hides a frozen server for minutes
 _MAX_OUTSTANDING_PINGS = 2
 _DAY = 86400.0
-#: A publish joins its stream's group commit once this many single publishes to that
-#: stream await their acks: a worker at saturation then shares fsyncs (+25-40 %
-#: tasks/s here) while at a steady 1,000 tasks/s no batch ever forms (a batch takes
-#: ~2.5 ms to start; bench/README.md).
-_BATCH_WHEN_WAITING = 16
 
 
 @dataclass(frozen=True)
@@ -208,7 +203,6 @@ class Connection:
         self._closing = False
         self._buckets: dict[str, Any] = {}
         self._group_commit = GroupCommit(self._send_batch)
-        self._waiting: dict[str, int] = {}  # single publishes awaiting their ack, per stream
 
     # --- connecting ---------------------------------------------------------------------
 
@@ -454,33 +448,22 @@ class Connection:
         self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
     ) -> PendingPublish:
         """Send now, wait for the ack later with ``await pending.result()``: lets
-        several publishes share one round trip. When many are already waiting for
-        their acks on the same stream, it goes through the stream's group commit
-        instead (see :meth:`publish_batched`): the same answer, one fsync shared."""
-        stream = group_commit_stream(subject)
-        if stream is not None and self._waiting.get(stream, 0) >= _BATCH_WHEN_WAITING:
-            return self.publish_batched(subject, data, msg_id=msg_id, headers=headers)
+        several publishes share one round trip."""
         all_headers = self.message_headers(msg_id, headers)
         self.check_size(subject, data, all_headers)
         try:
             future = await self._js.publish_async(subject, data, headers=all_headers)
         except nats.errors.Error:
             future = None  # not sent: result() publishes with retries
-        if future is not None and stream is not None:
-            self._waiting[stream] = self._waiting.get(stream, 0) + 1
-            future.add_done_callback(lambda _: self._acked(stream))
         return PendingPublish(self, subject, data, msg_id, headers, future)
-
-    def _acked(self, stream: str) -> None:
-        self._waiting[stream] -= 1
 
     def publish_batched(
         self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
     ) -> PendingPublish:
         """Like :meth:`publish_start`, through the stream's group commit: the
         publishes queued in one event-loop turn are stored as atomic batches (one
-        fsync each). For bulk publishing: a batch takes ~2.5 ms to start, so a
-        lone publish is faster sent alone."""
+        fsync each). For bulk publishing, and a worker with a backlog: a batch
+        takes ~2.5 ms to start, so a lone publish is faster sent alone."""
         all_headers = self.message_headers(msg_id, headers)
         self.check_size(subject, data, all_headers)
         stream = group_commit_stream(subject)
