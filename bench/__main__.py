@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from importlib import metadata
@@ -115,6 +116,8 @@ async def main(
             print(f"  profile of the consume case: {', '.join(map(str, written))}", flush=True)
     finally:
         server.stop()
+        # Each run's store is ~230 MB of benchmark data: nobody needs it afterwards.
+        shutil.rmtree(server.store_dir, ignore_errors=True)
     meta = {
         "mode": "quick" if quick else "full",
         "sizes": size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ def run_bench(*options: str, output: Path) -> tuple[str, dict[str, Any]]:
 
 
 def test_bench_quick_measures_every_case_against_its_baseline(tmp_path: Path) -> None:
+    stores_before = set(Path(tempfile.gettempdir()).glob("rolebus-bench-*"))
     printed, results = run_bench(output=tmp_path / "results.json")
+    # Its server's store (hundreds of MB after a full run) is not left behind.
+    assert set(Path(tempfile.gettempdir()).glob("rolebus-bench-*")) <= stores_before
     metrics = results["metrics"]
     assert {
         "publish, an ack each",
