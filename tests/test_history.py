@@ -22,6 +22,7 @@ from rolebus.demo import play
 from rolebus.errors import ConfigError, SubjectError
 from rolebus.handlers import load_handler
 from rolebus.history import (
+    Replayed,
     ReplayFilter,
     all_states,
     parse_since,
@@ -37,6 +38,7 @@ from rolebus.server import EmbeddedServer
 from rolebus.status import AttemptCounts, collect, prometheus_text, serve_metrics
 from rolebus.subjects import WORK_STREAM
 from rolebus.testing import wait_for
+from rolebus.transport import StoredMessage
 
 from .conftest import REPO, CliRunner
 
@@ -112,6 +114,25 @@ async def test_a_gap_in_sequences_is_reported_not_hidden(rolebus_bus: Bus) -> No
     ]
     assert [(item.stored.seq, item.gap_before) for item in items] == [(1, 0), (3, 1), (4, 0)]
     assert items[1].as_json()["gap_before"] == 1
+
+
+def test_a_replayed_message_is_the_same_as_one_json_line_and_as_a_dict() -> None:
+    stored = StoredMessage(
+        stream="ROLEBUS_EVENTS",
+        seq=7,
+        subject="event.task.completed",
+        time=datetime.now(UTC),
+        headers={"Nats-Msg-Id": "t1_completed"},
+        data=b"",
+    )
+    event = Event(state="completed", task_id="t1", role="eng-be", detail={"title": "Grüße ✓"})
+    for item in (
+        Replayed(stored=stored, message=event, gap_before=2),
+        Replayed(stored=stored, message=None, error="not msgpack"),  # undecodable
+    ):
+        line = item.as_json_line()
+        assert "\n" not in line
+        assert json.loads(line) == item.as_json()
 
 
 def test_bad_replay_input_is_refused_clearly() -> None:

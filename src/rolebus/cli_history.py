@@ -134,7 +134,7 @@ def replay_command(
             async for item in replay(bus.connection, wanted, team=team):
                 count += 1
                 if as_json:
-                    sys.stdout.write(json.dumps(item.as_json(), default=str) + "\n")
+                    sys.stdout.write(item.as_json_line() + "\n")
                     continue
                 if item.gap_before:
                     out.print(
