@@ -118,7 +118,8 @@ async def collect(
     records written since the last call (the dashboard does)."""
     counts = counts or AttemptCounts(window)
     await counts.update(connection)
-    records = records or TaskProjection((role.id for role in team), window=window)
+    # A one-off read keeps no cards: only the dashboard shows them.
+    records = records or TaskProjection((), window=window)
     await records.update(connection)
     dead: dict[str, int] = {}
     async for entry in dlq.list_dead_letters(connection):
