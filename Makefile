@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest test-slow bench bench-quick server clean
+.PHONY: demo test lint typecheck layers pytest test-unit test-slow bench bench-quick server clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/rolebus demo
 
-test: lint typecheck pytest
+test: lint typecheck layers pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check --no-cache .
@@ -27,6 +27,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The layer contracts in pyproject.toml: wings import only their own layer or lower,
+# only rolebus.nats imports nats, only the codec imports msgpack.
+layers: $(STAMP)
+	$(BIN)/lint-imports
+
+# The pure parts (protocol, codec, roles, subjects): no server, seconds.
+test-unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+# Both tiers: tests/unit, then tests/integration on real nats-servers.
 pytest: $(STAMP)
 	$(BIN)/pytest -m "not slow"
 
@@ -43,4 +53,4 @@ server: $(STAMP)
 	$(BIN)/rolebus server
 
 clean:
-	rm -rf $(VENV) .rolebus .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .rolebus .mypy_cache .pytest_cache .ruff_cache .import_linter_cache

@@ -22,13 +22,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from bench.harness import RawPuller, Results, connect, percentile, perf, wait_until
 from rolebus.bus import Bus
 from rolebus.config import Settings
-from rolebus.history import ReplayFilter, replay
-from rolebus.messages import Event, Task
-from rolebus.roles import load_team
-from rolebus.runner import start_workers
-from rolebus.state import TaskState
-from rolebus.subjects import EVENTS_STREAM, TASKS_BUCKET, WORK_STREAM
-from rolebus.transport import StoredMessage
+from rolebus.flows.state import TaskState
+from rolebus.history.replay import ReplayFilter, replay
+from rolebus.nats.delivery import StoredMessage
+from rolebus.team.roles import load_team
+from rolebus.wire.messages import Event, Task
+from rolebus.wire.subjects import EVENTS_STREAM, TASKS_BUCKET, WORK_STREAM
+from rolebus.worker.runner import start_workers
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -733,14 +733,14 @@ def socket_port() -> Any:
 
 
 def codec_encode(event: Event) -> bytes:
-    from rolebus import codec
+    from rolebus.wire import codec
 
     return codec.encode(event)
 
 
 def record_for(task_id: str) -> bytes:
     """A completed task's state record, as a worker stores it."""
-    from rolebus import codec
+    from rolebus.wire import codec
 
     finished = datetime.now(UTC)
     return codec.encode(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rolebus.handlers import HandlerContext
-from rolebus.messages import FollowUp, Outcome, Task
+from rolebus.handlers.base import HandlerContext
+from rolebus.wire.messages import FollowUp, Outcome, Task
 
 _DONE = FollowUp(subject="task.frontend.done", title="done")
 

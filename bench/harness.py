@@ -16,7 +16,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from rolebus.server import EmbeddedServer
+from rolebus.nats.server import EmbeddedServer
 
 perf = time.perf_counter
 

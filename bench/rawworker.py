@@ -17,7 +17,7 @@ import nats
 from nats.aio.msg import Msg
 
 from bench.harness import RawPuller
-from rolebus.messages import Task
+from rolebus.wire.messages import Task
 
 
 async def main(url: str, consumer: str, mode: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import structlog
 
-from rolebus.cli import main
+from rolebus.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,8 @@
 from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.errors import RolebusError
-from rolebus.messages import (
+from rolebus.team.roles import RoleSpec, Team, load_team
+from rolebus.wire.messages import (
     Decision,
     Escalation,
     Event,
@@ -12,7 +13,6 @@ from rolebus.messages import (
     Outcome,
     Task,
 )
-from rolebus.roles import RoleSpec, Team, load_team
 
 __all__ = [
     "Bus",

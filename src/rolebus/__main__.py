@@ -1,3 +1,3 @@
-from rolebus.cli import main
+from rolebus.cli.main import main
 
 main()

@@ -6,23 +6,26 @@ async with await Bus.connect(Settings.from_env()) as bus:
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
 import structlog
 
-from rolebus import codec
 from rolebus.config import Settings
 from rolebus.errors import ConnectError, SubjectError
-from rolebus.messages import Envelope, Task
-from rolebus.roles import Team
-from rolebus.server import running_server_url
-from rolebus.subjects import TASK, Header, parse_subject, task_subject
-from rolebus.transport import Connection, PubAck, StreamLimits
+from rolebus.nats.admin import StreamLimits
+from rolebus.nats.connection import Connection
+from rolebus.nats.protocol import PubAck
+from rolebus.nats.server import running_server_url
+from rolebus.team.roles import Team
+from rolebus.wire import codec
+from rolebus.wire.headers import Header
+from rolebus.wire.messages import Envelope, Task
+from rolebus.wire.subjects import TASK, parse_subject, task_subject
+from rolebus.wire.trace import new_traceparent
 
-__all__ = ["Bus", "new_traceparent", "resolve_url"]
+__all__ = ["Bus", "resolve_url"]
 
 log = structlog.get_logger("rolebus.bus")
 
@@ -41,19 +44,6 @@ def resolve_url(settings: Settings) -> str:
             "team), or set NATS_URL=nats://host:4222 to use an existing server",
         )
     return url
-
-
-def new_traceparent() -> str:
-    """A W3C trace context header for a new flow."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
-
-
-def child_traceparent(parent: str | None) -> str:
-    """The same trace, a new span: what a follow-up of ``parent`` carries."""
-    if not parent or parent.count("-") != 3:
-        return new_traceparent()
-    version, trace_id, _, flags = parent.split("-")
-    return f"{version}-{trace_id}-{secrets.token_hex(8)}-{flags}"
 
 
 class Bus:
@@ -78,7 +68,7 @@ class Bus:
         )
         try:
             if provision:
-                await connection.provision(limits or StreamLimits(replicas=settings.replicas))
+                await connection.admin.provision(limits or StreamLimits(replicas=settings.replicas))
         except BaseException:
             await connection.close()
             raise

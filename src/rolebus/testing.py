@@ -22,14 +22,15 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from rolebus import codec
 from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.errors import CodecError
-from rolebus.messages import Event
-from rolebus.server import EmbeddedServer
-from rolebus.subjects import EVENTS_STREAM, WORK_STREAM, Header
-from rolebus.transport import Connection
+from rolebus.nats.connection import Connection
+from rolebus.nats.server import EmbeddedServer
+from rolebus.wire import codec
+from rolebus.wire.headers import Header
+from rolebus.wire.messages import Event
+from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM
 
 __all__ = [
     "HistoryReport",
@@ -154,7 +155,7 @@ async def check_history(
     report = HistoryReport(published=len(wanted))
     for stream in (WORK_STREAM, EVENTS_STREAM, *streams):
         previous: int | None = None
-        async for message in connection.read_stream(stream):
+        async for message in connection.streams.read(stream):
             if previous is not None and message.seq > previous + 1:
                 report.gaps.append((stream, previous, message.seq - previous - 1))
             previous = message.seq

@@ -1,0 +1,356 @@
+"""Commands that look back: demo, replay, show, tasks, rebuild, rerun."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.tree import Tree
+
+from rolebus.bus import Bus
+from rolebus.cli.app import (
+    JsonOption,
+    RolesOption,
+    app,
+    embedded_server_if_needed,
+    out,
+    print_json,
+    run,
+    settings_for,
+    team_for,
+)
+from rolebus.cli.demo import play
+from rolebus.errors import NotFoundError
+from rolebus.flows.escalation import EscalationRecord, EscalationStore
+from rolebus.flows.state import StateStore, TaskState
+from rolebus.handlers.loader import load_handler
+from rolebus.history.replay import (
+    Replayed,
+    ReplayFilter,
+    all_states,
+    flow_states,
+    parse_since,
+    rebuild,
+    replay,
+    stream_named,
+)
+from rolebus.history.rerun import RerunResult, rerun
+from rolebus.team.roles import CommandHandler
+from rolebus.wire.messages import Event
+
+
+@app.command()
+def demo(
+    roles: RolesOption = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 90.0,
+) -> None:
+    """Play one feature through the whole team with scripted agents, live.
+
+    Starts the embedded server unless NATS_URL is set (or `rolebus server` runs),
+    brings up the six roles, prints every message as it flows, then a summary and
+    the commands to replay it. No network, no model: the agents are scripted.
+    """
+    settings = settings_for(roles)
+    team = team_for(settings)
+    with embedded_server_if_needed(settings) as live:
+        out.print(f"[bold]rolebus demo[/]: {len(team)} roles, one feature, every message shown\n")
+        run(play(live, team, console=out, timeout=timeout))
+
+
+def _timeline_line(item: Replayed) -> str:
+    stored, message = item.stored, item.message
+    when = stored.time.strftime("%H:%M:%S.%f")[:-3]
+    prefix = f"[dim]{when} #{stored.seq:<5}[/]"
+    if message is None:
+        return f"{prefix} [red]undecodable[/] {stored.subject}: {item.error}"
+    if isinstance(message, Event):
+        what = f"{message.entity}.{message.state}"
+        title = message.detail.get("title") or message.detail.get("question") or ""
+        extra = message.error or ""
+        if message.entity == "handoff":
+            title = (
+                f"{message.detail.get('contract')} {message.detail.get('version')} -> "
+                f"{message.detail.get('to')}"
+            )
+        if message.entity == "escalation" and message.state == "decided":
+            extra = f"{message.detail.get('decided_by')}: {message.detail.get('decision')}"
+        attempt = f" (attempt {message.attempt})" if message.attempt > 1 else ""
+        return (
+            f"{prefix} {message.role or '-':>9}  {what:<22} {message.task_id}{attempt}  "
+            f"{title} {extra}".rstrip()
+        )
+    sender = message.from_role or "person"
+    title = (
+        getattr(message, "title", None)
+        or getattr(message, "question", None)
+        or getattr(message, "decision", None)
+        or getattr(message, "contract", "")
+    )
+    return f"{prefix} {sender:>9}  {stored.subject:<40} {message.id}  {title}"
+
+
+@app.command("replay")
+def replay_command(
+    stream: Annotated[str, typer.Option(help="events (default), work, dlq or timers.")] = "events",
+    subject: Annotated[
+        str | None, typer.Option(help="Subject pattern, e.g. 'event.task.*'.")
+    ] = None,
+    role: Annotated[str | None, typer.Option(help="Only what concerns this role.")] = None,
+    correlation: Annotated[str | None, typer.Option(help="One flow (its root task id).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="A time (RFC 3339) or a duration ago (10m).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="A time, or a duration ago.")] = None,
+    from_seq: Annotated[int | None, typer.Option(min=1, help="Start at this sequence.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new ones.")] = False,
+    roles: RolesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Read a stream back in order, without disturbing any worker.
+
+    The default is a readable timeline; `--json` prints one object per line
+    (stream, seq, subject, time, headers, message). Gaps in sequences are reported.
+    """
+    settings = settings_for(roles)
+    team = team_for(settings) if settings.roles_dir.is_dir() else None
+    wanted = ReplayFilter(
+        stream=stream_named(stream),
+        subject=subject,
+        role=role,
+        correlation=correlation,
+        since=parse_since(since) if since else None,
+        until=parse_since(until, option="--until") if until else None,
+        from_seq=from_seq,
+        follow=follow,
+    )
+
+    async def go() -> int:
+        count = 0
+        async with await Bus.connect(settings, name="rolebus-replay", provision=False) as bus:
+            async for item in replay(bus.connection, wanted, team=team):
+                count += 1
+                if as_json:
+                    sys.stdout.write(item.as_json_line() + "\n")
+                    continue
+                if item.gap_before:
+                    out.print(
+                        f"[red]-- gap: {item.gap_before} message(s) missing before "
+                        f"seq {item.stored.seq} (expired or deleted) --[/]"
+                    )
+                out.print(_timeline_line(item), highlight=False)
+        return count
+
+    try:
+        count = run(go())
+    except KeyboardInterrupt:
+        return
+    if not as_json:
+        out.print(f"[dim]{count} message(s) from {wanted.stream}[/]")
+
+
+def _tree_label(state: TaskState) -> str:
+    attempts = f" [{state.attempt} attempts]" if state.attempt > 1 else ""
+    colour = {
+        "completed": "green",
+        "dead": "red",
+        "rejected": "red",
+        "input-required": "yellow",
+    }.get(state.state, "white")
+    detail = state.error or ""
+    if state.kind == "handoff" and isinstance(state.result, dict):
+        detail = state.result.get("answer", "")
+    return (
+        f"[bold]{state.role}[/] [{colour}]{state.state}[/] {state.title} "
+        f"[dim]({state.task_id}){attempts} {detail}[/]"
+    )
+
+
+@app.command("show")
+def show_command(
+    task_id: Annotated[str, typer.Argument(help="A task id (the root of a flow shows it all).")],
+    as_json: JsonOption = False,
+) -> None:
+    """A task, its state and attempts, and its causal tree across roles: follow-ups,
+    handoffs, escalations and decisions."""
+
+    async def go() -> tuple[TaskState, list[TaskState], list[EscalationRecord]]:
+        async with await Bus.connect(settings_for(), name="rolebus-show") as bus:
+            found = await StateStore(bus.connection).get(task_id)
+            if found is None:
+                raise NotFoundError(
+                    f"no task {task_id!r}",
+                    hint="`rolebus tasks` lists them; ids are case-sensitive",
+                )
+            flow = found.state.correlation_id or found.state.task_id
+            states = await flow_states(bus.connection, flow)
+            records = [
+                r for r in await EscalationStore(bus.connection).all() if r.correlation_id == flow
+            ]
+            return found.state, states, records
+
+    state, states, records = run(go())
+    if as_json:
+        print_json(
+            {
+                "task": state.model_dump(mode="json"),
+                "flow": [s.model_dump(mode="json") for s in states],
+                "escalations": [r.model_dump(mode="json") for r in records],
+            }
+        )
+        return
+    nodes: dict[str, Tree] = {}
+    known = {s.task_id for s in states} | {r.id for r in records}
+
+    def parent_of(identifier: str | None) -> str | None:
+        # Ids are derived from their cause (<cause>-<n>): walk up until a known node.
+        while identifier:
+            if identifier in known:
+                return identifier
+            if "-" not in identifier:
+                return None
+            identifier = identifier.rsplit("-", 1)[0]
+        return None
+
+    root = Tree(_tree_label(state))
+    nodes[state.task_id] = root
+    pending: list[tuple[str, str | None, str]] = [
+        (s.task_id, parent_of(s.causation_id), _tree_label(s))
+        for s in states
+        if s.task_id != state.task_id
+    ] + [
+        (
+            r.id,
+            r.task_id,
+            f"[yellow]escalation[/] {r.asking_role} -> {r.holder}: {r.question} "
+            f"[dim]-> {r.decided_by or 'open'}: {r.decision or ''}[/]",
+        )
+        for r in records
+    ]
+    for _ in range(len(pending) + 1):  # attach children once their parent is placed
+        rest = []
+        for node_id, parent, label in pending:
+            if parent in nodes:
+                nodes[node_id] = nodes[parent].add(label)
+            else:
+                rest.append((node_id, parent, label))
+        if len(rest) == len(pending):
+            break
+        pending = rest
+    out.print(root)
+    if state.result is not None:
+        out.print(f"result: {json.dumps(state.result, default=str)}", highlight=False)
+
+
+@app.command("tasks")
+def tasks_command(
+    role: Annotated[str | None, typer.Option(help="Only this role's.")] = None,
+    state: Annotated[str | None, typer.Option(help="Only in this state.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """What every role is doing: the task-state projection, in one read."""
+
+    async def go() -> list[TaskState]:
+        async with await Bus.connect(settings_for(), name="rolebus-tasks") as bus:
+            return await all_states(bus.connection)
+
+    rows = [
+        s
+        for s in run(go())
+        if (role is None or s.role == role) and (state is None or s.state == state)
+    ]
+    rows.sort(key=lambda s: s.updated_at)
+    if as_json:
+        print_json([s.model_dump(mode="json", exclude={"effects"}) for s in rows])
+        return
+    table = Table("task", "role", "state", "kind", "attempt", "title", "updated", title="tasks")
+    for s in rows:
+        table.add_row(
+            s.task_id,
+            s.role,
+            s.state,
+            s.kind,
+            str(s.attempt),
+            s.title,
+            s.updated_at.strftime("%H:%M:%S"),
+        )
+    out.print(table)
+
+
+@app.command("rebuild")
+def rebuild_command(as_json: JsonOption = False) -> None:
+    """Recompute the task projection from the event stream alone and report every
+    difference from the live projection (there should be none). Exit 1 if any."""
+
+    async def go() -> tuple[int, list[Any]]:
+        async with await Bus.connect(settings_for(), name="rolebus-rebuild") as bus:
+            rebuilt, differences = await rebuild(bus.connection)
+            return len(rebuilt), differences
+
+    count, differences = run(go())
+    if as_json:
+        print_json({"tasks": count, "differences": [vars(d) for d in differences]})
+    elif not differences:
+        out.print(f"rebuilt {count} tasks from the events: identical to the live projection.")
+    else:
+        table = Table("task", "live (state, role)", "from events", title="differences")
+        for difference in differences:
+            table.add_row(difference.task_id, str(difference.live), str(difference.rebuilt))
+        out.print(table)
+    if differences:
+        raise typer.Exit(1)
+
+
+@app.command("rerun")
+def rerun_command(
+    role: Annotated[str, typer.Option(help="Whose recorded inputs to replay.")],
+    handler: Annotated[
+        str,
+        typer.Option(
+            help="The handler to try: builtin:NAME, python:module:function, or a command "
+            "line (run with the command protocol)."
+        ),
+    ],
+    correlation: Annotated[str | None, typer.Option(help="Only this flow.")] = None,
+    since: Annotated[str | None, typer.Option(help="Only inputs since (time or 10m).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per command run.")] = 300.0,
+    roles: RolesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Feed a role's recorded inputs to another handler WITHOUT publishing anything,
+    and print how its outcomes differ from the recorded ones. Exit 1 if any differ."""
+    settings = settings_for(roles)
+    team = team_for(settings)
+    spec = team.role(role)
+    if handler.startswith(("builtin:", "python:")):
+        chosen = load_handler(handler, role=role)
+    else:
+        chosen = load_handler(CommandHandler(command=shlex.split(handler), timeout=timeout))
+    start = parse_since(since) if since else None
+
+    async def go() -> list[RerunResult]:
+        async with await Bus.connect(settings, name="rolebus-rerun") as bus:
+            return [
+                result
+                async for result in rerun(
+                    bus.connection, spec, chosen, correlation=correlation, since=start
+                )
+            ]
+
+    results = run(go())
+    if as_json:
+        print_json([result.as_json() for result in results])
+    else:
+        for result in results:
+            if result.same:
+                out.print(f"[green]same[/]     {result.task_id}  {result.title}", highlight=False)
+            else:
+                out.print(f"[red]differs[/]  {result.task_id}  {result.title}", highlight=False)
+                out.print(result.diff(), highlight=False, markup=False)
+        changed = sum(not result.same for result in results)
+        out.print(f"{len(results)} recorded input(s) of {role}; {changed} differ.")
+    if any(not result.same for result in results):
+        raise typer.Exit(1)

@@ -1,0 +1,252 @@
+"""Commands that put work on the bus: publish a task, publish a file of them, and
+the subject catalog that says where each kind of message goes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from rolebus.bus import Bus, task_subject_for
+from rolebus.cli.app import (
+    JsonOption,
+    RolesOption,
+    app,
+    err,
+    out,
+    print_json,
+    run,
+    settings_for,
+    team_for,
+)
+from rolebus.cli.task_lines import parse_task_lines
+from rolebus.errors import ConfigError
+from rolebus.team.roles import Team
+from rolebus.wire import subjects as names
+from rolebus.wire.subjects import parse_subject
+
+# --- publishing --------------------------------------------------------------------------
+
+
+def _payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:
+    if payload is not None and payload_file is not None:
+        raise ConfigError("give --payload or --payload-file, not both")
+    source = "--payload"
+    text = payload
+    if payload_file is not None:
+        source = f"--payload-file {payload_file}"
+        try:
+            text = payload_file.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"cannot read {source}: {error}") from error
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{source} is not JSON: {error.msg} at line {error.lineno} column {error.colno}",
+            hint='give a JSON object, e.g. --payload \'{"endpoint": "/orders"}\'',
+        ) from error
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{source} is a JSON {type(value).__name__}, not an object",
+            hint='wrap it in an object, e.g. {"items": [...]}',
+        )
+    return value
+
+
+@app.command()
+def publish(
+    subject: Annotated[
+        str, typer.Argument(help="task.<domain>.<kind> (or task.<domain> --kind K)")
+    ],
+    title: Annotated[str, typer.Option("--title", "-t", help="What the task is, in a line.")],
+    kind: Annotated[str | None, typer.Option(help="The task kind, if not in SUBJECT.")] = None,
+    payload: Annotated[str | None, typer.Option(help="A JSON object with the task's data.")] = None,
+    payload_file: Annotated[
+        Path | None, typer.Option(help="Read the JSON payload from this file.")
+    ] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher is more urgent.")] = None,
+    task_id: Annotated[
+        str | None, typer.Option("--id", help="Your own task id (publishing it twice is a no-op).")
+    ] = None,
+    roles: RolesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish a task; prints its id and stream sequence.
+
+    Example: `rolebus publish task.backend.implement -t "Orders API" --payload '{"v": 1}'`
+    """
+    settings = settings_for(roles)
+    team = team_for(settings)
+    team.owner_of(parse_subject(task_subject_for(subject, kind)).second)
+    data = _payload(payload, payload_file)
+    extra: dict[str, Any] = {"priority": priority}
+    if task_id is not None:
+        extra["id"] = task_id
+
+    async def go() -> tuple[Any, Any]:
+        async with await Bus.connect(settings, name="rolebus-publish") as bus:
+            return await bus.publish_task(
+                subject, title=title, kind=kind, payload=data, team=team, **extra
+            )
+
+    task, ack = run(go())
+    if as_json:
+        print_json(
+            {
+                "id": task.id,
+                "subject": f"task.{subject.split('.')[1]}.{task.kind}",
+                "stream": ack.stream,
+                "seq": ack.seq,
+                "duplicate": ack.duplicate,
+            }
+        )
+        return
+    note = " (duplicate: already stored, not added again)" if ack.duplicate else ""
+    out.print(f"published task [bold]{task.id}[/] ({ack.stream} seq {ack.seq}){note}")
+
+
+@app.command("publish-file")
+def publish_file(
+    file: Annotated[str, typer.Argument(help="A JSON-lines file of tasks; - for stdin.")],
+    roles: RolesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Publish many tasks from a JSON-lines file, one task per line, in atomic batches.
+
+    A line: `{"subject": "task.backend.implement", "title": "Orders API"}`, with
+    optional "kind", "payload", "priority" and "id". Every line is checked before
+    anything is published; a bad one is named by its number. A line with an "id" is
+    stored once however often the file is published (the id is its Msg-Id); a line
+    without one gets a new id, and a new task, each time.
+
+    Example: `rolebus publish-file backlog.jsonl`
+    """
+    settings = settings_for(roles)
+    team = team_for(settings)
+    source = "stdin" if file == "-" else file
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read {file}: {error.strerror}", hint="check the path, or use - for stdin"
+        ) from error
+    tasks = parse_task_lines(text, source=source, team=team)
+    chunk = 5000
+
+    async def go() -> list[Any]:
+        acks: list[Any] = []
+        async with await Bus.connect(settings, name="rolebus-publish") as bus:
+            for start in range(0, len(tasks), chunk):
+                acks.extend(await bus.publish_many(tasks[start : start + chunk]))
+                if len(tasks) > chunk and not as_json:
+                    err.print(f"  {len(acks):,} / {len(tasks):,} published")
+        return acks
+
+    started = time.monotonic()
+    acks = run(go())
+    seconds = time.monotonic() - started
+    duplicates = sum(1 for ack in acks if ack.duplicate)
+    summary = {
+        "published": len(acks) - duplicates,
+        "duplicates": duplicates,
+        "first_seq": min(ack.seq for ack in acks),
+        "last_seq": max(ack.seq for ack in acks),
+        "seconds": round(seconds, 3),
+        "ids": [task.id for _, task in tasks],
+    }
+    if as_json:
+        print_json(summary)
+        return
+    note = f" ({duplicates:,} already stored, not added again)" if duplicates else ""
+    out.print(
+        f"published {summary['published']:,} tasks from {source}{note} in {seconds:.2f}s "
+        f"({acks[0].stream} seq {summary['first_seq']}..{summary['last_seq']})"
+    )
+
+
+# --- catalog -----------------------------------------------------------------------------
+
+
+def subject_catalog(team: Team | None) -> list[dict[str, str]]:
+    """Every subject family with its stream, message type and who reads it."""
+
+    def owner(domain: str) -> str:
+        return team.domain_owner.get(domain, "?") if team else ""
+
+    rows = [
+        {
+            "subject": "task.<domain>.<kind>",
+            "stream": names.WORK_STREAM,
+            "message": "Task",
+            "read_by": "the role owning <domain>",
+        },
+        {
+            "subject": "handoff.<to_role>.<contract>",
+            "stream": names.WORK_STREAM,
+            "message": "Handoff",
+            "read_by": "<to_role>",
+        },
+        {
+            "subject": "escalation.<to_role>.<reason>",
+            "stream": names.WORK_STREAM,
+            "message": "Escalation",
+            "read_by": "<to_role>",
+        },
+        {
+            "subject": "decision.<to_role>.<escalation_id>",
+            "stream": names.WORK_STREAM,
+            "message": "Decision",
+            "read_by": "<to_role>",
+        },
+        {
+            "subject": "event.<entity>.<state>",
+            "stream": names.EVENTS_STREAM,
+            "message": "Event",
+            "read_by": "history, replay, projections",
+        },
+        {
+            "subject": "dlq.<original subject>",
+            "stream": names.DLQ_STREAM,
+            "message": "the original message",
+            "read_by": "`rolebus dlq`",
+        },
+    ]
+    if team is not None:
+        for domain in sorted(team.domain_owner):
+            rows.append(
+                {
+                    "subject": f"task.{domain}.>",
+                    "stream": names.WORK_STREAM,
+                    "message": "Task",
+                    "read_by": owner(domain),
+                }
+            )
+    return rows
+
+
+@app.command("subjects")
+def subjects_command(roles: RolesOption = None, as_json: JsonOption = False) -> None:
+    """Print the subject catalog (with the team's domains when roles/ is found).
+
+    subjects.md documents each subject's fields for publishers in other languages.
+    """
+    settings = settings_for(roles)
+    team: Team | None = None
+    if settings.roles_dir.is_dir():
+        team = team_for(settings)
+    rows = subject_catalog(team)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("subject", "stream", "message", "read by", title="rolebus subjects")
+    for row in rows:
+        table.add_row(row["subject"], row["stream"], row["message"], row["read_by"])
+    out.print(table)

@@ -1,0 +1,136 @@
+"""Commands that watch the team now: ``status`` (each role against its slo),
+``metrics`` (the same for Prometheus) and the web ``dashboard``."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from rolebus.bus import Bus
+from rolebus.cli.app import (
+    JsonOption,
+    RolesOption,
+    app,
+    out,
+    print_json,
+    run,
+    settings_for,
+    team_for,
+)
+from rolebus.history.status import RoleStatus, collect, serve_metrics
+from rolebus.team.roles import parse_duration
+
+
+def _cell(check: dict[str, Any], unit: str = "") -> str:
+    value, target, met = check["value"], check["target"], check["met"]
+    if target is None:
+        return "-" if value is None else f"{value:.4g}{unit}"
+    shown = "no data" if value is None else f"{value:.4g}{unit}"
+    mark = {True: "[green]met[/]", False: "[red]NOT met[/]", None: "[dim]?[/]"}[met]
+    return f"{shown} / {target:g}{unit} {mark}"
+
+
+@app.command("status")
+def status_command(
+    window: Annotated[str, typer.Option(help="Latency and error window (e.g. 15m, 1h).")] = "1h",
+    roles: RolesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Per role: backlog, in flight, redeliveries, dead letters, open escalations,
+    p50/p99 latency and error rate, each against the role's `slo` targets."""
+    settings = settings_for(roles)
+    team = team_for(settings)
+    seconds = parse_duration(window)
+
+    async def go() -> list[RoleStatus]:
+        async with await Bus.connect(settings, name="rolebus-status") as bus:
+            return await collect(bus.connection, team, window=seconds)
+
+    statuses = run(go())
+    if as_json:
+        print_json([status.as_json() for status in statuses])
+        return
+    table = Table(
+        "role",
+        "backlog",
+        "in flight",
+        "redelivered",
+        "dead",
+        "escalations",
+        "p50",
+        "p99",
+        "error rate",
+        title=f"status (last {window})",
+    )
+    for status in statuses:
+        table.add_row(
+            status.role,
+            str(status.backlog),
+            str(status.in_flight),
+            str(status.redelivered),
+            str(status.dead_letters),
+            str(status.open_escalations),
+            _cell(status.slo["p50_latency_ms"], " ms"),
+            _cell(status.slo["p99_latency_ms"], " ms"),
+            _cell(status.slo["error_rate"]),
+        )
+    out.print(table)
+
+
+@app.command("metrics")
+def metrics_command(
+    port: Annotated[int, typer.Option(help="Port for GET /metrics.")] = 9464,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    window: Annotated[str, typer.Option(help="Latency and error window.")] = "1h",
+    roles: RolesOption = None,
+) -> None:
+    """Serve `rolebus status` as Prometheus metrics on http://HOST:PORT/metrics."""
+    settings = settings_for(roles)
+    team = team_for(settings)
+    seconds = parse_duration(window)
+
+    async def go() -> None:
+        async with await Bus.connect(settings, name="rolebus-metrics") as bus:
+            ready = asyncio.Event()
+            server = asyncio.create_task(
+                serve_metrics(
+                    bus.connection, team, host=host, port=port, window=seconds, ready=ready
+                )
+            )
+            await ready.wait()
+            out.print(f"serving metrics on http://{host}:{port}/metrics (Ctrl-C to stop)")
+            await server
+
+    try:
+        run(go())
+    except KeyboardInterrupt:
+        out.print("stopped.")
+
+
+@app.command("dashboard")
+def dashboard_command(
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8765,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    token: Annotated[
+        str | None, typer.Option(help="Required on every request; made up when --host is public.")
+    ] = None,
+    roles: RolesOption = None,
+) -> None:
+    """Serve the web dashboard: the team board, task pages, the escalation inbox,
+    contracts and the live event stream (no CDN, nothing to build)."""
+    import uvicorn
+
+    from rolebus.web.app import create_app
+
+    settings = settings_for(roles)
+    team = team_for(settings)
+    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        token = secrets.token_urlsafe(16)
+    app_ = create_app(settings, team, token=token)
+    suffix = f"/?token={token}" if token else "/"
+    out.print(f"rolebus dashboard on http://{host}:{port}{suffix} (Ctrl-C to stop)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")

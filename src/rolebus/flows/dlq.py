@@ -1,0 +1,180 @@
+"""Dead letters: messages a worker gave up on, kept in ``ROLEBUS_DLQ`` with why.
+
+A dead letter is the original message, unchanged, on ``dlq.<original subject>``
+with ``Rolebus-Dlq-*`` headers; its Msg-Id is derived from the original's stream
+sequence, so two workers (or a worker and the max-deliveries advisory) that
+dead-letter the same message store it once. :func:`redrive` puts it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+
+from rolebus.errors import CodecError, NotFoundError
+from rolebus.flows.state import StateStore
+from rolebus.nats.connection import Connection
+from rolebus.nats.delivery import StoredMessage
+from rolebus.nats.protocol import PubAck
+from rolebus.wire import codec
+from rolebus.wire.headers import Header
+from rolebus.wire.messages import Event, Task
+from rolebus.wire.subjects import DLQ_STREAM, dlq_subject
+
+__all__ = ["DeadLetter", "dead_letter", "find", "list_dead_letters", "redrive"]
+
+log = structlog.get_logger("rolebus.flows.dlq")
+
+_ERROR_LIMIT = 2000
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One entry of the DLQ, as ``rolebus dlq list`` shows it."""
+
+    seq: int
+    subject: str
+    reason: str
+    error: str
+    role: str
+    attempts: int
+    original_seq: int
+    task_id: str | None
+    time: datetime
+    message: StoredMessage
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "seq": self.seq,
+            "subject": self.subject,
+            "reason": self.reason,
+            "error": self.error,
+            "role": self.role,
+            "attempts": self.attempts,
+            "original_seq": self.original_seq,
+            "task_id": self.task_id,
+            "time": self.time.isoformat(),
+        }
+
+
+async def dead_letter(
+    connection: Connection,
+    *,
+    subject: str,
+    data: bytes,
+    headers: Mapping[str, str],
+    stream_seq: int,
+    reason: str,
+    error: str,
+    role: str,
+    attempts: int,
+) -> PubAck:
+    """Store a copy of the message in the DLQ with why, where and how many attempts."""
+    kept = {
+        key: value
+        for key, value in headers.items()
+        if key != Header.MSG_ID and not key.startswith("Rolebus-Dlq-")
+    }
+    kept.update(
+        {
+            Header.DLQ_REASON: reason,
+            Header.DLQ_ERROR: error.replace("\r", " ").replace("\n", " ")[:_ERROR_LIMIT],
+            Header.DLQ_ROLE: role,
+            Header.DLQ_ATTEMPTS: str(attempts),
+            Header.DLQ_SUBJECT: subject,
+            Header.DLQ_STREAM_SEQ: str(stream_seq),
+        }
+    )
+    ack = await connection.publish(
+        dlq_subject(subject), data, msg_id=f"dlq-{stream_seq}", headers=kept
+    )
+    log.warning(
+        "dead-lettered", subject=subject, reason=reason, role=role, attempts=attempts, error=error
+    )
+    return ack
+
+
+def _entry(stored: StoredMessage) -> DeadLetter:
+    headers = stored.headers
+    subject = headers.get(Header.DLQ_SUBJECT, stored.subject.removeprefix("dlq."))
+    task_id: str | None = None
+    with contextlib.suppress(CodecError):
+        task_id = codec.decode_as(Task, stored.data, subject=subject).id
+    return DeadLetter(
+        seq=stored.seq,
+        subject=subject,
+        reason=headers.get(Header.DLQ_REASON, "?"),
+        error=headers.get(Header.DLQ_ERROR, ""),
+        role=headers.get(Header.DLQ_ROLE, "?"),
+        attempts=int(headers.get(Header.DLQ_ATTEMPTS, "0") or 0),
+        original_seq=int(headers.get(Header.DLQ_STREAM_SEQ, "0") or 0),
+        task_id=task_id,
+        time=stored.time,
+        message=stored,
+    )
+
+
+async def list_dead_letters(connection: Connection) -> AsyncIterator[DeadLetter]:
+    async for stored in connection.streams.read(DLQ_STREAM):
+        yield _entry(stored)
+
+
+async def find(connection: Connection, key: str) -> DeadLetter:
+    """A dead letter by its DLQ sequence number or by its task id."""
+    if key.isdigit():
+        stored = await connection.streams.get(DLQ_STREAM, int(key))
+        if stored is not None:
+            return _entry(stored)
+    else:
+        async for entry in list_dead_letters(connection):
+            if entry.task_id == key:
+                return entry
+    raise NotFoundError(
+        f"no dead letter {key!r}",
+        hint="`rolebus dlq list` shows them, with their sequence numbers and task ids",
+    )
+
+
+async def redrive(connection: Connection, entry: DeadLetter) -> PubAck:
+    """Put a dead letter back on its original subject and remove it from the DLQ.
+
+    The task keeps its id; the republish uses the Msg-Id ``<id>_redrive_<dlq seq>``
+    so JetStream's de-duplication does not swallow it, and its state record is
+    reset so the worker runs it again.
+    """
+    headers = {
+        key: value
+        for key, value in entry.message.headers.items()
+        if not key.startswith("Rolebus-Dlq-")
+        and key != Header.MSG_ID
+        and not key.startswith("Nats-")  # the server's own headers stay behind
+    }
+    task_key = entry.task_id or f"seq-{entry.original_seq}"
+    if entry.task_id is not None:
+        states = StateStore(connection)
+        current = await states.get(entry.task_id)
+        if current is not None:
+            await states.put(current.state.model_copy(update={"state": "redriven", "error": None}))
+    ack = await connection.publish(
+        entry.subject,
+        entry.message.data,
+        msg_id=f"{task_key}_redrive_{entry.seq}",
+        headers=headers,
+    )
+    if entry.task_id is not None:
+        event = Event(
+            id=f"{entry.task_id}_redriven_{entry.seq}",
+            state="redriven",
+            task_id=entry.task_id,
+            role=entry.role,
+            subject=entry.subject,
+            detail={"dlq_seq": entry.seq, "new_seq": ack.seq},
+        )
+        await connection.publish("event.task.redriven", codec.encode(event), msg_id=event.id)
+    await connection.streams.delete(DLQ_STREAM, entry.seq)
+    log.info("redriven", subject=entry.subject, task_id=entry.task_id, dlq_seq=entry.seq)
+    return ack

@@ -1,0 +1,169 @@
+"""Effects: the messages an outcome sends, recorded before they are published.
+
+An effect is a plain map stored in the task's state record —
+``{"subject", "msg_id", "message", "headers"?}`` — so that a redelivery after a
+crash publishes exactly the same messages again (JetStream drops the duplicates
+by Msg-Id) instead of asking the handler a second time.
+
+Numbering: the n-th message a task sends over its whole life has the id
+``<task id>-<n>`` (the state record counts them across resumed runs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from rolebus.flows.state import TaskState
+from rolebus.nats.connection import Connection
+from rolebus.nats.publish import PendingPublish, wait_all
+from rolebus.wire import codec
+from rolebus.wire.headers import Header
+from rolebus.wire.messages import Event, FollowUp, Task
+from rolebus.wire.subjects import event_subject, parse_subject
+from rolebus.wire.trace import child_traceparent
+
+__all__ = [
+    "effect",
+    "event_effect",
+    "follow_up_tasks",
+    "publish_effects",
+    "publish_event",
+    "state_event",
+]
+
+Effect = dict[str, Any]
+
+
+def effect(
+    subject: str,
+    message: BaseModel,
+    *,
+    msg_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Effect:
+    body = message.model_dump(mode="json")
+    entry: Effect = {"subject": subject, "msg_id": msg_id or str(body["id"]), "message": body}
+    if headers:
+        entry["headers"] = headers
+    return entry
+
+
+def follow_up_tasks(
+    task: Task, follow_ups: list[FollowUp], *, role: str, first: int
+) -> list[Effect]:
+    """Follow-up tasks, numbered from ``first``, in the cause's flow."""
+    effects = []
+    for number, follow_up in enumerate(follow_ups, start=first):
+        parsed = parse_subject(follow_up.subject)
+        child = Task(
+            id=f"{task.id}-{number}",
+            kind=follow_up.kind or parsed.third,
+            title=follow_up.title,
+            payload=follow_up.payload,
+            from_role=role,
+            correlation_id=task.flow_id,
+            causation_id=task.id,
+        )
+        effects.append(effect(follow_up.subject, child))
+    return effects
+
+
+def event_effect(event: Event) -> Effect:
+    return effect(event_subject(event.entity, event.state), event)
+
+
+async def publish_effects(
+    connection: Connection, effects: list[Effect], *, trace: str | None, batch: bool = False
+) -> None:
+    """Publish every effect, pipelined, and wait for all acks (retrying alone).
+    ``batch``: through the streams' group commit, sharing fsyncs with whatever else
+    is published in the same event-loop turn (for a worker with a backlog)."""
+    child_trace = child_traceparent(trace)
+    pending: list[PendingPublish] = []
+    for entry in effects:
+        headers = {Header.TRACEPARENT: child_trace, **entry.get("headers", {})}
+        subject, data = entry["subject"], codec.encode_map(entry["message"])
+        if batch:
+            publish = connection.publish_batched(
+                subject, data, msg_id=entry["msg_id"], headers=headers
+            )
+        else:
+            publish = await connection.publish_start(
+                subject, data, msg_id=entry["msg_id"], headers=headers
+            )
+        pending.append(publish)
+    await wait_all(pending)
+
+
+async def publish_event(
+    connection: Connection, event: Event, *, trace: str | None
+) -> PendingPublish:
+    """Start publishing one event; await ``.result()`` before acking what caused it."""
+    headers = {Header.TRACEPARENT: trace} if trace else None
+    return await connection.publish_start(
+        event_subject(event.entity, event.state),
+        codec.encode(event),
+        msg_id=event.id,
+        headers=headers,
+    )
+
+
+def dead_event(
+    *,
+    task: Task | None,
+    stream_seq: int,
+    role: str,
+    subject: str,
+    attempt: int,
+    error: str,
+    reason: str,
+) -> Event:
+    """The ``dead`` event of a dead-lettered message: a task, or bytes that never
+    decoded into one (named after their stream sequence)."""
+    task_id = task.id if task is not None else f"seq-{stream_seq}"
+    return Event(
+        id=f"{task_id}_dead_{stream_seq}",
+        state="dead",
+        task_id=task_id,
+        role=role,
+        subject=subject,
+        attempt=attempt,
+        correlation_id=task.flow_id if task is not None else None,
+        causation_id=task_id,
+        error=error,
+        detail={"reason": reason, "stream_seq": stream_seq},
+    )
+
+
+def state_event(state: TaskState, role: str) -> Event:
+    """The event that goes with a task reaching a resting state (terminal, or parked).
+    Its id makes it unique: one ``completed`` per task ever; one ``input-required``
+    per escalation; one of the others per stored copy of the task."""
+    if state.state == "completed":
+        event_id = f"{state.task_id}_completed"
+    elif state.state == "input-required":
+        event_id = f"{state.task_id}_input-required_{state.detail.get('waiting_for')}"
+    else:
+        event_id = f"{state.task_id}_{state.state}_{state.stream_seq}"
+    return Event(
+        id=event_id,
+        state=state.state,
+        task_id=state.task_id,
+        role=role,
+        subject=state.subject,
+        attempt=state.attempt,
+        correlation_id=state.correlation_id or state.task_id,
+        causation_id=state.task_id,
+        result=state.result,
+        error=state.error,
+        detail={
+            **{key: value for key, value in state.detail.items() if key != "sent"},
+            "follow_ups": [
+                entry["msg_id"]
+                for entry in state.effects
+                if not entry["subject"].startswith(("event.", "timer."))
+            ],
+        },
+    )

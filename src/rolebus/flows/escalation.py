@@ -1,0 +1,388 @@
+"""Escalations: who decides, the open-escalation records, and timeouts up the chart.
+
+An escalation parks a task (state ``input-required``) until a decision comes
+back. Its record in the ``rolebus_escalations`` bucket says who holds it now and
+whether it is still open; every change is a compare-and-set.
+
+Timeouts survive restarts of workers and server because the server keeps them:
+with each escalation a *scheduled message* (NATS 2.12 message schedules) is
+stored in ``ROLEBUS_TIMERS`` holding the same escalation one level up
+``reports_to``; at the deadline the server publishes it on ``timer.fired.>``,
+where the supervisor (:mod:`rolebus.worker.supervisor`, run by every worker process on
+one shared durable consumer) sends it on as ``escalation.<next role>.<reason>``
+if the record still says it is open at that level. Otherwise it is stale and
+dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rolebus.errors import ConfigError, NotFoundError, RoleError
+from rolebus.flows.effects import Effect, effect, publish_effects
+from rolebus.nats.connection import Connection
+from rolebus.team.roles import NeverRule, RoleSpec, Team
+from rolebus.wire import codec
+from rolebus.wire.headers import Header
+from rolebus.wire.messages import Decision, Escalation, EscalationOption, Event, Task, utc_now
+from rolebus.wire.subjects import (
+    ESCALATIONS_BUCKET,
+    decision_subject,
+    escalation_subject,
+    timer_subjects,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "PERSON",
+    "EscalationRecord",
+    "EscalationStore",
+    "StoredEscalation",
+    "boundary_for",
+    "climb_target",
+    "climbed",
+    "decision_effects",
+    "decision_from_result",
+    "escalation_event",
+    "escalation_item",
+    "record_for",
+    "resolve",
+    "resolve_target",
+    "schedule_headers",
+    "timeout_for",
+    "timer_effects",
+    "timer_for",
+]
+
+#: Who decides when nobody above in the chart does.
+PERSON = "person"
+DEFAULT_TIMEOUT = 3600.0
+
+
+class EscalationRecord(BaseModel):
+    """An escalation's current state."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    task_id: str | None
+    asking_role: str
+    holder: str
+    reason: str
+    question: str
+    options: list[EscalationOption] = Field(default_factory=list)
+    kind: Literal["question", "approval"] = "question"
+    level: int = 0
+    status: Literal["open", "decided"] = "open"
+    timeout_s: float = DEFAULT_TIMEOUT
+    deadline: datetime | None = None
+    opened_at: datetime = Field(default_factory=utc_now)
+    decision: str | None = None
+    approved: bool | None = None
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    correlation_id: str | None = None
+    trail: list[str] = Field(default_factory=list)
+
+    def current_holder(self, team: Team, now: datetime | None = None) -> str:
+        """Who must answer now: past the deadline at the top of the chart, a person."""
+        if self.status != "open" or self.holder == PERSON:
+            return self.holder
+        expired = self.deadline is not None and (now or utc_now()) > self.deadline
+        top = self.holder in team.roles and team.roles[self.holder].reports_to is None
+        return PERSON if expired and top else self.holder
+
+
+class StoredEscalation(BaseModel):
+    record: EscalationRecord
+    revision: int
+
+
+class EscalationStore:
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    async def get(self, escalation_id: str) -> StoredEscalation | None:
+        found = await self._connection.kv.get(ESCALATIONS_BUCKET, escalation_id)
+        if found is None or not found[0]:
+            return None
+        return StoredEscalation(
+            record=codec.decode_as(EscalationRecord, found[0]), revision=found[1]
+        )
+
+    async def require(self, escalation_id: str) -> StoredEscalation:
+        stored = await self.get(escalation_id)
+        if stored is None:
+            raise NotFoundError(
+                f"no escalation {escalation_id!r}",
+                hint="`rolebus escalations` lists the open ones",
+            )
+        return stored
+
+    async def open(self, record: EscalationRecord) -> EscalationRecord:
+        """Store a new escalation (idempotent: an existing record is returned)."""
+        created = await self._connection.kv.create(
+            ESCALATIONS_BUCKET, record.id, codec.encode(record)
+        )
+        if created is None:
+            return (await self.require(record.id)).record
+        return record
+
+    async def change(self, stored: StoredEscalation, **changes: Any) -> StoredEscalation | None:
+        updated = stored.record.model_copy(update=changes)
+        revision = await self._connection.kv.update(
+            ESCALATIONS_BUCKET, updated.id, codec.encode(updated), stored.revision
+        )
+        return None if revision is None else StoredEscalation(record=updated, revision=revision)
+
+    async def decide(
+        self, escalation_id: str, *, decision: str, approved: bool | None, decided_by: str
+    ) -> EscalationRecord | None:
+        """Close an open escalation with its decision (compare-and-set, retried);
+        None when it is unknown or someone decided first."""
+        found = await self.get(escalation_id)
+        while found is not None and found.record.status == "open":
+            decided = await self.change(
+                found,
+                status="decided",
+                decision=decision,
+                approved=approved,
+                decided_by=decided_by,
+                decided_at=utc_now(),
+            )
+            if decided is not None:
+                return decided.record
+            found = await self.get(escalation_id)
+        return None
+
+    async def all(self) -> list[EscalationRecord]:
+        return [
+            codec.decode_as(EscalationRecord, value)
+            async for _, value in self._connection.kv.items(ESCALATIONS_BUCKET)
+        ]
+
+
+def boundary_for(role: RoleSpec, kind: str) -> NeverRule | None:
+    """The role's ``never`` rule that a task of ``kind`` hits, if any."""
+    return role.never_rule_for(kind)
+
+
+def resolve_target(team: Team, role: RoleSpec, reason: str, to: str | None) -> str:
+    """Who an escalation from ``role`` goes to: the handler's choice, else the role's
+    rule for the reason, else the role it reports to, else a person."""
+    if to is not None:
+        if to != PERSON and to not in team.roles:
+            raise RoleError(
+                f"escalation to role {to!r}, which does not exist",
+                file=role.source,
+                hint=f"known roles: {', '.join(sorted(team.roles))} (or 'person')",
+            )
+        return to
+    rule = role.escalation_rule_for(reason)
+    if rule is not None:
+        return rule.to
+    return role.reports_to or PERSON
+
+
+def timeout_for(role: RoleSpec, reason: str) -> float:
+    rule = role.escalation_rule_for(reason)
+    return rule.timeout if rule is not None else DEFAULT_TIMEOUT
+
+
+def climb_target(team: Team, holder: str) -> str:
+    """One step up the chart from ``holder`` (a person above the top)."""
+    if holder == PERSON or holder not in team.roles:
+        return PERSON
+    return team.roles[holder].reports_to or PERSON
+
+
+def schedule_headers(deadline: datetime, target_subject: str) -> dict[str, str]:
+    """Headers that make the server publish a message at ``deadline`` on the target."""
+    # Schedules have one-second resolution; round up so it never fires early.
+    at = (deadline + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {Header.SCHEDULE: f"@at {at}", Header.SCHEDULE_TARGET: target_subject}
+
+
+def climbed(escalation: Escalation, team: Team) -> tuple[str, Escalation] | None:
+    """The copy of ``escalation`` one level up, with its subject (None above the top:
+    then it waits for a person)."""
+    target = climb_target(team, escalation.to_role)
+    if target == PERSON:
+        return None
+    copy = escalation.model_copy(update={"to_role": target, "level": escalation.level + 1})
+    return escalation_subject(target, escalation.reason), copy
+
+
+def timer_for(
+    escalation: Escalation, team: Team, deadline: datetime
+) -> tuple[str, dict[str, str], Escalation] | None:
+    """The scheduled message that climbs ``escalation`` at ``deadline``: its subject,
+    headers and body (None at the top of the chart)."""
+    up = climbed(escalation, team)
+    if up is None:
+        return None
+    _, copy = up
+    schedule, fired = timer_subjects(escalation.id, escalation.level)
+    return schedule, schedule_headers(deadline, fired), copy
+
+
+def decision_effects(record: EscalationRecord, team: Team) -> list[Effect]:
+    """The decision message back to the asker, and the escalation's event."""
+    decision = Decision(
+        id=f"{record.id}-decision",
+        escalation_id=record.id,
+        to_role=record.asking_role,
+        decision=record.decision or "",
+        approved=record.approved,
+        task_id=record.task_id,
+        decided_by=record.decided_by or PERSON,
+        from_role=record.decided_by,
+        correlation_id=record.correlation_id,
+        causation_id=record.id,
+    )
+    event = Event(
+        id=f"{record.id}_decided",
+        entity="escalation",
+        state="decided",
+        task_id=record.task_id or record.id,
+        role=record.decided_by,
+        correlation_id=record.correlation_id,
+        causation_id=record.id,
+        detail={
+            "escalation_id": record.id,
+            "decision": record.decision,
+            "approved": record.approved,
+            "decided_by": record.decided_by,
+            "kind": record.kind,
+            "level": record.level,
+        },
+    )
+    effects = [effect("event.escalation.decided", event)]
+    if record.asking_role in team.roles:
+        effects.insert(0, effect(decision_subject(record.asking_role, record.id), decision))
+    return effects
+
+
+async def resolve(
+    connection: Connection,
+    team: Team,
+    escalation_id: str,
+    *,
+    decision: str,
+    approved: bool | None,
+    decided_by: str = PERSON,
+) -> EscalationRecord:
+    """Answer an open escalation (as a person): close its record and send the
+    decision to the role that asked, which resumes the parked task."""
+    store = EscalationStore(connection)
+    record = (await store.require(escalation_id)).record
+    if record.kind == "approval" and approved is None:
+        raise ConfigError(
+            f"escalation {escalation_id} asks for an approval",
+            hint="answer with --approve or --reject (and --decision saying why)",
+        )
+    decided = await store.decide(
+        escalation_id, decision=decision, approved=approved, decided_by=decided_by
+    )
+    if decided is None:
+        closed = (await store.require(escalation_id)).record
+        raise NotFoundError(
+            f"escalation {escalation_id} is already {closed.status} "
+            f"(by {closed.decided_by}: {closed.decision!r})",
+            hint="`rolebus escalations` lists the open ones",
+        )
+    await publish_effects(connection, decision_effects(decided, team), trace=None)
+    return decided
+
+
+def record_for(escalation: Escalation, *, kind: str) -> EscalationRecord:
+    """A new record for ``escalation``, its deadline ``timeout_s`` from now."""
+    timeout = escalation.timeout_s or DEFAULT_TIMEOUT
+    return EscalationRecord(
+        id=escalation.id,
+        task_id=escalation.task_id,
+        asking_role=escalation.from_role or PERSON,
+        holder=escalation.to_role,
+        reason=escalation.reason,
+        question=escalation.question,
+        options=escalation.options,
+        kind=kind,  # type: ignore[arg-type]
+        level=escalation.level,
+        timeout_s=timeout,
+        deadline=utc_now() + timedelta(seconds=timeout),
+        correlation_id=escalation.flow_id,
+        trail=[escalation.to_role],
+    )
+
+
+def escalation_item(escalation: Escalation, record: EscalationRecord) -> Task:
+    """What the deciding role's handler sees: the question, its options, who asks."""
+    return Task(
+        id=f"{escalation.id}-l{escalation.level}",
+        kind="escalation",
+        title=escalation.question,
+        payload={
+            "escalation_id": escalation.id,
+            "reason": escalation.reason,
+            "question": escalation.question,
+            "options": [option.model_dump() for option in escalation.options],
+            "asking_role": escalation.from_role,
+            "task_id": escalation.task_id,
+            "level": escalation.level,
+            "approval": record.kind == "approval",
+        },
+        from_role=escalation.from_role,
+        correlation_id=escalation.flow_id,
+        causation_id=escalation.id,
+    )
+
+
+def timer_effects(team: Team, escalation: Escalation, record: EscalationRecord) -> list[Effect]:
+    """The scheduled message that climbs this level at the record's deadline."""
+    assert record.deadline is not None
+    timer = timer_for(escalation, team, record.deadline)
+    if timer is None:
+        return []
+    subject, headers, copy = timer
+    return [effect(subject, copy, msg_id=f"{escalation.id}-t{escalation.level}", headers=headers)]
+
+
+def escalation_event(
+    role: str, record: EscalationRecord, state: str, *, detail: dict[str, Any] | None = None
+) -> Effect:
+    event = Event(
+        id=f"{record.id}_{state}_{record.level}",
+        entity="escalation",
+        state=state,
+        task_id=record.task_id or record.id,
+        role=role,
+        correlation_id=record.correlation_id,
+        causation_id=record.id,
+        detail={
+            "escalation_id": record.id,
+            "to": record.holder,
+            "from": record.asking_role,
+            "level": record.level,
+            "reason": record.reason,
+            "question": record.question,
+            "kind": record.kind,
+            **(detail or {}),
+        },
+    )
+    return effect(f"event.escalation.{state}", event)
+
+
+def decision_from_result(result: Any) -> tuple[str, bool | None]:
+    """A deciding handler's result: ``{"decision": text, "approved": bool}``, or text."""
+    if isinstance(result, dict):
+        text = result.get("decision")
+        approved = result.get("approved")
+        return (
+            str(text) if text is not None else json.dumps(result, default=str, sort_keys=True),
+            approved if isinstance(approved, bool) else None,
+        )
+    return (str(result) if result is not None else "decided", None)

@@ -1,0 +1,1 @@
+"""Looking back: replay, the task projection, rerun (what-if), status and metrics."""

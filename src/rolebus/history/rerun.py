@@ -1,0 +1,121 @@
+"""What-if: feed a role's recorded inputs to another handler, publish nothing, and
+diff its answers against what was recorded (to try a new prompt or agent version
+on real traffic)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from rolebus.errors import CodecError
+from rolebus.flows.contracts import ContractRegistry
+from rolebus.flows.escalation import EscalationStore, escalation_item
+from rolebus.flows.handoffs import review_item
+from rolebus.flows.state import TaskState
+from rolebus.handlers.base import Handler, HandlerContext
+from rolebus.history.replay import all_states
+from rolebus.nats.connection import Connection
+from rolebus.team.roles import RoleSpec
+from rolebus.wire import codec
+from rolebus.wire.messages import Decision, Escalation, Handoff, Outcome, Task
+from rolebus.wire.subjects import WORK_STREAM
+
+__all__ = ["RerunResult", "rerun"]
+
+
+@dataclass(frozen=True)
+class RerunResult:
+    task_id: str
+    title: str
+    recorded: dict[str, Any] | None
+    new: dict[str, Any]
+
+    @property
+    def same(self) -> bool:
+        return self.recorded == self.new
+
+    def diff(self) -> str:
+        def lines(value: Any) -> list[str]:
+            return json.dumps(value, indent=2, sort_keys=True, default=str).splitlines()
+
+        return "\n".join(
+            difflib.unified_diff(
+                lines(self.recorded), lines(self.new), "recorded", "rerun", lineterm=""
+            )
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "title": self.title,
+            "same": self.same,
+            "recorded": self.recorded,
+            "new": self.new,
+        }
+
+
+async def _item(connection: Connection, state: TaskState) -> Task | None:
+    """The work item the role's handler saw, rebuilt from the stored message."""
+    stored = await connection.streams.get(WORK_STREAM, state.stream_seq)
+    if stored is None:
+        return None
+    try:
+        message = codec.decode(stored.subject, stored.data)
+    except CodecError:
+        return None
+    if isinstance(message, Task):
+        return message
+    if isinstance(message, Handoff):
+        return review_item(message)
+    if isinstance(message, Escalation):
+        found = await EscalationStore(connection).get(message.id)
+        return escalation_item(message, found.record) if found is not None else None
+    return None
+
+
+async def rerun(
+    connection: Connection,
+    role: RoleSpec,
+    handler: Handler,
+    *,
+    correlation: str | None = None,
+    since: datetime | None = None,
+) -> AsyncIterator[RerunResult]:
+    """Each recorded input of ``role`` (optionally one flow, or since a time), run
+    through ``handler`` with the context it had; nothing is published."""
+    registry = ContractRegistry(connection)
+    states = [
+        state
+        for state in await all_states(connection)
+        if state.role == role.id
+        and state.outcome is not None
+        and (correlation is None or correlation in (state.correlation_id, state.task_id))
+        and (since is None or (state.created_at is not None and state.created_at >= since))
+    ]
+    for state in sorted(states, key=lambda s: (s.created_at or s.updated_at, s.task_id)):
+        task = await _item(connection, state)
+        if task is None:
+            continue
+        contracts = await registry.resolve(task.payload.get("contracts"))
+        context = HandlerContext(
+            role=role,
+            subject=state.subject,
+            attempt=state.attempt,
+            decisions=[Decision.model_validate(d) for d in state.detail.get("decisions", [])],
+            contracts=contracts,
+            extra={"input": task.kind, "rerun": True},
+        )
+        try:
+            outcome = await handler(task, context)
+        except Exception as error:  # report it like the worker would
+            outcome = Outcome.failed(f"handler raised {type(error).__name__}: {error}")
+        yield RerunResult(
+            task_id=state.task_id,
+            title=state.title,
+            recorded=state.outcome,
+            new=outcome.model_dump(mode="json", exclude_defaults=True),
+        )

@@ -1,0 +1,84 @@
+"""What the NATS side hands to domain code: deliveries, stored messages, KV changes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from rolebus.nats.protocol import AckMetadata
+
+__all__ = ["InboundMessage", "KvChange", "StoredMessage", "Subscription"]
+
+
+@dataclass(frozen=True, slots=True)
+class KvChange:
+    """One write to a KV bucket: ``value`` is None when the key was deleted."""
+
+    seq: int
+    key: str
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message read back from a stream (replay, DLQ, direct get)."""
+
+    stream: str
+    seq: int
+    subject: str
+    time: datetime
+    headers: Mapping[str, str]
+    data: bytes
+
+
+class InboundMessage:
+    """A message delivered by a pull consumer, with its acks."""
+
+    __slots__ = ("_msg", "delivered", "headers", "pending", "stream_seq", "subject", "time_ns")
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        self.subject: str = msg.subject
+        self.headers: Mapping[str, str] = msg.headers or {}
+        metadata = AckMetadata.from_reply(msg.reply)
+        self.delivered = metadata.delivered
+        self.stream_seq = metadata.stream_seq
+        self.time_ns = metadata.time_ns
+        self.pending = metadata.pending
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    async def ack(self) -> None:
+        await self._msg.ack()
+
+    async def ack_sync(self, timeout: float = 5.0) -> None:
+        """Ack and wait for the server to confirm (for acks that must not be lost)."""
+        await self._msg.ack_sync(timeout=timeout)
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._msg.nak(delay=delay)
+
+    async def term(self) -> None:
+        await self._msg.term()
+
+    async def in_progress(self) -> None:
+        await self._msg.in_progress()
+
+
+class Subscription:
+    """A core NATS subscription; ``close`` stops it."""
+
+    def __init__(self, subscription: Any) -> None:
+        self._subscription = subscription
+
+    async def close(self) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self._subscription.unsubscribe()

@@ -1,0 +1,101 @@
+"""JetStream key/value buckets: reads, compare-and-set writes, scans."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats.js.errors
+from nats.js import JetStreamContext
+
+from rolebus.nats.delivery import KvChange
+from rolebus.nats.protocol import ErrorCode
+from rolebus.nats.streams import StreamReader
+from rolebus.nats.translate import translated
+from rolebus.wire.headers import Header
+
+__all__ = ["KeyValue"]
+
+_DELETED = ("DEL", "PURGE")
+
+
+class KeyValue:
+    """The buckets of one connection, looked up once each."""
+
+    def __init__(self, js: JetStreamContext, streams: StreamReader) -> None:
+        self._js = js
+        self._streams = streams
+        self._buckets: dict[str, Any] = {}
+
+    async def _bucket(self, bucket: str) -> Any:
+        # Looking a bucket up costs a round trip (stream info): do it once.
+        handle = self._buckets.get(bucket)
+        if handle is None:
+            with translated(f"open bucket {bucket}"):
+                handle = self._buckets[bucket] = await self._js.key_value(bucket)
+        return handle
+
+    async def get(self, bucket: str, key: str) -> tuple[bytes, int] | None:
+        """The value and revision of ``key``, or None when absent or deleted."""
+        kv = await self._bucket(bucket)
+        try:
+            with translated(f"read {bucket}/{key}"):
+                entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return (entry.value or b"", int(entry.revision or 0))
+
+    async def create(self, bucket: str, key: str, value: bytes) -> int | None:
+        """Create ``key`` only if absent; the new revision, or None if it exists."""
+        return await self._write(bucket, key, value, 0)
+
+    async def update(self, bucket: str, key: str, value: bytes, revision: int) -> int | None:
+        """Compare-and-set: write only if ``key`` is still at ``revision``."""
+        return await self._write(bucket, key, value, revision)
+
+    async def _write(self, bucket: str, key: str, value: bytes, revision: int) -> int | None:
+        """Compare-and-set (revision 0: create); the new revision, or None when the
+        key moved on."""
+        kv = await self._bucket(bucket)
+        try:
+            with translated(f"write {bucket}/{key}"):
+                if revision == 0:
+                    return int(await kv.create(key, value))
+                return int(await kv.update(key, value, last=revision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        except nats.js.errors.APIError as error:
+            if error.err_code == ErrorCode.STREAM_WRONG_LAST_SEQUENCE:
+                return None
+            raise
+
+    async def put(self, bucket: str, key: str, value: bytes) -> int:
+        kv = await self._bucket(bucket)
+        with translated(f"write {bucket}/{key}"):
+            return int(await kv.put(key, value))
+
+    async def items(self, bucket: str) -> AsyncIterator[tuple[str, bytes]]:
+        """Every live key and value of a bucket, streamed in one pass (the last
+        value of each key; deleted keys are skipped)."""
+        async for change in self.changes(bucket):
+            if change.value is not None:
+                yield change.key, change.value
+
+    async def changes(self, bucket: str, *, from_seq: int | None = None) -> AsyncIterator[KvChange]:
+        """A bucket's writes in order: without ``from_seq`` the last one of each key
+        (deleted keys included, as deletions), from ``from_seq`` every write still
+        stored from that stream sequence on. Pass the last ``seq`` + 1 to read only
+        what changed since."""
+        prefix = f"$KV.{bucket}."
+        async for stored in self._streams.read(
+            f"KV_{bucket}",
+            filter_subjects=[f"{prefix}>"],
+            start_seq=from_seq,
+            last_per_subject=from_seq is None,
+        ):
+            deleted = stored.headers.get(Header.KV_OPERATION) in _DELETED
+            yield KvChange(
+                seq=stored.seq,
+                key=stored.subject.removeprefix(prefix),
+                value=None if deleted else stored.data,
+            )

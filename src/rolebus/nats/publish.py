@@ -1,0 +1,230 @@
+"""Publishing to JetStream: one at a time with retries, pipelined, or in atomic batches.
+
+Every publish carries a Msg-Id, so a retry after a timeout or a lost connection is
+de-duplicated by the server: retrying is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from rolebus.errors import (
+    ConnectError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    TransportError,
+    UnavailableError,
+)
+from rolebus.nats.groupcommit import GroupCommit, GroupCommitStats, Write
+from rolebus.nats.protocol import PubAck, parse_pub_ack
+from rolebus.nats.translate import Denials, translate_api
+from rolebus.wire.headers import CONTENT_TYPE_MSGPACK, Header
+from rolebus.wire.subjects import group_commit_stream
+
+__all__ = ["PendingPublish", "Publisher", "message_headers", "wait_all"]
+
+#: ``(subject, data, msg_id, headers)``: one message of a bulk publish.
+Item = tuple[str, bytes, str, Mapping[str, str] | None]
+
+
+def message_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The headers every rolebus message carries, plus ``extra``."""
+    headers = {Header.MSG_ID: msg_id, Header.CONTENT_TYPE: CONTENT_TYPE_MSGPACK}
+    if extra:
+        headers.update(extra)
+    return headers
+
+
+class Publisher:
+    """Publishes for one connection (see :class:`~rolebus.nats.connection.Connection`)."""
+
+    def __init__(self, client: Client, js: JetStreamContext, denials: Denials) -> None:
+        self._client = client
+        self._js = js
+        self._denials = denials
+        self._group_commit = GroupCommit(self._send_batch)
+
+    @property
+    def group_commit(self) -> GroupCommitStats:
+        return self._group_commit.stats
+
+    async def close(self) -> None:
+        await self._group_commit.close()
+
+    def check_size(self, subject: str, data: bytes, headers: Mapping[str, str]) -> None:
+        limit = int(self._client.max_payload)
+        size = len(data) + sum(len(key) + len(value) + 4 for key, value in headers.items()) + 12
+        if size > limit:
+            raise PayloadTooLargeError(size=size, limit=limit, subject=subject)
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 3.0,
+        give_up_after: float = 30.0,
+    ) -> PubAck:
+        """Publish and wait for the ack; retry with the same Msg-Id (the server
+        de-duplicates) until ``give_up_after`` seconds have passed."""
+        all_headers = message_headers(msg_id, headers)
+        self.check_size(subject, data, all_headers)
+        deadline = time.monotonic() + give_up_after
+        delay = 0.05
+        while True:
+            try:
+                reply = await self._client.request(
+                    subject, data, timeout=timeout, headers=all_headers
+                )
+                return parse_pub_ack(subject, reply.data)
+            except nats.errors.NoRespondersError:
+                failure: TransportError = UnavailableError(
+                    f"no stream answered for {subject!r}",
+                    subject=subject,
+                    hint="the stream may be missing (run `rolebus provision`) or its "
+                    "leader is being elected; check `rolebus status`",
+                )
+            except nats.errors.TimeoutError as error:
+                failure = self._denials.explain_timeout(subject, error, "publish to")
+            except UnavailableError as error:
+                failure = error
+            except (nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError) as e:
+                failure = UnavailableError(f"connection lost publishing to {subject!r}: {e}")
+            except nats.errors.ConnectionClosedError as error:
+                raise ConnectError(f"connection closed publishing to {subject!r}") from error
+            if isinstance(failure, PermissionDeniedError) or time.monotonic() + delay > deadline:
+                raise failure
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def start(
+        self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> PendingPublish:
+        """Send now, wait for the ack later with ``await pending.result()``: lets
+        several publishes share one round trip."""
+        all_headers = message_headers(msg_id, headers)
+        self.check_size(subject, data, all_headers)
+        try:
+            future = await self._js.publish_async(subject, data, headers=all_headers)
+        except nats.errors.Error:
+            future = None  # not sent: result() publishes with retries
+        return PendingPublish(self, subject, data, msg_id, headers, future)
+
+    def batched(
+        self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> PendingPublish:
+        """Like :meth:`start`, through the stream's group commit: the publishes
+        queued in one event-loop turn are stored as atomic batches (one fsync
+        each). For bulk publishing, and a worker with a backlog: a batch takes a
+        while to start, so a lone publish is faster sent alone."""
+        all_headers = message_headers(msg_id, headers)
+        self.check_size(subject, data, all_headers)
+        stream = group_commit_stream(subject)
+        if stream is None:
+            future = None  # no batches for this stream: result() publishes alone
+        else:
+            future = self._group_commit.write(stream, subject, data, all_headers).stored
+        return PendingPublish(self, subject, data, msg_id, headers, future, stream)
+
+    async def many(self, items: list[Item], *, window: int = 1000) -> list[PubAck]:
+        """Publish ``items``, up to ``window`` at once, as atomic batches (group
+        commit); a batch the server refuses (a duplicate Msg-Id among them, say)
+        is published again one by one."""
+        for subject, data, msg_id, headers in items:
+            self.check_size(subject, data, message_headers(msg_id, headers))
+        acks: list[PubAck] = []
+        for start in range(0, len(items), window):
+            pending = [
+                self.batched(subject, data, msg_id=msg_id, headers=headers)
+                for subject, data, msg_id, headers in items[start : start + window]
+            ]
+            acks.extend(await wait_all(pending))
+        return acks
+
+    async def _send_batch(self, batch_id: str, writes: list[Write]) -> int:
+        """Store ``writes`` as one atomic batch (see groupcommit.py); the sequence
+        of the last one. Only the commit asks for an ack."""
+        last = len(writes)
+        headers: dict[str, str] = {}
+        try:
+            for number, entry in enumerate(writes, start=1):
+                headers = {
+                    **entry.headers,
+                    Header.BATCH_ID: batch_id,
+                    Header.BATCH_SEQUENCE: str(number),
+                }
+                if number < last:
+                    await self._client.publish(entry.subject, entry.data, headers=headers)
+            headers[Header.BATCH_COMMIT] = "1"
+            reply = await self._client.request(
+                entry.subject, entry.data, timeout=5.0, headers=headers
+            )
+        except nats.errors.Error as error:
+            raise UnavailableError(
+                f"batch of {last} to {entry.subject!r} not acknowledged: {type(error).__name__}"
+            ) from error
+        return parse_pub_ack(entry.subject, reply.data).seq
+
+
+class PendingPublish:
+    """A publish in flight; :meth:`result` waits for its ack (bounded), and on
+    a timeout or error publishes again with the same Msg-Id (de-duplicated)."""
+
+    __slots__ = ("_batched", "_data", "_headers", "_msg_id", "_publisher", "_subject", "future")
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        subject: str,
+        data: bytes,
+        msg_id: str,
+        headers: Mapping[str, str] | None,
+        future: asyncio.Future[Any] | None,
+        batched: str | None = None,
+    ) -> None:
+        self._publisher = publisher
+        self._subject = subject
+        self._data = data
+        self._msg_id = msg_id
+        self._headers = headers
+        #: The server's answer, when it was sent (None: not sent, result() sends it).
+        self.future = future
+        # The stream, when ``future`` is a group commit's (a sequence, or None: not
+        # stored, publish alone). That future always resolves: no timer needed.
+        self._batched = batched
+
+    async def result(self, timeout: float = 5.0) -> PubAck:
+        future = self.future
+        if future is not None and self._batched is not None:
+            seq = future.result() if future.done() else await future
+            if seq is not None:
+                return PubAck(self._batched, int(seq), False)
+        elif future is not None:
+            try:
+                # Usually the ack is already here: skip wait_for and its timer.
+                ack = future.result() if future.done() else await asyncio.wait_for(future, timeout)
+                return PubAck(str(ack.stream), int(ack.seq), bool(ack.duplicate))
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as error:
+                if isinstance(error, nats.js.errors.APIError) and error.code != 503:
+                    raise translate_api(error, f"publish {self._subject}") from error
+        return await self._publisher.publish(
+            self._subject, self._data, msg_id=self._msg_id, headers=self._headers
+        )
+
+
+async def wait_all(pending: list[PendingPublish], timeout: float = 5.0) -> list[PubAck]:
+    """Wait for several publishes at once (one timer, not one per publish)."""
+    unfinished = [p.future for p in pending if p.future is not None and not p.future.done()]
+    if unfinished:
+        await asyncio.wait(unfinished, timeout=timeout)
+    return [await publish.result(timeout) for publish in pending]

@@ -1,0 +1,1 @@
+"""The team: role files (``roles/*.md``) as RoleSpecs, and the NATS permissions they imply."""

@@ -1,0 +1,1 @@
+"""The web dashboard: the app (routes) and its server-rendered pages."""

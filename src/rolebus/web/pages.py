@@ -1,0 +1,100 @@
+"""The dashboard's HTML: one page frame (style, navigation, the live-update
+script) and the small pieces the pages repeat. Every value shown is escaped here."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from starlette.responses import HTMLResponse
+
+from rolebus.flows.contracts import ContractVersion
+from rolebus.flows.state import TaskState
+
+__all__ = ["escape", "page", "slo_cell", "task_card", "version_row"]
+
+
+_STYLE = """
+body{font:14px system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+nav{background:#1d2330;padding:8px 16px}nav a{color:#fff;margin-right:16px;text-decoration:none}
+main{padding:16px}.board{display:flex;gap:12px;align-items:flex-start;overflow-x:auto}
+.column{background:#fff;border:1px solid #dde1e7;border-radius:6px;min-width:220px;padding:8px}
+.card{border:1px solid #e4e7ec;border-radius:4px;padding:6px;margin:6px 0;background:#fbfcfd}
+.state-completed{border-left:4px solid #2f9e44}
+.state-dead,.state-rejected{border-left:4px solid #e03131}
+.state-input-required{border-left:4px solid #f59f00}
+.state-claimed,.state-retrying{border-left:4px solid #1c7ed6}
+.met{color:#2f9e44}.missed{color:#e03131}.muted{color:#6b7280;font-size:12px}
+table{border-collapse:collapse}td,th{border:1px solid #dde1e7;padding:4px 8px;text-align:left}
+"""
+
+_LIVE = """
+<script>
+const source = new EventSource("/events");
+let pending = false;
+source.onmessage = () => {
+  if (pending) return;
+  pending = true;
+  setTimeout(async () => {
+    pending = false;
+    const target = document.getElementById("live");
+    if (!target) return;
+    const query = location.search.replace("?", "&");
+    const response = await fetch(location.pathname + "?fragment=1" + query);
+    if (response.ok) target.innerHTML = await response.text();
+  }, 250);
+};
+</script>
+"""
+
+
+def escape(value: object) -> str:
+    """Any value as HTML text (user-supplied strings included)."""
+    return html.escape(str(value), quote=True)
+
+
+def page(title: str, body: str, *, live: bool = False) -> HTMLResponse:
+    """A whole page: ``body`` (already escaped) in the frame; ``live`` refreshes it
+    on the dashboard's notices."""
+    nav = "".join(
+        f'<a href="{href}">{label}</a>'
+        for href, label in (
+            ("/", "Team"),
+            ("/escalations", "Escalations"),
+            ("/contracts", "Contracts"),
+            ("/stream", "Event stream"),
+        )
+    )
+    document = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)} - rolebus"
+        f"</title><style>{_STYLE}</style></head><body><nav>{nav}</nav><main>"
+        f"<h1>{escape(title)}</h1><div id='live'>{body}</div></main>"
+        f"{_LIVE if live else ''}</body></html>"
+    )
+    return HTMLResponse(document)
+
+
+def task_card(state: TaskState) -> str:
+    """A task on the board."""
+    return (
+        f'<div class="card state-{escape(state.state)}" data-task="{escape(state.task_id)}">'
+        f'<a href="/tasks/{escape(state.task_id)}">{escape(state.title or state.task_id)}</a>'
+        f'<div class="muted">{escape(state.state)} · {escape(state.kind)}'
+        f"{' · attempt ' + escape(state.attempt) if state.attempt > 1 else ''}</div></div>"
+    )
+
+
+def slo_cell(check: dict[str, Any]) -> str:
+    if check["met"] is None:
+        return '<span class="muted">no data</span>'
+    css, word = ("met", "met") if check["met"] else ("missed", "not met")
+    return f'<span class="{css}">{word}</span>'
+
+
+def version_row(version: ContractVersion) -> str:
+    asked = "; ".join(f"{role}: {' '.join(why)}" for role, why in version.changes_requested.items())
+    return (
+        f"<tr><td>{escape(version.document.version)}</td><td>{escape(version.author)}</td>"
+        f"<td>{escape(', '.join(version.accepted_by) or '-')}</td>"
+        f"<td>{escape(asked or '-')}</td></tr>"
+    )

@@ -1,0 +1,107 @@
+"""msgpack <-> typed messages. The only module that imports msgpack.
+
+The encoded form is a plain msgpack map of the model's JSON-mode fields
+(timestamps as RFC 3339 strings), so any language can read and write it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ValidationError
+
+from rolebus.errors import CodecError
+from rolebus.wire.messages import Decision, Envelope, Escalation, Event, Handoff, Task
+
+__all__ = [
+    "decode",
+    "decode_as",
+    "decode_map",
+    "encode",
+    "encode_map",
+    "message_type_for",
+    "validation_problems",
+]
+
+MessageT = TypeVar("MessageT", bound=BaseModel)
+
+_TYPES: dict[str, type[Envelope]] = {
+    "task": Task,
+    "handoff": Handoff,
+    "escalation": Escalation,
+    "decision": Decision,
+    "event": Event,
+}
+
+
+def message_type_for(subject: str) -> type[Envelope]:
+    """The message model a subject carries (``dlq.<subject>`` carries the original's)."""
+    family, _, rest = subject.partition(".")
+    if family == "dlq":
+        family = rest.partition(".")[0]
+    try:
+        return _TYPES[family]
+    except KeyError:
+        raise CodecError(
+            f"no message type for subject {subject!r}",
+            subject=subject,
+            hint="see `rolebus subjects` for the subjects rolebus knows",
+        ) from None
+
+
+def encode(message: BaseModel) -> bytes:
+    """A model as a msgpack map (unknown fields kept)."""
+    return encode_map(message.model_dump(mode="json"))
+
+
+def encode_map(data: dict[str, Any]) -> bytes:
+    packed: bytes = msgpack.packb(data, use_bin_type=True)
+    return packed
+
+
+def decode_map(data: bytes, *, subject: str = "") -> dict[str, Any]:
+    """Bytes to a map, or a CodecError that says what the bytes were."""
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as error:  # msgpack raises several unrelated types for bad bytes
+        raise CodecError(
+            f"message on {subject!r} is not msgpack ({len(data)} bytes, "
+            f"starting {data[:16]!r}): {error or type(error).__name__}",
+            subject=subject,
+            hint="publish a msgpack map as described in subjects.md",
+        ) from error
+    if not isinstance(value, dict):
+        raise CodecError(
+            f"message on {subject!r} is a msgpack {type(value).__name__}, not a map",
+            subject=subject,
+            hint="publish a msgpack map as described in subjects.md",
+        )
+    return value
+
+
+def validation_problems(error: ValidationError) -> str:
+    """A pydantic error as one line: ``field.path: what is wrong; ...``."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item['loc']) or '(root)'}: {item['msg']}"
+        for item in error.errors()
+    )
+
+
+def decode_as(model: type[MessageT], data: bytes, *, subject: str = "") -> MessageT:
+    """Decode and validate against one model."""
+    mapping = decode_map(data, subject=subject)
+    try:
+        return model.model_validate(mapping)
+    except ValidationError as error:
+        problems = validation_problems(error)
+        raise CodecError(
+            f"message on {subject!r} is not a valid {model.__name__}: {problems}",
+            subject=subject,
+            hint=f"see the {model.__name__} fields in subjects.md",
+        ) from error
+
+
+def decode(subject: str, data: bytes) -> Envelope:
+    """Decode a message by the family of the subject it arrived on."""
+    return decode_as(message_type_for(subject), data, subject=subject)

@@ -1,0 +1,213 @@
+"""The typed messages of wire contract v1 (pure data, no I/O).
+
+Every message is a msgpack map on the wire (see :mod:`rolebus.wire.codec` and
+subjects.md). Fields a newer publisher adds and this version does not know are
+kept (``extra="allow"``) and written back unchanged, so a message survives a
+decode/encode round trip through an older worker.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Decision",
+    "Envelope",
+    "Escalation",
+    "EscalationOption",
+    "EscalationRequest",
+    "Event",
+    "FollowUp",
+    "Handoff",
+    "HandoffRequest",
+    "Outcome",
+    "OutcomeStatus",
+    "Task",
+    "new_id",
+    "utc_now",
+]
+
+SCHEMA_VERSION = 1
+_ID = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def new_id() -> str:
+    """A fresh message id: 16 hex digits (64 random bits), short enough to type."""
+    return uuid.uuid4().hex[:16]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Envelope(BaseModel):
+    """Fields every message on the bus carries."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    id: str = Field(default_factory=new_id, min_length=1, max_length=256)
+    from_role: str | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    created_at: datetime = Field(default_factory=utc_now)
+
+    @field_validator("created_at")
+    @classmethod
+    def _as_utc(cls, value: datetime) -> datetime:
+        # RFC 3339 without an offset is read as UTC rather than refused: other
+        # languages' clients often omit it.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_one_token(cls, value: str) -> str:
+        # Ids appear in subjects (decision.<role>.<escalation id>) and KV keys.
+        if not _ID.match(value):
+            raise ValueError("an id is letters, digits, '_' and '-' only")
+        return value
+
+    @property
+    def flow_id(self) -> str:
+        """The root of this message's flow (its correlation id, or itself)."""
+        return self.correlation_id or self.id
+
+
+class Task(Envelope):
+    """Work for the role that owns a domain: subject ``task.<domain>.<kind>``."""
+
+    kind: str = Field(min_length=1)
+    title: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    priority: int | None = None
+    deadline: datetime | None = None
+
+
+class Handoff(Envelope):
+    """An API contract version handed to a role (``handoff.<to_role>.<contract>``),
+    or that role's answer flowing back to the sender (``status`` not ``offered``)."""
+
+    to_role: str
+    contract: str
+    version: str
+    status: Literal["offered", "accepted", "changes-requested"] = "offered"
+    reasons: list[str] = Field(default_factory=list)
+    task_id: str | None = None
+    note: str = ""
+
+
+class EscalationOption(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    tradeoffs: str = ""
+
+
+class Escalation(Envelope):
+    """A question or approval a role must decide: ``escalation.<to_role>.<reason>``.
+
+    ``task_id`` is the task parked until the decision comes back; ``level`` counts
+    how many times it climbed ``reports_to`` after a timeout.
+    """
+
+    to_role: str
+    reason: str
+    question: str
+    task_id: str | None = None
+    options: list[EscalationOption] = Field(default_factory=list)
+    timeout_s: float | None = None
+    level: int = 0
+
+
+class Decision(Envelope):
+    """The answer to an escalation, back to the asker: ``decision.<to_role>.<escalation_id>``."""
+
+    escalation_id: str
+    to_role: str
+    decision: str
+    approved: bool | None = None
+    task_id: str | None = None
+    decided_by: str = "person"
+
+
+class Event(Envelope):
+    """A lifecycle event: ``event.<entity>.<state>`` (for tasks, ``event.task.completed``)."""
+
+    entity: str = "task"
+    state: str
+    task_id: str
+    role: str | None = None
+    subject: str | None = None
+    attempt: int = 0
+    at: datetime = Field(default_factory=utc_now)
+    result: Any = None
+    error: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- what a handler returns ---------------------------------------------------------
+
+
+class FollowUp(BaseModel):
+    """A follow-up task a handler asks the bus to publish."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subject: str
+    title: str
+    kind: str | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class EscalationRequest(BaseModel):
+    """A handler's question: to whom (or the role's ``escalate`` rule for ``reason``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason: str
+    question: str
+    to: str | None = None
+    options: list[EscalationOption] = Field(default_factory=list)
+
+
+class HandoffRequest(BaseModel):
+    """A contract version a handler hands to another role."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    to: str
+    contract: str
+    version: str
+    document: dict[str, Any] | None = None
+    note: str = ""
+
+
+OutcomeStatus = Literal["completed", "failed", "escalate", "handoff"]
+
+
+class Outcome(BaseModel):
+    """What a handler decided; the worker turns it into effects on the bus."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status: OutcomeStatus
+    result: Any = None
+    error: str | None = None
+    retryable: bool = True
+    tasks: list[FollowUp] = Field(default_factory=list)
+    escalation: EscalationRequest | None = None
+    handoff: HandoffRequest | None = None
+
+    @classmethod
+    def completed(cls, result: Any = None, *, tasks: list[FollowUp] | None = None) -> Outcome:
+        return cls(status="completed", result=result, tasks=tasks or [])
+
+    @classmethod
+    def failed(cls, error: str, *, retryable: bool = True) -> Outcome:
+        return cls(status="failed", error=error, retryable=retryable)

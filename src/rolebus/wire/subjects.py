@@ -1,0 +1,253 @@
+"""Every wire name rolebus uses: subjects, streams, consumers, KV buckets, headers.
+
+subjects.md documents each of these for publishers in other languages, and
+``tests/test_subjects_doc.py`` fails when the two disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from rolebus.errors import SubjectError
+
+__all__ = [
+    "CONTRACTS_BUCKET",
+    "DLQ_STREAM",
+    "ESCALATIONS_BUCKET",
+    "EVENTS_STREAM",
+    "STREAMS",
+    "SUPERVISOR_CONSUMER",
+    "TASKS_BUCKET",
+    "TIMERS_STREAM",
+    "WORK_STREAM",
+    "ParsedSubject",
+    "StreamSpec",
+    "consumer_name",
+    "decision_subject",
+    "dlq_subject",
+    "escalation_subject",
+    "event_subject",
+    "group_commit_stream",
+    "handoff_subject",
+    "parse_subject",
+    "role_filter_subjects",
+    "stream_for_subject",
+    "task_subject",
+    "timer_subjects",
+    "validate_pattern",
+    "validate_token",
+]
+
+# --- message families (the first token of a subject) --------------------------------
+TASK: Final = "task"
+HANDOFF: Final = "handoff"
+ESCALATION: Final = "escalation"
+DECISION: Final = "decision"
+EVENT: Final = "event"
+DLQ: Final = "dlq"
+TIMER: Final = "timer"
+
+# --- streams ---------------------------------------------------------------------------
+WORK_STREAM: Final = "ROLEBUS_WORK"
+EVENTS_STREAM: Final = "ROLEBUS_EVENTS"
+DLQ_STREAM: Final = "ROLEBUS_DLQ"
+TIMERS_STREAM: Final = "ROLEBUS_TIMERS"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A stream rolebus provisions. ``work`` streams refuse new messages when full."""
+
+    name: str
+    subjects: tuple[str, ...]
+    description: str
+    work: bool
+    schedules: bool = False
+
+
+STREAMS: Final = (
+    StreamSpec(
+        WORK_STREAM,
+        (f"{TASK}.>", f"{HANDOFF}.>", f"{ESCALATION}.>", f"{DECISION}.>"),
+        "tasks, contract handoffs, escalations and decisions between role workers",
+        work=True,
+    ),
+    StreamSpec(EVENTS_STREAM, (f"{EVENT}.>",), "lifecycle events: the history", work=False),
+    StreamSpec(DLQ_STREAM, (f"{DLQ}.>",), "dead letters, with reason headers", work=True),
+    # Message schedules cannot live in a discard-new stream, hence their own stream.
+    StreamSpec(
+        TIMERS_STREAM,
+        (f"{TIMER}.>",),
+        "escalation timeouts: scheduled messages the server fires at their deadline",
+        work=False,
+        schedules=True,
+    ),
+)
+
+#: The durable consumer that turns fired timers into climbed escalations.
+SUPERVISOR_CONSUMER: Final = "supervisor"
+
+# --- KV buckets ------------------------------------------------------------------------
+TASKS_BUCKET: Final = "rolebus_tasks"
+CONTRACTS_BUCKET: Final = "rolebus_contracts"
+ESCALATIONS_BUCKET: Final = "rolebus_escalations"
+BUCKETS: Final = (TASKS_BUCKET, CONTRACTS_BUCKET, ESCALATIONS_BUCKET)
+
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+_ROLE_ID = re.compile(r"^[a-z][a-z0-9\-]*$")
+
+
+def validate_token(value: str, *, what: str) -> str:
+    """One subject token: letters, digits, ``_`` and ``-``; nothing else (ids are
+    tokens too, and KV keys, which allow no more)."""
+    if not value or not _TOKEN.match(value):
+        raise SubjectError(
+            f"{what} {value!r} is not a valid subject token",
+            subject=value,
+            hint="use letters, digits, '_' or '-' only: no spaces, dots, '*' or '>'",
+        )
+    return value
+
+
+def validate_role_id(value: str) -> str:
+    if not _ROLE_ID.match(value):
+        raise SubjectError(
+            f"role id {value!r} is not valid",
+            subject=value,
+            hint="use lowercase letters, digits and '-', starting with a letter (e.g. eng-be)",
+        )
+    return value
+
+
+def validate_pattern(pattern: str) -> str:
+    """A subscription pattern: tokens, ``*`` for one token, ``>`` only at the end."""
+    tokens = pattern.split(".")
+    for index, token in enumerate(tokens):
+        if token == "*" or (token == ">" and index == len(tokens) - 1):
+            continue
+        validate_token(token, what=f"token {index + 1} of pattern {pattern!r}:")
+    return pattern
+
+
+def task_subject(domain: str, kind: str) -> str:
+    return f"{TASK}.{validate_token(domain, what='domain')}.{validate_token(kind, what='kind')}"
+
+
+def handoff_subject(to_role: str, contract: str) -> str:
+    return f"{HANDOFF}.{validate_role_id(to_role)}.{validate_token(contract, what='contract')}"
+
+
+def escalation_subject(to_role: str, reason: str) -> str:
+    return f"{ESCALATION}.{validate_role_id(to_role)}.{validate_token(reason, what='reason')}"
+
+
+def decision_subject(to_role: str, escalation_id: str) -> str:
+    return (
+        f"{DECISION}.{validate_role_id(to_role)}."
+        f"{validate_token(escalation_id, what='escalation id')}"
+    )
+
+
+def event_subject(entity: str, state: str) -> str:
+    return f"{EVENT}.{validate_token(entity, what='entity')}.{validate_token(state, what='state')}"
+
+
+def timer_subjects(escalation_id: str, level: int) -> tuple[str, str]:
+    """Where one escalation level's timer waits (a NATS scheduled message), and
+    the subject the server publishes it on at the deadline."""
+    token = f"{validate_token(escalation_id, what='escalation id')}-l{level}"
+    return f"{TIMER}.schedule.{token}", f"{TIMER}.fired.{token}"
+
+
+def dlq_subject(original_subject: str) -> str:
+    return f"{DLQ}.{original_subject}"
+
+
+def consumer_name(role_id: str) -> str:
+    """The durable pull consumer all replicas of one role share."""
+    return f"worker-{validate_role_id(role_id)}"
+
+
+def role_filter_subjects(role_id: str, domains: tuple[str, ...] | list[str]) -> list[str]:
+    """Everything addressed to a role: its domains' tasks and its handoffs,
+    escalations and decisions."""
+    return [f"{TASK}.{domain}.>" for domain in domains] + [
+        f"{HANDOFF}.{role_id}.>",
+        f"{ESCALATION}.{role_id}.>",
+        f"{DECISION}.{role_id}.>",
+    ]
+
+
+@dataclass(frozen=True)
+class ParsedSubject:
+    family: str
+    second: str
+    third: str
+
+    @property
+    def subject(self) -> str:
+        return f"{self.family}.{self.second}.{self.third}"
+
+
+_THREE_TOKEN_FAMILIES = (TASK, HANDOFF, ESCALATION, DECISION, EVENT)
+
+
+def parse_subject(subject: str) -> ParsedSubject:
+    """Split and validate a publishable subject (``family.second.third``)."""
+    tokens = subject.split(".")
+    if tokens[0] not in _THREE_TOKEN_FAMILIES:
+        raise SubjectError(
+            f"unknown subject {subject!r}",
+            subject=subject,
+            hint="subjects start with task., handoff., escalation., decision. or event.; "
+            "see `rolebus subjects`",
+        )
+    if len(tokens) != 3:
+        raise SubjectError(
+            f"subject {subject!r} has {len(tokens)} tokens; "
+            f"{tokens[0]} subjects have 3 ({tokens[0]}.<...>.<...>)",
+            subject=subject,
+            hint="e.g. task.backend.implement; see `rolebus subjects`",
+        )
+    family, second, third = tokens
+    names = {
+        TASK: ("domain", "kind"),
+        HANDOFF: ("role", "contract"),
+        ESCALATION: ("role", "reason"),
+        DECISION: ("role", "escalation id"),
+        EVENT: ("entity", "state"),
+    }[family]
+    validate_token(second, what=f"{names[0]} in {subject!r}:")
+    validate_token(third, what=f"{names[1]} in {subject!r}:")
+    return ParsedSubject(family, second, third)
+
+
+_GROUP_COMMIT_FAMILIES: Final = {
+    TASK: WORK_STREAM,
+    HANDOFF: WORK_STREAM,
+    ESCALATION: WORK_STREAM,
+    DECISION: WORK_STREAM,
+    EVENT: EVENTS_STREAM,
+    DLQ: DLQ_STREAM,
+}
+
+
+def group_commit_stream(subject: str) -> str | None:
+    """The stream whose messages on ``subject`` may share an atomic batch, or None
+    (timers: scheduled messages are not batched)."""
+    return _GROUP_COMMIT_FAMILIES.get(subject.split(".", 1)[0])
+
+
+def stream_for_subject(subject: str) -> str:
+    family = subject.split(".", 1)[0]
+    if family == EVENT:
+        return EVENTS_STREAM
+    if family == DLQ:
+        return DLQ_STREAM
+    if family == TIMER:
+        return TIMERS_STREAM
+    parse_subject(subject)
+    return WORK_STREAM

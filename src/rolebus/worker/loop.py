@@ -1,0 +1,229 @@
+"""One role's worker: the loop that pulls messages and runs them concurrently.
+
+Guarantees (each has a test):
+
+- Nothing acknowledged is lost: a message is acked only after its effects
+  (follow-ups, events, state) are stored; a crash before that redelivers it.
+- Effects happen once: see :mod:`rolebus.worker.dispatch` and :mod:`rolebus.flows.effects`.
+- A live handler is not redelivered: in-flight messages heartbeat
+  (``in_progress``) every ``ack_wait / 3``.
+- Bounded: at most ``2 x concurrency`` messages are held; ``concurrency`` run.
+- Bad input never stops the worker: it is dead-lettered and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import structlog
+
+from rolebus.bus import Bus
+from rolebus.errors import CodecError, RolebusError
+from rolebus.flows.state import StateStore
+from rolebus.handlers.base import Handler
+from rolebus.handlers.loader import load_handler
+from rolebus.nats.admin import ConsumerSpec
+from rolebus.nats.delivery import InboundMessage
+from rolebus.nats.puller import Puller
+from rolebus.team.roles import RoleSpec, Team
+from rolebus.wire import codec
+from rolebus.wire.messages import Task
+from rolebus.wire.subjects import WORK_STREAM, consumer_name
+from rolebus.worker.dispatch import Dispatcher, DispatchStats
+from rolebus.worker.slots import Slots
+
+__all__ = ["Worker", "consumer_spec_for"]
+
+log = structlog.get_logger("rolebus.worker.loop")
+
+_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+
+def consumer_spec_for(role: RoleSpec) -> ConsumerSpec:
+    """The durable pull consumer every worker of ``role`` shares."""
+    return ConsumerSpec(
+        stream=WORK_STREAM,
+        name=consumer_name(role.id),
+        filter_subjects=tuple(role.filter_subjects),
+        ack_wait=role.ack_wait,
+        max_deliver=role.max_deliver,
+        max_ack_pending=max(1000, role.concurrency * 64),
+    )
+
+
+class Worker:
+    """Runs one role: ``await worker.start()``, then ``await worker.stop()``."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        role: RoleSpec,
+        team: Team,
+        *,
+        handler: Handler | None = None,
+        grace: float = 30.0,
+        replica: int = 1,
+    ) -> None:
+        self.bus = bus
+        self.role = role
+        self.team = team
+        self.handler = handler or load_handler(role.handler, role=role.id)
+        self.grace = grace
+        self.replica = replica
+        self.dispatcher = Dispatcher(
+            bus.connection,
+            role,
+            team,
+            self.handler,
+            claimed_after=bus.settings.claimed_after,
+        )
+        self.states = StateStore(bus.connection)
+        self._connection = bus.connection
+        self._consumer = consumer_name(role.id)
+        self._slots = Slots(role.id, role.concurrency, self._process)
+        self._in_flight: dict[int, tuple[InboundMessage, float]] = {}
+        self._idle = asyncio.Event()  # set whenever nothing is in flight
+        self._idle.set()
+        self._puller: Puller | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._advisories: Any = None
+        self._stopping = False
+        self._log = log.bind(role=role.id, replica=replica)
+
+    @property
+    def stats(self) -> DispatchStats:
+        return self.dispatcher.stats
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # --- life cycle -----------------------------------------------------------------
+
+    @property
+    def consumer_spec(self) -> ConsumerSpec:
+        return consumer_spec_for(self.role)
+
+    async def start(self) -> None:
+        # An admin may have provisioned it (least-privilege users cannot create it).
+        if not await self._connection.admin.consumer_matches(self.consumer_spec):
+            await self._connection.admin.ensure_consumer(self.consumer_spec)
+        # Room for a second batch while the first is handled keeps the slots busy.
+        capacity = self.role.concurrency * 2
+        self._puller = self._connection.puller(
+            WORK_STREAM,
+            self._consumer,
+            capacity=capacity,
+            deliver=self._slots.put,
+            on_consumer_lost=lambda: self._connection.admin.ensure_consumer(self.consumer_spec),
+        )
+        self._advisories = await self._connection.subscribe_core(
+            f"{_ADVISORY}.{WORK_STREAM}.{self._consumer}", self._on_max_deliveries
+        )
+        self._slots.start()
+        self._background = [
+            asyncio.create_task(self._heartbeat(), name=f"{self.role.id} heartbeat")
+        ]
+        await self._puller.start()
+        self._log.info("worker started", consumer=self._consumer, concurrency=len(self._slots))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop pulling, let running handlers finish within ``grace`` seconds, nak the
+        rest (they are redelivered to another replica or the next start)."""
+        grace = self.grace if grace is None else grace
+        self._stopping = True
+        if self._puller is not None:
+            await self._puller.stop()
+        for queued in self._slots.close():
+            await queued.nak()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        await self._slots.cancel()
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for message, _ in list(self._in_flight.values()):
+            with contextlib.suppress(Exception):
+                await message.nak()
+        self._in_flight.clear()
+        if self._puller is not None:
+            await self._puller.close()
+        if self._advisories is not None:
+            await self._advisories.close()
+        with contextlib.suppress(Exception):
+            await self._connection.flush()
+        self._log.info("worker stopped", completed=self.stats.completed)
+
+    # --- delivery -------------------------------------------------------------------
+
+    async def _process(self, message: InboundMessage) -> None:
+        """One slot's work on one message: dispatch it, and never let an error out."""
+        if self._stopping:
+            await message.nak()
+            return
+        self._in_flight[message.stream_seq] = (message, time.monotonic())
+        self._idle.clear()
+        try:
+            await self.dispatcher.handle(message)
+        except asyncio.CancelledError:
+            raise
+        except RolebusError as error:
+            # The bus itself failed (server gone, stream full): try again later.
+            self._log.error(
+                "could not process; will retry",
+                error=str(error),
+                subject=message.subject,
+                seq=message.stream_seq,
+            )
+            with contextlib.suppress(Exception):
+                await message.nak(delay=self.role.retry_delay(message.delivered))
+        except Exception:
+            self._log.exception("bug while processing", subject=message.subject)
+            with contextlib.suppress(Exception):
+                await message.nak(delay=self.role.retry_delay(message.delivered))
+        finally:
+            self._in_flight.pop(message.stream_seq, None)
+            if not self._in_flight:
+                self._idle.set()
+            if self._puller is not None:
+                self._puller.release()
+
+    async def _heartbeat(self) -> None:
+        period = max(0.1, self.role.ack_wait / 3)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for message, started in list(self._in_flight.values()):
+                if now - started >= period:
+                    with contextlib.suppress(Exception):
+                        await message.in_progress()
+
+    async def _on_max_deliveries(self, advisory: Any) -> None:
+        """The server gave up redelivering (the worker died on the last attempt, or
+        never acked): move the message to the DLQ so it is not silently stuck."""
+        try:
+            body = json.loads(advisory.data)
+            seq = int(body["stream_seq"])
+            deliveries = int(body.get("deliveries", self.role.max_deliver))
+        except (ValueError, KeyError, TypeError):
+            return
+        original = await self._connection.streams.get(WORK_STREAM, seq)
+        if original is None:
+            return
+        task: Task | None = None
+        with contextlib.suppress(CodecError):
+            task = codec.decode_as(Task, original.data, subject=original.subject)
+        await self.dispatcher.settle.bury(
+            original,
+            reason="max-deliver",
+            error=f"no ack after {deliveries} deliveries (max_deliver {self.role.max_deliver})",
+            attempts=deliveries,
+            task=task,
+            stored=await self.states.get(task.id) if task is not None else None,
+        )

@@ -1,0 +1,318 @@
+"""How a delivery ends: the state record is changed (compare-and-set), then the
+effects it lists are published, and only then is the message acked.
+
+Shared by every kind of input (:mod:`rolebus.worker.dispatch`) and by the outcomes that
+park or escalate (:mod:`rolebus.worker.parking`). A redelivery of something already done
+publishes the recorded effects again (the same Msg-Ids, de-duplicated) instead of
+running the handler twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rolebus.errors import StaleClaimError
+from rolebus.flows import dlq
+from rolebus.flows.effects import (
+    Effect,
+    dead_event,
+    effect,
+    publish_effects,
+    publish_event,
+    state_event,
+)
+from rolebus.flows.state import PARKED, StateStore, StoredState
+from rolebus.nats.connection import Connection
+from rolebus.nats.delivery import InboundMessage, StoredMessage
+from rolebus.team.roles import RoleSpec
+from rolebus.wire.headers import Header
+from rolebus.wire.messages import Envelope, Event, Outcome, Task
+from rolebus.wire.subjects import WORK_STREAM
+
+__all__ = ["DispatchStats", "Item", "Settling"]
+
+
+@dataclass
+class DispatchStats:
+    completed: int = 0
+    failed: int = 0
+    dead: int = 0
+    parked: int = 0
+    redelivered_done: int = 0
+    by_state: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Item:
+    """A work item and what it came from."""
+
+    task: Task
+    kind: str  # task | handoff | handoff-answer | escalation | resume
+    source: Envelope
+    resume: str | None = None
+
+
+class Settling:
+    """Claiming, finishing, retrying and dead-lettering a delivery (held by the
+    :class:`~rolebus.worker.dispatch.Dispatcher` and the
+    :class:`~rolebus.worker.parking.Parking`)."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        role: RoleSpec,
+        states: StateStore,
+        stats: DispatchStats,
+        log: Any,  # a structlog logger bound to the role
+    ) -> None:
+        self.connection = connection
+        self.role = role
+        self.states = states
+        self.stats = stats
+        self._log = log
+
+    async def claim(
+        self,
+        message: InboundMessage,
+        item: Item,
+        *,
+        subject: str | None = None,
+        stream_seq: int | None = None,
+    ) -> StoredState | None:
+        """Claim the item; None when it must not run (done, or parked): then its
+        recorded effects were re-published and the message acked."""
+        stored = await self.states.claim(
+            item.task,
+            role=self.role.id,
+            subject=subject or message.subject,
+            attempt=message.delivered,
+            stream_seq=message.stream_seq if stream_seq is None else stream_seq,
+            resume=item.resume,
+        )
+        if stored.state.terminal or (stored.state.state == PARKED and item.resume is None):
+            await self.finish_again(message, stored)
+            return None
+        return stored
+
+    async def failed(
+        self, message: InboundMessage, item: Item, stored: StoredState, outcome: Outcome
+    ) -> None:
+        attempt = message.delivered
+        error = outcome.error or "failed"
+        if outcome.retryable and attempt < self.role.max_deliver:
+            delay = self.role.retry_delay(attempt)
+            changed = await self.change(stored, state="retrying", error=error, attempt=attempt)
+            if changed is None:
+                await message.ack()
+                return
+            event = self.task_event(
+                item, message, "retrying", error=error, detail={"delay_s": delay}
+            )
+            await (
+                await publish_event(
+                    self.connection, event, trace=message.headers.get(Header.TRACEPARENT)
+                )
+            ).result()
+            await message.nak(delay=delay)
+            self.stats.failed += 1
+            self._log.info(
+                "task failed; will retry",
+                task_id=item.task.id,
+                attempt=attempt,
+                subject=message.subject,
+                delay_s=delay,
+                error=error,
+            )
+            return
+        reason = "failed" if not outcome.retryable else "max-deliver"
+        await self.dead_letter(message, reason=reason, error=error, item=item, stored=stored)
+
+    async def finish(
+        self,
+        message: InboundMessage,
+        item: Item,
+        stored: StoredState,
+        *,
+        state: str,
+        result: Any = None,
+        error: str | None = None,
+        effects: list[Effect] | None = None,
+        sent: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Compare-and-set to a terminal state (with its effects), publish, ack."""
+        new_detail = dict(detail if detail is not None else stored.state.detail)
+        new_detail.pop("waiting_for", None)
+        if sent is not None:
+            new_detail["sent"] = sent
+        finished = await self.change(
+            stored,
+            state=state,
+            result=result,
+            error=error,
+            effects=effects or [],
+            attempt=message.delivered,
+            detail=new_detail,
+        )
+        if finished is None:  # finished elsewhere meanwhile
+            await message.ack()
+            return
+        # A first run's effects are new Msg-Ids; a redelivery's (_finish_again) may be
+        # stored already, and one duplicate refuses a whole batch: those go alone.
+        await self.publish_resting(message, finished, batch=self.has_backlog(message))
+        await message.ack()
+        if state == "completed":
+            self.stats.completed += 1
+        self.stats.by_state[state] = self.stats.by_state.get(state, 0) + 1
+        # The common case stays off the info level: a line per task is a cost on the
+        # hot path (and a flood); the exceptions are worth one.
+        report = self._log.debug if state == "completed" else self._log.info
+        report(
+            f"task {state}",
+            task_id=item.task.id,
+            subject=message.subject,
+            attempt=message.delivered,
+            input=item.kind,
+        )
+
+    async def publish_resting(
+        self, message: InboundMessage, stored: StoredState, *, batch: bool = False
+    ) -> None:
+        await publish_effects(
+            self.connection,
+            [
+                *stored.state.effects,
+                effect("event.task." + stored.state.state, state_event(stored.state, self.role.id)),
+            ],
+            trace=message.headers.get(Header.TRACEPARENT),
+            batch=batch,
+        )
+
+    def has_backlog(self, message: InboundMessage) -> bool:
+        """More messages wait on the server than the worker holds: it is saturated,
+        and its effects share atomic batches (one fsync for many; bench/README has
+        the gain). A worker keeping up sends them alone: a batch is slow to start,
+        and bursts at a steady rate must not pay that."""
+        return message.pending >= 2 * self.role.concurrency
+
+    async def finish_again(self, message: InboundMessage, stored: StoredState) -> None:
+        """Already done (or parked) before a crash: publish the same effects again
+        (de-duplicated by Msg-Id) and ack, without running the handler."""
+        await self.publish_resting(message, stored)
+        await message.ack()
+        self.stats.redelivered_done += 1
+
+    async def change(self, stored: StoredState, **changes: Any) -> StoredState | None:
+        """Compare-and-set; None if the item reached a terminal state elsewhere."""
+        current: StoredState | None = stored
+        while current is not None:
+            changed = await self.states.change(current, **changes)
+            if changed is not None:
+                return changed
+            fresh = await self.states.get(stored.state.task_id)
+            if fresh is None or fresh.state.terminal:
+                return None
+            if current.revision == 0 and (fresh.state.state == PARKED or fresh.state.sent):
+                # A first delivery met a record it did not read (a re-published or
+                # redriven task with history): its effects were numbered without
+                # that history. Retry: the next delivery reads the record first.
+                raise StaleClaimError(
+                    f"task {stored.state.task_id} has a record this attempt did not read"
+                )
+            current = fresh
+        return None
+
+    async def stale(self, message: InboundMessage, why: str) -> None:
+        self._log.info("stale message ignored", subject=message.subject, why=why)
+        await message.ack()
+
+    async def dead_letter(
+        self,
+        message: InboundMessage,
+        *,
+        reason: str,
+        error: str,
+        item: Item | None = None,
+        stored: StoredState | None = None,
+    ) -> None:
+        """Give up on a delivery: bury it, then ack it."""
+        await self.bury(
+            StoredMessage(
+                stream=WORK_STREAM,
+                seq=message.stream_seq,
+                subject=message.subject,
+                time=datetime.fromtimestamp(message.time_ns / 1e9, UTC),
+                headers=message.headers,
+                data=message.data,
+            ),
+            reason=reason,
+            error=error,
+            attempts=message.delivered,
+            task=item.task if item is not None else None,
+            stored=stored,
+        )
+        await message.ack()
+
+    async def bury(
+        self,
+        original: StoredMessage,
+        *,
+        reason: str,
+        error: str,
+        attempts: int,
+        task: Task | None,
+        stored: StoredState | None,
+    ) -> None:
+        """The one dead-letter path: the message goes to ``dlq.>`` with the reason,
+        its task's state becomes ``dead`` and a ``dead`` event says so. For the
+        worker's own give-ups and for the server's (max-deliver advisories)."""
+        await dlq.dead_letter(
+            self.connection,
+            subject=original.subject,
+            data=original.data,
+            headers=original.headers,
+            stream_seq=original.seq,
+            reason=reason,
+            error=error,
+            role=self.role.id,
+            attempts=attempts,
+        )
+        if stored is not None and not stored.state.terminal:
+            await self.change(stored, state="dead", error=error, attempt=attempts, effects=[])
+        event = dead_event(
+            task=task,
+            stream_seq=original.seq,
+            role=self.role.id,
+            subject=original.subject,
+            attempt=attempts,
+            error=error,
+            reason=reason,
+        )
+        trace = original.headers.get(Header.TRACEPARENT)
+        await (await publish_event(self.connection, event, trace=trace)).result()
+        self.stats.dead += 1
+
+    def task_event(
+        self,
+        item: Item,
+        message: InboundMessage,
+        state: str,
+        *,
+        error: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> Event:
+        task = item.task
+        return Event(
+            id=f"{task.id}_{state}_{message.stream_seq}_{message.delivered}",
+            state=state,
+            task_id=task.id,
+            role=self.role.id,
+            subject=message.subject,
+            attempt=message.delivered,
+            correlation_id=task.flow_id,
+            causation_id=task.id,
+            error=error,
+            detail={"input": item.kind, "title": task.title, **(detail or {})},
+        )

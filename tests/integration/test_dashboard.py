@@ -1,0 +1,218 @@
+"""The web dashboard served for real (uvicorn on a loopback port) over a real bus."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import uvicorn
+
+from rolebus.bus import Bus
+from rolebus.config import Settings
+from rolebus.flows.state import StateStore
+from rolebus.handlers.base import HandlerContext
+from rolebus.team.roles import load_team
+from rolebus.testing import wait_for
+from rolebus.web.app import Board, create_app
+from rolebus.wire.messages import EscalationRequest, Outcome, Task
+from rolebus.worker.runner import start_workers
+
+from ..conftest import REPO
+
+TEAM = load_team(REPO / "roles")
+SCRIPT = "<script>alert(1)</script>"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@asynccontextmanager
+async def serving(settings: Settings, token: str | None = None) -> AsyncIterator[str]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, TEAM, token=token),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    task = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    await wait_for(started)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def ambiguous(task: Task, context: HandlerContext) -> Outcome:
+    if not context.decisions:
+        return Outcome(
+            status="escalate",
+            escalation=EscalationRequest(reason="ambiguous-spec", question="offset or cursor?"),
+        )
+    return Outcome.completed({"used": context.decisions[-1].decision})
+
+
+def state_of(bus: Bus, task_id: str) -> Callable[[str], object]:
+    async def reached(state: str) -> bool:
+        stored = await StateStore(bus.connection).get(task_id)
+        return stored is not None and stored.state.state == state
+
+    return reached
+
+
+async def test_board_escapes_titles_and_the_inbox_resumes_a_parked_task(
+    rolebus_settings: Settings, rolebus_bus: Bus
+) -> None:
+    crew = await start_workers(
+        rolebus_settings, TEAM, [TEAM.role("eng-be")], handlers={"eng-be": ambiguous}, grace=1
+    )
+    try:
+        async with serving(rolebus_settings) as base, httpx.AsyncClient(base_url=base) as web:
+            board = await web.get("/")
+            assert board.status_code == 200
+            for role in TEAM:
+                assert f'data-role="{role.id}"' in board.text
+            assert "cdn" not in board.text.lower()
+            task, _ = await rolebus_bus.publish_task("task.backend.implement", title=SCRIPT)
+            reached = state_of(rolebus_bus, task.id)
+            await wait_for(lambda: reached("input-required"))  # type: ignore[arg-type, return-value]
+
+            # The board refreshes in the background after events: wait for it.
+            fragment = ""
+
+            async def board_shows(pattern: str) -> bool:
+                nonlocal fragment
+                fragment = (await web.get("/?fragment=1")).text
+                return re.search(pattern, fragment) is not None
+
+            await wait_for(lambda: board_shows(f'data-task="{task.id}"'))
+            assert "&lt;script&gt;alert(1)&lt;/script&gt;" in fragment
+            assert SCRIPT not in fragment
+
+            inbox = (await web.get("/escalations")).text
+            escalation_id = f"{task.id}-1"
+            assert f'data-escalation="{escalation_id}"' in inbox
+            csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', inbox)
+            assert csrf is not None
+            forged = await web.post(
+                f"/escalations/{escalation_id}/resolve",
+                data={"decision": "offset", "verdict": "answer"},
+            )
+            assert forged.status_code == 403
+            answered = await web.post(
+                f"/escalations/{escalation_id}/resolve",
+                data={"decision": "cursor", "verdict": "answer", "csrf": csrf.group(1)},
+            )
+            assert answered.status_code == 303
+            await wait_for(lambda: reached("completed"))  # type: ignore[arg-type, return-value]
+            await wait_for(
+                lambda: board_shows(f'class="card state-completed" data-task="{task.id}"')
+            )
+            page = (await web.get(f"/tasks/{task.id}")).text
+            assert "task.input-required" in page
+            assert "escalation.decided" in page
+            assert "&lt;script&gt;" in page
+            assert SCRIPT not in page
+    finally:
+        await crew.stop(grace=0)
+
+
+async def test_event_stream_pages_and_live_notices(
+    rolebus_settings: Settings, rolebus_bus: Bus
+) -> None:
+    async with serving(rolebus_settings) as base, httpx.AsyncClient(base_url=base) as web:
+        stream = (await web.get("/stream", params={"role": "eng-be"})).text
+        assert "rolebus replay --role eng-be" in stream
+        from rolebus.flows.contracts import ContractRegistry, document_from
+        from rolebus.handlers.team import orders_api
+
+        registry = ContractRegistry(rolebus_bus.connection)
+        for version in ("1.0.0", "1.1.0"):
+            document = document_from(orders_api(version), source="test")
+            await registry.publish(document, author="architect")
+        contracts = await web.get(
+            "/contracts", params={"name": "orders-api", "from": "1.0.0", "to": "1.1.0"}
+        )
+        assert 'data-diff="orders-api"' in contracts.text
+        assert "+ listOrders.output.eta (string) added" in contracts.text
+        async with web.stream("GET", "/events", timeout=30) as events:
+            lines = events.aiter_lines()
+            assert await anext(lines) == ": connected"
+            await rolebus_bus.publish_task("task.backend.x", title="x")
+            from rolebus.wire.messages import Event
+
+            await rolebus_bus.publish(
+                "event.task.claimed", Event(state="claimed", task_id="t", role="eng-be")
+            )
+
+            async def notice() -> str:
+                async for line in lines:
+                    if line.startswith("data:"):
+                        return line
+                return ""
+
+            assert (await asyncio.wait_for(notice(), timeout=20)).startswith("data: ")
+
+
+async def test_a_token_is_required_when_one_is_set(rolebus_settings: Settings) -> None:
+    async with (
+        serving(rolebus_settings, token="s3cret") as base,
+        httpx.AsyncClient(base_url=base) as web,
+    ):
+        assert (await web.get("/")).status_code == 401
+        assert (await web.get("/", params={"token": "wrong"})).status_code == 401
+        login = await web.get("/", params={"token": "s3cret"})
+        assert login.status_code == 307
+        assert "rolebus_token" in login.headers["set-cookie"]
+        assert (await web.get("/")).status_code == 200  # the cookie carries it now
+
+
+async def test_the_board_refreshes_once_per_burst_of_events_and_never_per_view() -> None:
+    loads = 0
+    release = asyncio.Event()
+
+    async def load() -> int:
+        nonlocal loads
+        loads += 1
+        await release.wait()
+        return loads
+
+    board = Board(load)
+    refresher = asyncio.create_task(board.run())
+    try:
+        release.set()
+        assert await board.current() == 1
+        release.clear()
+        for _ in range(1000):  # a burst: one refresh, maybe one more after it
+            await board.on_event(None)  # type: ignore[arg-type]
+
+        async def refreshing() -> bool:
+            return loads == 2
+
+        await wait_for(refreshing)
+        for _ in range(100):  # views read the snapshot
+            assert await board.current() == 1
+        release.set()
+
+        async def refreshed() -> bool:
+            return board.version == 2
+
+        await wait_for(refreshed)
+        assert await board.current() == 2
+        assert loads == 2
+    finally:
+        refresher.cancel()

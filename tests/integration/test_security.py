@@ -1,0 +1,343 @@
+"""Least privilege per role, clear permission errors, TLS with a CA the test makes."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import ipaddress
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from rolebus.bus import Bus
+from rolebus.config import Settings
+from rolebus.errors import ConnectError, PermissionDeniedError
+from rolebus.flows.state import StateStore
+from rolebus.nats.server import EmbeddedServer
+from rolebus.team.auth import ADMIN, Credentials, askers_of, permissions, render_config
+from rolebus.team.roles import load_team
+from rolebus.testing import wait_for
+from rolebus.wire.messages import Decision
+from rolebus.worker.loop import Worker
+from rolebus.worker.runner import provision_team, start_workers
+
+from ..conftest import REPO
+
+TEAM = load_team(REPO / "roles")
+
+
+def test_each_role_may_answer_only_the_roles_that_can_ask_it() -> None:
+    assert askers_of(TEAM, "eng-fe") == {"eng-be"}  # eng-be's frontend-integration rule
+    assert askers_of(TEAM, "cto") >= {"eng-be", "eng-fe", "architect", "pm", "perf-eng"}
+    fe = permissions(TEAM, TEAM.role("eng-fe"))["publish"]["allow"]
+    assert "decision.eng-be.>" in fe
+    assert "decision.cto.>" not in fe
+    assert "$JS.API.CONSUMER.MSG.NEXT.ROLEBUS_WORK.worker-eng-fe" in fe
+    assert not any("worker-eng-be" in subject for subject in fe)
+    assert not any("DELETE.ROLEBUS" in subject or "PURGE" in subject for subject in fe)
+    assert permissions(TEAM, TEAM.role("eng-fe"))["subscribe"]["allow"][0] == "_INBOX_eng-fe.>"
+
+
+@dataclass
+class SecuredServer:
+    server: EmbeddedServer
+    credentials: Credentials
+
+    def settings(self, user: str, password: str | None = None) -> Settings:
+        return Settings(
+            nats_url=self.server.url,
+            user=user,
+            password=password or self.credentials.passwords[user],
+        )
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[SecuredServer]:
+    credentials = Credentials.load_or_create(
+        tmp_path / "secrets", [ADMIN, *(role.id for role in TEAM)]
+    )
+    server = EmbeddedServer(
+        store_dir=tmp_path / "nats", port=0, config_extra=render_config(TEAM, credentials)
+    ).start()
+    try:
+        yield SecuredServer(server, credentials)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def admin(secured: SecuredServer) -> AsyncIterator[Bus]:
+    bus = await Bus.connect(secured.settings(ADMIN), name="admin")
+    await provision_team(bus, TEAM)
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+async def test_a_role_works_with_only_its_own_credentials(
+    secured: SecuredServer, admin: Bus
+) -> None:
+    crew = await start_workers(
+        secured.settings("eng-be"), TEAM, [TEAM.role("eng-be")], grace=1, supervise=False
+    )
+    try:
+        task, _ = await admin.publish_task(
+            "task.backend.build",
+            title="under least privilege",
+            payload={"then": [{"subject": "task.frontend.page", "title": "page"}]},
+        )
+
+        async def done() -> bool:
+            stored = await StateStore(admin.connection).get(task.id)
+            return stored is not None and stored.state.state == "completed"
+
+        await wait_for(done)
+    finally:
+        await crew.stop(grace=0)
+
+
+async def test_eng_fe_cannot_pull_eng_be_work_answer_the_cto_or_delete_a_stream(
+    secured: SecuredServer, admin: Bus
+) -> None:
+    fe = await Bus.connect(
+        secured.settings("eng-fe"), provision=False, inbox_prefix="_INBOX_eng-fe"
+    )
+    try:
+        worker = Worker(fe, TEAM.role("eng-be"), TEAM)
+        with pytest.raises(PermissionDeniedError) as pulled:
+            await worker.start()
+        assert "worker-eng-be" in pulled.value.message
+        with pytest.raises(PermissionDeniedError) as answered:
+            await fe.publish(
+                "decision.cto.e1", Decision(escalation_id="e1", to_role="cto", decision="approved")
+            )
+        assert "decision.cto.e1" in answered.value.message
+        with pytest.raises(PermissionDeniedError) as deleted:
+            await fe.connection.admin.delete_stream("ROLEBUS_WORK")
+        assert "STREAM.DELETE.ROLEBUS_WORK" in deleted.value.message
+    finally:
+        await fe.close()
+    assert (await admin.connection.admin.stream_state("ROLEBUS_WORK"))["messages"] == 0
+
+
+async def test_a_wrong_password_fails_clearly(secured: SecuredServer) -> None:
+    with pytest.raises(ConnectError) as caught:
+        await Bus.connect(secured.settings("eng-fe", password="not-it"))
+    assert "refused our credentials" in caught.value.message
+    assert "Authorization Violation" in caught.value.message
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rolebus test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+async def test_tls_with_a_self_signed_ca(tmp_path: Path) -> None:
+    ca, cert, key = make_certificates(tmp_path)
+    tls = f'tls {{\n  cert_file: "{cert}"\n  key_file: "{key}"\n  ca_file: "{ca}"\n}}\n'
+    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=tls).start()
+    try:
+        url = server.url.replace("nats://", "tls://")
+        async with await Bus.connect(Settings(nats_url=url, tls_ca=ca)) as bus:
+            _, ack = await bus.publish_task("task.backend.x", title="over TLS")
+            assert ack.seq == 1
+        with pytest.raises(ConnectError):  # no CA: the server's certificate is not trusted
+            await Bus.connect(Settings(nats_url=url))
+    finally:
+        server.stop()
+
+
+async def test_an_nkey_user_connects_with_its_seed_file_and_a_wrong_seed_is_refused(
+    tmp_path: Path,
+) -> None:
+    import nkeys
+
+    def new_user(name: str) -> tuple[Path, str]:
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        path = tmp_path / f"{name}.nk"
+        path.write_bytes(seed + b"\n")
+        return path, nkeys.from_seed(seed).public_key.decode()
+
+    allowed, public = new_user("allowed")
+    stranger, _ = new_user("stranger")
+    config = f'authorization {{\n  users = [ {{ nkey: "{public}" }} ]\n}}\n'
+    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=config).start()
+    try:
+        async with await Bus.connect(Settings(nats_url=server.url, nkey_seed_file=allowed)) as bus:
+            _, ack = await bus.publish_task("task.backend.x", title="signed with an nkey")
+            assert ack.seq == 1
+        with pytest.raises(ConnectError, match="refused our credentials"):
+            await Bus.connect(Settings(nats_url=server.url, nkey_seed_file=stranger))
+    finally:
+        server.stop()
+
+
+def _jwt(claims: dict[str, object], issuer: Any) -> str:
+    """A NATS JWT (v2) signed by ``issuer``'s nkey, as `nsc` would write it."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    body: dict[str, object] = {
+        **claims,
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+    }
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
+    body["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    header = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    signing_input = f"{header}.{b64(json.dumps(body).encode())}"
+    return f"{signing_input}.{b64(issuer.sign(signing_input.encode()))}"
+
+
+def _creds(user_jwt: str, seed: bytes) -> str:
+    return (
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+
+
+async def test_a_creds_file_user_of_a_jetstream_account_runs_the_bus(tmp_path: Path) -> None:
+    """Operator mode (decentralized JWT auth): an operator signs an account with
+    JetStream, the account signs a user, and `NATS_CREDS` is all rolebus needs."""
+    import nkeys
+
+    def new_key(prefix: int) -> tuple[bytes, Any]:
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        return seed, nkeys.from_seed(seed)
+
+    _, operator = new_key(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, user = new_key(nkeys.PREFIX_BYTE_USER)
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "conn": -1, "leaf": -1}
+    operator_jwt = _jwt(
+        {
+            "sub": operator.public_key.decode(),
+            "name": "op",
+            "nats": {"type": "operator", "version": 2},
+        },
+        operator,
+    )
+    account_jwt = _jwt(
+        {
+            "sub": account.public_key.decode(),
+            "name": "team",
+            "nats": {
+                "type": "account",
+                "version": 2,
+                "limits": {
+                    **unlimited,
+                    "imports": -1,
+                    "exports": -1,
+                    "wildcards": True,
+                    "mem_storage": -1,
+                    "disk_storage": -1,
+                    "streams": -1,
+                    "consumer": -1,
+                },
+            },
+        },
+        operator,
+    )
+    user_jwt = _jwt(
+        {
+            "sub": user.public_key.decode(),
+            "name": "eng-be",
+            "nats": {"type": "user", "version": 2, "pub": {}, "sub": {}, **unlimited},
+        },
+        account,
+    )
+    # JetStream needs the server's own (system) account, signed by the operator too.
+    _, system = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    system_jwt = _jwt(
+        {
+            "sub": system.public_key.decode(),
+            "name": "SYS",
+            "nats": {"type": "account", "version": 2},
+        },
+        operator,
+    )
+    creds = tmp_path / "eng-be.creds"
+    creds.write_text(_creds(user_jwt, user_seed))
+    config = (
+        f'operator: "{operator_jwt}"\nsystem_account: {system.public_key.decode()}\n'
+        f"resolver: MEMORY\nresolver_preload: {{\n"
+        f'  {account.public_key.decode()}: "{account_jwt}"\n'
+        f'  {system.public_key.decode()}: "{system_jwt}"\n}}\n'
+    )
+    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=config).start()
+    try:
+        async with await Bus.connect(Settings(nats_url=server.url, creds_file=creds)) as bus:
+            _, ack = await bus.publish_task("task.backend.x", title="signed by the account")
+            assert ack.seq == 1
+        # A user the account never signed is refused, with the reason.
+        stranger_seed, stranger = new_key(nkeys.PREFIX_BYTE_USER)
+        _, other_account = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+        forged = tmp_path / "stranger.creds"
+        forged.write_text(
+            _creds(
+                _jwt(
+                    {
+                        "sub": stranger.public_key.decode(),
+                        "nats": {"type": "user", "version": 2, **unlimited},
+                    },
+                    other_account,
+                ),
+                stranger_seed,
+            )
+        )
+        with pytest.raises(ConnectError, match="refused our credentials"):
+            await Bus.connect(Settings(nats_url=server.url, creds_file=forged))
+    finally:
+        server.stop()

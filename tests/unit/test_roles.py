@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rolebus.errors import RoleError
+from rolebus.team.roles import Team, load_team, parse_duration, parse_role
+
+from ..conftest import REPO
+
+MINIMAL = """+++
+id = "{id}"
+title = "T"
+handler = "builtin:echo"
+{extra}
++++
+persona of {id}
+"""
+
+
+def write_role(folder: Path, role_id: str, extra: str = "") -> Path:
+    path = folder / f"{role_id}.md"
+    path.write_text(MINIMAL.format(id=role_id, extra=extra), encoding="utf-8")
+    return path
+
+
+def test_the_shipped_team_is_valid_and_has_the_six_roles() -> None:
+    team = load_team(REPO / "roles")
+    assert sorted(team.roles) == ["architect", "cto", "eng-be", "eng-fe", "perf-eng", "pm"]
+    be = team.role("eng-be")
+    assert be.reports_to == "cto"
+    assert team.owner_of("backend").id == "eng-be"
+    assert team.owner_of("frontend").id == "eng-fe"
+    spend = be.never_rule_for("spend")
+    assert spend is not None
+    assert spend.to == "cto"
+    assert be.never_rule_for("ui").action == "handoff"  # type: ignore[union-attr]
+    assert be.escalation_rule_for("ambiguous-spec").to == "architect"  # type: ignore[union-attr]
+    assert be.escalation_rule_for("perf-vs-consistency").to == "pm"  # type: ignore[union-attr]
+    assert be.escalation_rule_for("frontend-integration").to == "eng-fe"  # type: ignore[union-attr]
+    assert be.slo.p99_latency_ms == 100
+    assert "Backend Engineer" in be.persona
+    assert team.chain_above("eng-be") == ["cto"]
+
+
+def test_a_reports_to_cycle_is_refused_naming_the_file_field_and_cycle(tmp_path: Path) -> None:
+    write_role(tmp_path, "a", 'reports_to = "b"')
+    write_role(tmp_path, "b", 'reports_to = "a"')
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert "a.md" in str(caught.value)
+    assert caught.value.field == "reports_to"
+    assert "cycle: a -> b -> a" in caught.value.message
+    assert "tree" in caught.value.hint
+
+
+def test_a_domain_owned_twice_is_refused(tmp_path: Path) -> None:
+    write_role(tmp_path, "a", 'domains = ["backend"]')
+    write_role(tmp_path, "b", 'domains = ["backend"]')
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert caught.value.field == "domains"
+    assert "b.md" in caught.value.message
+    assert "already owned by role 'a'" in caught.value.message
+    assert "exactly one owner" in caught.value.hint
+
+
+def test_a_missing_field_is_named_with_its_fix(tmp_path: Path) -> None:
+    (tmp_path / "x.md").write_text('+++\nid = "x"\ntitle = "X"\n+++\n', encoding="utf-8")
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert caught.value.field == "handler"
+    assert "missing" in caught.value.message
+    assert "builtin:NAME" in caught.value.hint
+
+
+def test_invalid_toml_is_refused_with_the_line(tmp_path: Path) -> None:
+    (tmp_path / "x.md").write_text('+++\nid = "x\n+++\n', encoding="utf-8")
+    with pytest.raises(RoleError, match=r"x\.md: front matter is not valid TOML.*line 1"):
+        load_team(tmp_path)
+
+
+def test_a_rule_pointing_at_a_role_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    write_role(tmp_path, "a", '[[escalate]]\nreason = "unknown"\nto = "ghost"')
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert caught.value.field == "escalate[0].to"
+    assert "'ghost' does not exist" in caught.value.message
+
+
+def test_an_unknown_setting_is_refused_as_a_probable_typo(tmp_path: Path) -> None:
+    write_role(tmp_path, "a", "concurency = 3")
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert caught.value.field == "concurency"
+    assert "not a known setting" in caught.value.message
+
+
+def test_a_file_without_front_matter_says_how_to_start_one() -> None:
+    with pytest.raises(RoleError) as caught:
+        parse_role("# just markdown\n", file="roles/x.md")
+    assert "'+++'" in caught.value.hint
+
+
+def test_duplicate_role_ids_are_refused(tmp_path: Path) -> None:
+    write_role(tmp_path, "a")
+    (tmp_path / "copy.md").write_text(MINIMAL.format(id="a", extra=""), encoding="utf-8")
+    with pytest.raises(RoleError, match="also used by"):
+        load_team(tmp_path)
+
+
+def test_a_bad_handler_spec_is_explained(tmp_path: Path) -> None:
+    (tmp_path / "a.md").write_text('+++\nid = "a"\ntitle = "A"\nhandler = "shell"\n+++\n')
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert caught.value.field == "handler"
+
+
+def test_a_missing_roles_folder_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(RoleError, match="does not exist"):
+        load_team(tmp_path / "nope")
+
+
+def test_a_command_handler_and_durations_parse() -> None:
+    role = parse_role(
+        '+++\nid = "a"\ntitle = "A"\nack_wait = "2m"\n'
+        'handler = { command = ["python", "agent.py"], timeout = "90s" }\n+++\n',
+        file="a.md",
+    )
+    assert role.ack_wait == 120.0
+    assert not isinstance(role.handler, str)
+    assert role.handler.command == ["python", "agent.py"]
+    assert role.handler.timeout == 90.0
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [(30, 30.0), ("500ms", 0.5), ("5m", 300.0), ("2h", 7200.0)]
+)
+def test_durations_accept_numbers_and_units(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_the_team_reports_its_domains_when_one_is_unknown() -> None:
+    team = Team.from_roles([])
+    with pytest.raises(RoleError, match="no role owns the domain"):
+        team.owner_of("x")
