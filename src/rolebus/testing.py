@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -91,15 +92,24 @@ async def rolebus_bus(rolebus_settings: Settings) -> AsyncIterator[Bus]:
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[bool]], *, timeout: float = 20.0, interval: float = 0.02
+    condition: Callable[[], Awaitable[bool] | bool],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.02,
 ) -> None:
-    """Wait until ``await condition()`` is true, or fail after ``timeout`` seconds.
+    """Wait until ``condition()`` (awaited when it is a coroutine) is true, or fail
+    after ``timeout`` seconds.
 
     This is how tests wait for something to happen: on a condition with a
     deadline, never a bare sleep.
     """
+
+    async def holds() -> bool:
+        answer = condition()
+        return bool(await answer) if inspect.isawaitable(answer) else bool(answer)
+
     deadline = time.monotonic() + timeout
-    while not await condition():
+    while not await holds():
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {condition!r}")
         await asyncio.sleep(interval)

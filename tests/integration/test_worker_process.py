@@ -166,3 +166,76 @@ async def test_command_handlers_fail_clearly_and_are_retried_or_dead_lettered_by
     [ok] = [e for e in await read_events(rolebus_bus.connection, states=["completed"])]
     assert ok.result == {"role": "eng-be", "attempt": 1, "persona_seen": True}
     assert ok.detail["follow_ups"] == [f"{ids['ok']}-1"]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may never reap an orphan)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def test_a_killed_workers_command_dies_with_it_and_never_runs_beside_its_redelivery(
+    rolebus_bus: Bus, rolebus_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    script = REPO / "tests" / "scripts" / "long_agent.py"
+    handler = f'{{ command = ["{sys.executable}", "{script}"], timeout = "60s" }}'
+    roles = write_team(tmp_path / "roles", handler=handler, ack_wait="1s", max_deliver=5)
+    pids = tmp_path / "pids"
+    env = {
+        **os.environ,
+        "NATS_URL": rolebus_server.url,
+        "ROLEBUS_ROLES": str(roles),
+        "ROLEBUS_HOME": str(tmp_path / "home"),
+    }
+
+    def spawn() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [ROLEBUS, "worker", "eng-be"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    task, _ = await rolebus_bus.publish_task(
+        "task.backend.agent", title="long", payload={"dir": str(pids), "seconds": 40}
+    )
+    worker = spawn()
+    try:
+        await wait_for(lambda: (pids / "child-1").exists(), timeout=30)
+        parent = int((pids / "parent-1").read_text())
+        child = int((pids / "child-1").read_text())
+        assert running(parent)
+        assert running(child)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+        # The kernel kills the command itself with its worker (parent-death signal).
+        await wait_for(lambda: not running(parent), timeout=10)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    # Its own child is out of that signal's reach: the next worker kills its group
+    # before it runs anything, so the redelivery never runs beside it.
+    worker = spawn()
+    try:
+        await wait_for(lambda: (pids / "child-2").exists(), timeout=30)
+        assert not running(child)
+
+        async def completed() -> bool:
+            return (await events_by_state(rolebus_bus, "completed"))[task.id] == 1
+
+        await wait_for(completed, timeout=30)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    assert not list((tmp_path / "home" / "runs" / "eng-be").glob("*.json"))
+    assert sorted(path.name for path in pids.iterdir()) == [
+        "child-1",
+        "child-2",
+        "parent-1",
+        "parent-2",
+    ]

@@ -1,6 +1,8 @@
 """The command handler: a program per task, JSON on stdin, a JSON outcome on stdout.
 
-How a coding agent CLI plugs into a role (the command protocol, in the README).
+How a coding agent CLI plugs into a role (the command protocol, in the README). A
+command never outlives its worker and never runs twice at once for one task (see
+:mod:`rolebus.handlers.processes`).
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
+from pathlib import Path
 
 from rolebus.handlers.base import HandlerContext, outcome_from_json
+from rolebus.handlers.processes import RunRecords, die_with_parent
 from rolebus.team.roles import CommandHandler
 from rolebus.wire.messages import Outcome, Task
 
@@ -22,11 +27,40 @@ _STDERR_LIMIT = 4096
 class CommandRunner:
     """Runs an external command per task: JSON on stdin, JSON outcome on stdout."""
 
-    def __init__(self, spec: CommandHandler) -> None:
+    def __init__(self, spec: CommandHandler, *, runs_dir: Path | None = None) -> None:
         self.spec = spec
         self.name = " ".join(spec.command)
+        #: Where live runs are recorded (a worker's; None: not recorded, e.g. rerun).
+        self.runs = RunRecords(runs_dir) if runs_dir is not None else None
+        # Runs in this process by task id: a redelivery while the first run still
+        # goes on (say, heartbeats were lost) waits for it instead of starting another.
+        self._running: dict[str, asyncio.Future[Outcome]] = {}
+
+    def reap_orphans(self) -> int:
+        """Kill the runs that workers now dead left behind (at worker start)."""
+        return self.runs.reap_orphans() if self.runs is not None else 0
 
     async def __call__(self, task: Task, context: HandlerContext) -> Outcome:
+        running = self._running.get(task.id)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._running[task.id] = future
+        try:
+            outcome = await self._run(task, context)
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: a lone run's error is not "never retrieved"
+            raise
+        else:
+            future.set_result(outcome)
+            return outcome
+        finally:
+            self._running.pop(task.id, None)
+
+    async def _run(self, task: Task, context: HandlerContext) -> Outcome:
+        if self.runs is not None:
+            await asyncio.to_thread(self.runs.stop_previous, task.id)
         request = {
             "task": task.model_dump(mode="json"),
             "role": {
@@ -42,22 +76,32 @@ class CommandRunner:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                # Its own group (killed whole), and killed by the kernel if we die.
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         except OSError as error:
             return Outcome.failed(f"cannot start {self.name!r}: {error}", retryable=False)
+        if self.runs is not None:
+            self.runs.started(task.id, process.pid)
         try:
             stdout, stderr = await asyncio.wait_for(
                 process.communicate(json.dumps(request).encode()), timeout=self.spec.timeout
             )
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, 9)
+            self._kill(process.pid)
             await process.wait()
             return Outcome.failed(
                 f"{self.name!r} timed out after {self.spec.timeout:g}s and was killed",
                 retryable=True,
             )
+        except asyncio.CancelledError:
+            # The worker stops (or the task is cancelled): the command goes with it.
+            self._kill(process.pid)
+            raise
+        finally:
+            if self.runs is not None:
+                self.runs.finished(task.id, process.pid)
         tail = stderr[-_STDERR_LIMIT:].decode(errors="replace").strip()
         if process.returncode != 0:
             return Outcome.failed(
@@ -75,3 +119,8 @@ class CommandRunner:
                 retryable=False,
             )
         return outcome_from_json(answer, source=repr(self.name))
+
+    @staticmethod
+    def _kill(pgid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)

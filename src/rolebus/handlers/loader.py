@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rolebus.errors import ConfigError
 from rolebus.handlers.base import Handler
 from rolebus.handlers.command import CommandRunner
@@ -33,10 +35,15 @@ def builtin(name: str, *, role: str = "") -> Handler:
     return handler
 
 
-def load_handler(spec: str | CommandHandler, *, role: str = "") -> Handler:
-    """The handler a role file names, or a ConfigError that says what is wrong."""
+def load_handler(
+    spec: str | CommandHandler, *, role: str = "", runs_dir: Path | None = None
+) -> Handler:
+    """The handler a role file names, or a ConfigError that says what is wrong.
+
+    ``runs_dir``: where a command handler records its live runs (a worker passes
+    its role's folder in the state folder)."""
     if isinstance(spec, CommandHandler):
-        return CommandRunner(spec)
+        return CommandRunner(spec, runs_dir=runs_dir)
     if spec.startswith("python:"):
         return PythonHandler(import_callable(spec), spec)
     if spec.startswith("builtin:"):

@@ -25,6 +25,7 @@ from rolebus.bus import Bus
 from rolebus.errors import CodecError, RolebusError
 from rolebus.flows.state import StateStore
 from rolebus.handlers.base import Handler
+from rolebus.handlers.command import CommandRunner
 from rolebus.handlers.loader import load_handler
 from rolebus.nats.admin import ConsumerSpec
 from rolebus.nats.delivery import InboundMessage
@@ -71,7 +72,9 @@ class Worker:
         self.bus = bus
         self.role = role
         self.team = team
-        self.handler = handler or load_handler(role.handler, role=role.id)
+        self.handler = handler or load_handler(
+            role.handler, role=role.id, runs_dir=bus.settings.home / "runs" / role.id
+        )
         self.grace = grace
         self.replica = replica
         self.dispatcher = Dispatcher(
@@ -109,6 +112,9 @@ class Worker:
         return consumer_spec_for(self.role)
 
     async def start(self) -> None:
+        if isinstance(self.handler, CommandRunner):
+            # Commands a killed worker of this role left behind on this machine.
+            await asyncio.to_thread(self.handler.reap_orphans)
         # An admin may have provisioned it (least-privilege users cannot create it).
         if not await self._connection.admin.consumer_matches(self.consumer_spec):
             await self._connection.admin.ensure_consumer(self.consumer_spec)
