@@ -26,6 +26,7 @@ from rolebus.history.replay import (
     ReplayFilter,
     all_states,
     parse_since,
+    read_events,
     rebuild,
     replay,
     stream_named,
@@ -363,3 +364,68 @@ def test_history_commands_print_json(cli: CliRunner, rolebus_server: EmbeddedSer
     missing = cli("show", "nope", env=env)
     assert missing.code == 1
     assert "no task 'nope'" in missing.stderr
+
+
+def test_replay_reads_the_stream_that_stores_the_subject(
+    cli: CliRunner, rolebus_server: EmbeddedServer
+) -> None:
+    env = {"NATS_URL": rolebus_server.url}
+    cli("publish", "task.backend.x", "-t", "one", "--id", "t1", env=env)
+    cli("publish", "task.backend.y", "-t", "two", "--id", "t2", env=env)
+    for pattern in ("task.backend.*", "task.>"):
+        replayed = cli("replay", "--subject", pattern, "--json", env=env)
+        assert replayed.code == 0, replayed.stderr
+        ids = [json.loads(line)["message"]["id"] for line in replayed.stdout.splitlines()]
+        assert ids == ["t1", "t2"]
+    wrong = cli("replay", "--stream", "events", "--subject", "task.>", env=env)
+    assert wrong.code == 1
+    assert "ROLEBUS_EVENTS stores no 'task.>': those subjects are in ROLEBUS_WORK" in wrong.stderr
+    unknown = cli("replay", "--role", "nobody", env=env)
+    assert unknown.code == 1
+    assert "--role 'nobody' is not a role of the team" in unknown.stderr
+    empty = cli("replay", "--correlation", "nope", env=env)
+    assert empty.code == 0
+    assert "no message of flow 'nope'" in empty.stderr
+
+
+def test_status_counts_the_backlog_of_a_role_whose_worker_never_started(
+    cli: CliRunner, rolebus_server: EmbeddedServer
+) -> None:
+    env = {"NATS_URL": rolebus_server.url}
+    for number in range(3):
+        cli("publish", "task.backend.x", "-t", f"t{number}", env=env)
+    status = {row["role"]: row for row in json.loads(cli("status", "--json", env=env).stdout)}
+    assert status["eng-be"]["backlog"] == 3
+    assert status["eng-fe"]["backlog"] == 0
+
+
+async def test_rerun_reports_an_input_it_cannot_rebuild_and_compares_the_others(
+    rolebus_settings: Settings, rolebus_bus: Bus, tmp_path: Path
+) -> None:
+    from ..team import write_team
+
+    team = load_team(write_team(tmp_path / "roles", max_deliver=1))
+    crew = await start_workers(rolebus_settings, team, [team.role("eng-be")], grace=1)
+    try:
+        broken, _ = await rolebus_bus.publish_task(
+            "task.backend.x", title="broken", payload={"contracts": ["nope@1.0.0"]}
+        )
+        fine, _ = await rolebus_bus.publish_task("task.backend.x", title="fine")
+
+        async def both_ended() -> bool:
+            ended = await read_events(rolebus_bus.connection, states=["completed", "dead"])
+            return {event.task_id for event in ended} >= {broken.id, fine.id}
+
+        await wait_for(both_ended, timeout=30)
+    finally:
+        await crew.stop(grace=0)
+    results = {
+        r.task_id: r
+        async for r in rerun(
+            rolebus_bus.connection, team.role("eng-be"), load_handler("builtin:scripted")
+        )
+    }
+    assert results[fine.id].same
+    assert results[broken.id].error is not None
+    assert "no contract 'nope'" in results[broken.id].error
+    assert not results[broken.id].same

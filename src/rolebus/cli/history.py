@@ -17,6 +17,7 @@ from rolebus.cli.app import (
     RolesOption,
     app,
     embedded_server_if_needed,
+    err,
     out,
     print_json,
     run,
@@ -24,7 +25,7 @@ from rolebus.cli.app import (
     team_for,
 )
 from rolebus.cli.demo import play
-from rolebus.errors import NotFoundError
+from rolebus.errors import ConfigError, NotFoundError
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
 from rolebus.flows.state import StateStore, TaskState
 from rolebus.handlers.loader import load_handler
@@ -41,6 +42,7 @@ from rolebus.history.replay import (
 from rolebus.history.rerun import RerunResult, rerun
 from rolebus.team.roles import CommandHandler
 from rolebus.wire.messages import Event
+from rolebus.wire.subjects import EVENTS_STREAM, stream_holding
 
 
 @app.command()
@@ -95,7 +97,13 @@ def _timeline_line(item: Replayed) -> str:
 
 @app.command("replay")
 def replay_command(
-    stream: Annotated[str, typer.Option(help="events (default), work, dlq or timers.")] = "events",
+    stream: Annotated[
+        str | None,
+        typer.Option(
+            help="events, work, dlq or timers (default: the one that stores --subject, "
+            "else events)."
+        ),
+    ] = None,
     subject: Annotated[
         str | None, typer.Option(help="Subject pattern, e.g. 'event.task.*'.")
     ] = None,
@@ -117,8 +125,13 @@ def replay_command(
     """
     settings = settings_for(roles)
     team = team_for(settings) if settings.roles_dir.is_dir() else None
+    if role is not None and team is not None and role not in team.roles:
+        raise ConfigError(
+            f"--role {role!r} is not a role of the team",
+            hint=f"roles: {', '.join(sorted(team.roles))} (`rolebus roles` lists them)",
+        )
     wanted = ReplayFilter(
-        stream=stream_named(stream),
+        stream=_stream_for(stream, subject),
         subject=subject,
         role=role,
         correlation=correlation,
@@ -150,6 +163,27 @@ def replay_command(
         return
     if not as_json:
         out.print(f"[dim]{count} message(s) from {wanted.stream}[/]")
+    if count == 0 and correlation is not None:
+        err.print(
+            f"[dim]hint:[/] no message of flow {correlation!r} in {wanted.stream}; a flow is "
+            "named by its root task's id (`rolebus tasks` lists them)",
+            highlight=False,
+        )
+
+
+def _stream_for(stream: str | None, subject: str | None) -> str:
+    """The stream to read: the one named, else the one that stores ``subject``.
+    Naming a stream that cannot hold ``subject`` is an error, not an empty answer."""
+    holder = stream_holding(subject) if subject is not None else None
+    if stream is None:
+        return holder or EVENTS_STREAM
+    named = stream_named(stream)
+    if holder is not None and holder != named:
+        raise ConfigError(
+            f"{named} stores no {subject!r}: those subjects are in {holder}",
+            hint=f"drop --stream, or pass --stream {holder}",
+        )
+    return named
 
 
 def _tree_label(state: TaskState) -> str:
@@ -345,7 +379,12 @@ def rerun_command(
         print_json([result.as_json() for result in results])
     else:
         for result in results:
-            if result.same:
+            if result.error is not None:
+                out.print(
+                    f"[yellow]error[/]    {result.task_id}  {result.title}: {result.error}",
+                    highlight=False,
+                )
+            elif result.same:
                 out.print(f"[green]same[/]     {result.task_id}  {result.title}", highlight=False)
             else:
                 out.print(f"[red]differs[/]  {result.task_id}  {result.title}", highlight=False)

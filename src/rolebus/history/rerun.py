@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from rolebus.errors import CodecError
+from rolebus.errors import CodecError, RolebusError
 from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.escalation import EscalationStore, escalation_item
 from rolebus.flows.handoffs import review_item
@@ -33,10 +33,13 @@ class RerunResult:
     title: str
     recorded: dict[str, Any] | None
     new: dict[str, Any]
+    #: Why this input could not be run again (its contract is gone, say); the
+    #: other inputs are still compared.
+    error: str | None = None
 
     @property
     def same(self) -> bool:
-        return self.recorded == self.new
+        return self.error is None and self.recorded == self.new
 
     def diff(self) -> str:
         def lines(value: Any) -> list[str]:
@@ -53,6 +56,7 @@ class RerunResult:
             "task_id": self.task_id,
             "title": self.title,
             "same": self.same,
+            "error": self.error,
             "recorded": self.recorded,
             "new": self.new,
         }
@@ -100,7 +104,17 @@ async def rerun(
         task = await _item(connection, state)
         if task is None:
             continue
-        contracts = await registry.resolve(task.payload.get("contracts"))
+        try:
+            contracts = await registry.resolve(task.payload.get("contracts"))
+        except RolebusError as error:
+            yield RerunResult(
+                task_id=state.task_id,
+                title=state.title,
+                recorded=state.outcome,
+                new={},
+                error=f"cannot rebuild its context: {error.message}",
+            )
+            continue
         context = HandlerContext(
             role=role,
             subject=state.subject,

@@ -131,7 +131,9 @@ async def collect(
             holders[holder] = holders.get(holder, 0) + 1
     statuses = []
     for role in team:
-        consumer = await connection.admin.consumer_state(WORK_STREAM, consumer_name(role.id))
+        consumer = await connection.admin.consumer_state(
+            WORK_STREAM, consumer_name(role.id), filter_subjects=tuple(role.filter_subjects)
+        )
         completed, (p50, p99) = records.latencies(role.id).percentiles(0.5, 0.99)
         tried, failed = counts.totals(role.id)
         error_rate = failed / tried if tried else None

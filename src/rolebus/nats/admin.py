@@ -209,18 +209,34 @@ class Admin:
                 f"{API}.STREAM.DELETE.{name}", error, "delete stream"
             ) from error
 
-    async def consumer_state(self, stream: str, consumer: str) -> dict[str, int]:
-        """Backlog and in-flight counts of one consumer."""
+    async def consumer_state(
+        self, stream: str, consumer: str, *, filter_subjects: tuple[str, ...] = ()
+    ) -> dict[str, int]:
+        """Backlog and in-flight counts of one consumer. A consumer that does not
+        exist yet (its worker never started) has consumed nothing: its backlog is
+        every message stored on ``filter_subjects``."""
         try:
             info = await self._js.consumer_info(stream, consumer)
         except nats.js.errors.NotFoundError:
-            return {"pending": 0, "ack_pending": 0, "redelivered": 0, "waiting": 0}
+            pending = await self.stored_on(stream, filter_subjects)
+            return {"pending": pending, "ack_pending": 0, "redelivered": 0, "waiting": 0}
         return {
             "pending": int(info.num_pending or 0),
             "ack_pending": int(info.num_ack_pending or 0),
             "redelivered": int(info.num_redelivered or 0),
             "waiting": int(info.num_waiting or 0),
         }
+
+    async def stored_on(self, stream: str, filter_subjects: tuple[str, ...]) -> int:
+        """How many messages ``stream`` holds on subjects matching ``filter_subjects``."""
+        total = 0
+        for pattern in filter_subjects:
+            try:
+                info = await self._js.stream_info(stream, subjects_filter=pattern)
+            except nats.js.errors.NotFoundError:
+                return 0
+            total += sum((info.state.subjects or {}).values())
+        return total
 
     async def stream_state(self, stream: str) -> dict[str, int]:
         try:

@@ -34,6 +34,7 @@ __all__ = [
     "parse_subject",
     "role_filter_subjects",
     "stream_for_subject",
+    "stream_holding",
     "task_subject",
     "timer_subjects",
     "validate_pattern",
@@ -130,6 +131,17 @@ def validate_pattern(pattern: str) -> str:
             continue
         validate_token(token, what=f"token {index + 1} of pattern {pattern!r}:")
     return pattern
+
+
+def stream_holding(pattern: str) -> str | None:
+    """The stream that stores the subjects ``pattern`` matches, from its first token
+    (``task.backend.*`` -> ROLEBUS_WORK); None when that token is a wildcard or no
+    stream stores it."""
+    family = pattern.split(".", 1)[0]
+    for spec in STREAMS:
+        if any(subject.split(".", 1)[0] == family for subject in spec.subjects):
+            return spec.name
+    return None
 
 
 def task_subject(domain: str, kind: str) -> str:
