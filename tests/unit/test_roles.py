@@ -7,7 +7,7 @@ import pytest
 from rolebus.errors import RoleError
 from rolebus.team.roles import Team, load_team, parse_duration, parse_role
 
-from ..conftest import REPO
+from ..conftest import REPO, CliRunner
 
 MINIMAL = """+++
 id = "{id}"
@@ -145,3 +145,29 @@ def test_the_team_reports_its_domains_when_one_is_unknown() -> None:
     team = Team.from_roles([])
     with pytest.raises(RoleError, match="no role owns the domain"):
         team.owner_of("x")
+
+
+@pytest.mark.parametrize(
+    ("handler", "ack_wait", "message"),
+    [
+        ('"builtin:nope"', '"30s"', "no builtin handler 'nope'"),
+        ('"python:no_such_module_here:handle"', '"30s"', "cannot import 'no_such_module_here'"),
+        ('{ command = ["no-such-agent-binary"] }', '"30s"', "'no-such-agent-binary' not found"),
+        ('"builtin:scripted"', '"99999999h"', "longer than the longest duration allowed"),
+    ],
+)
+def test_roles_check_refuses_what_would_fail_later(
+    cli: CliRunner, tmp_path: Path, handler: str, ack_wait: str, message: str
+) -> None:
+    folder = tmp_path / "roles"
+    folder.mkdir()
+    (folder / "eng-be.md").write_text(
+        f'+++\nid = "eng-be"\ntitle = "Backend"\ndomains = ["backend"]\n'
+        f"handler = {handler}\nack_wait = {ack_wait}\n+++\nPersona.\n",
+        encoding="utf-8",
+    )
+    result = cli("roles", "check", "--roles", str(folder))
+    assert result.code == 1
+    assert message in result.stderr
+    assert "eng-be.md" in result.stderr
+    assert "Traceback" not in result.stderr

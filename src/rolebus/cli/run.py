@@ -29,6 +29,7 @@ from rolebus.cli.app import (
 )
 from rolebus.config import Settings
 from rolebus.errors import RolebusError
+from rolebus.handlers.loader import check_team_handlers
 from rolebus.nats.server import serve
 from rolebus.team.auth import ADMIN, Credentials, render_config
 from rolebus.team.roles import RoleSpec, Team
@@ -158,6 +159,7 @@ def roles_check(roles: RolesOption = None) -> None:
     """Validate every role file and the team as a whole; exit 1 naming the problem."""
     settings = settings_for(roles)
     team = team_for(settings)
+    check_team_handlers(team)
     out.print(
         f"{len(team)} roles OK in {settings.roles_dir}: " + ", ".join(role.id for role in team)
     )

@@ -8,17 +8,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
-from rolebus.errors import ConfigError
+from rolebus.errors import ConfigError, RoleError
 from rolebus.handlers.base import Handler
 from rolebus.handlers.command import CommandRunner
 from rolebus.handlers.python import PythonHandler, import_callable
 from rolebus.handlers.scripted import noop, scripted
 from rolebus.handlers.team import TEAM_AGENTS
-from rolebus.team.roles import CommandHandler
+from rolebus.team.roles import CommandHandler, Team
 
-__all__ = ["BUILTINS", "builtin", "load_handler"]
+__all__ = ["BUILTINS", "builtin", "check_team_handlers", "load_handler"]
 
 #: Every ``builtin:NAME`` handler.
 BUILTINS: dict[str, Handler] = {"noop": noop, "scripted": scripted, "echo": scripted, **TEAM_AGENTS}
@@ -43,9 +45,35 @@ def load_handler(
     ``runs_dir``: where a command handler records its live runs (a worker passes
     its role's folder in the state folder)."""
     if isinstance(spec, CommandHandler):
+        _check_program(spec.command[0], role=role)
         return CommandRunner(spec, runs_dir=runs_dir)
     if spec.startswith("python:"):
         return PythonHandler(import_callable(spec), spec)
     if spec.startswith("builtin:"):
         return builtin(spec.removeprefix("builtin:"), role=role)
     raise ConfigError(f"unknown handler {spec!r}", hint="see the role file docs in the README")
+
+
+def _check_program(program: str, *, role: str) -> None:
+    """A command whose program is missing would dead-letter every task: say so now."""
+    found = shutil.which(program) if os.sep not in program else program
+    if found is None or not os.access(found, os.X_OK) or not os.path.isfile(found):
+        raise ConfigError(
+            f"handler command {program!r} not found"
+            + (f" (role {role})" if role else "")
+            + (" or not executable" if found is not None else " on PATH"),
+            hint="install it, or name it by its full path in the role file's "
+            "handler = { command = [...] }",
+        )
+
+
+def check_team_handlers(team: Team) -> None:
+    """Load every role's handler once (a builtin that does not exist, a Python
+    module that does not import, a missing program), naming the role's file."""
+    for role in team:
+        try:
+            load_handler(role.handler, role=role.id)
+        except ConfigError as error:
+            raise RoleError(
+                error.message, file=role.source, field="handler", hint=error.hint
+            ) from error

@@ -40,6 +40,9 @@ __all__ = [
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+#: The longest duration a role file may set: far beyond any real ack_wait or
+#: timeout, and well inside what the server stores (nanoseconds in 64 bits).
+MAX_DURATION = 365 * 86400.0
 
 
 def parse_duration(value: object) -> float:
@@ -54,6 +57,8 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"{value!r} is not a duration: use seconds (30) or '30s', '5m', '2h'")
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{value!r} is longer than the longest duration allowed, 365d")
     return seconds
 
 
