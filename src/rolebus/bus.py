@@ -11,9 +11,10 @@ from types import TracebackType
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from rolebus.config import Settings
-from rolebus.errors import ConnectError, SubjectError
+from rolebus.errors import ConfigError, ConnectError, SubjectError
 from rolebus.nats.admin import StreamLimits
 from rolebus.nats.connection import Connection
 from rolebus.nats.protocol import PubAck
@@ -21,7 +22,7 @@ from rolebus.nats.server import running_server_url
 from rolebus.team.roles import Team
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
-from rolebus.wire.messages import Envelope, Task
+from rolebus.wire.messages import MAX_DEPTH, Envelope, Task
 from rolebus.wire.subjects import TASK, parse_subject, task_subject
 from rolebus.wire.trace import new_traceparent
 
@@ -134,7 +135,14 @@ class Bus:
         parsed = parse_subject(subject)
         if team is not None:
             team.owner_of(parsed.second)
-        task = Task(kind=parsed.third, title=title, payload=payload or {}, **fields)
+        try:
+            task = Task(kind=parsed.third, title=title, payload=payload or {}, **fields)
+        except ValidationError as error:
+            raise ConfigError(
+                f"not a valid task: {codec.validation_problems(error)}",
+                hint="ids are letters, digits, '_' and '-'; payloads nest at most "
+                f"{MAX_DEPTH} levels and hold 64-bit integers and finite numbers",
+            ) from error
         ack = await self.publish(subject, task)
         log.debug("task published", task_id=task.id, subject=subject, seq=ack.seq)
         return task, ack

@@ -142,8 +142,63 @@ def test_publish_file_stores_every_line_once_in_batches_and_twice_adds_nothing(
     assert summary["ids"][:2] == ["b0", "b1"]
     again = cli("publish-file", str(backlog), env=env)
     assert again.code == 0, again.stderr
-    assert "published 1 tasks" in again.stdout  # only the line without an id is new
-    assert "2,500 already stored, not added again" in again.stdout
+    # The line without an id gets one derived from its text and place: the same again.
+    assert "published 0 tasks" in again.stdout
+    assert "2,501 already stored, not added again" in again.stdout
+
+
+def test_publish_file_names_every_bad_line_and_publishes_nothing(
+    cli: CliRunner, rolebus_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    backlog = tmp_path / "backlog.jsonl"
+    good = json.dumps({"subject": "task.backend.x", "title": "fine"})
+    backlog.write_text("\n".join([good, "{oops", good, '{"subject": "task.x"}', "[1]"]) + "\n")
+    result = cli("publish-file", str(backlog), env={"NATS_URL": rolebus_server.url})
+    assert result.code == 1
+    assert "3 bad line(s), nothing published" in result.stderr
+    for line in ("line 2 is not JSON", "line 4:", "line 5: a JSON list"):
+        assert line in result.stderr
+
+
+def test_bad_input_is_a_clear_error_never_a_traceback(
+    cli: CliRunner, rolebus_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    (tmp_path / "latin1.json").write_bytes(b'\xff\xfe{"a": 1}')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "deep400.json").write_text('{"a":' * 400 + "1" + "}" * 400)
+    (tmp_path / "nan.json").write_text('{"x": NaN}')
+    (tmp_path / "deep.jsonl").write_text(
+        json.dumps({"subject": "task.backend.x", "title": "t"})[:-1]
+        + ', "payload": '
+        + '{"a":' * 400
+        + "1"
+        + "}" * 401
+        + "\n"
+    )
+    env = {"NATS_URL": rolebus_server.url}
+    cases = [
+        (["--payload-file", str(tmp_path / "latin1.json")], "is not UTF-8 text"),
+        (["--payload-file", str(tmp_path / "deep.json")], "nests too deeply"),
+        (["--payload-file", str(tmp_path / "deep400.json")], "nests deeper than 64 levels"),
+        (["--payload-file", str(tmp_path / "nan.json")], "which JSON cannot carry"),
+        (["--priority", "99999999999999999999999"], "priority"),
+        (["--id", "bad id"], "an id is letters, digits"),
+    ]
+    for args, message in cases:
+        result = cli("publish", "task.backend.x", "-t", "t", *args, env=env)
+        assert result.code == 1, args
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr, args
+    for path, message in (
+        (tmp_path / "latin1.json", "is not UTF-8 text"),
+        (tmp_path / "deep.jsonl", "nests deeper than 64 levels"),
+    ):
+        result = cli("publish-file", str(path), env=env)
+        assert result.code == 1, path
+        assert message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    stored = cli("replay", "--stream", "work", "--json", env=env)
+    assert stored.stdout == ""  # none of it was published
 
 
 @pytest.mark.parametrize(

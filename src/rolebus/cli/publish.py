@@ -28,6 +28,7 @@ from rolebus.cli.task_lines import parse_task_lines
 from rolebus.errors import ConfigError
 from rolebus.team.roles import Team
 from rolebus.wire import subjects as names
+from rolebus.wire.messages import MAX_DEPTH
 from rolebus.wire.subjects import parse_subject
 
 # --- publishing --------------------------------------------------------------------------
@@ -40,14 +41,15 @@ def _payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:
     text = payload
     if payload_file is not None:
         source = f"--payload-file {payload_file}"
-        try:
-            text = payload_file.read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(f"cannot read {source}: {error}") from error
+        text = read_text(payload_file, what=source)
     if text is None:
         return {}
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise ConfigError(
+            f"{source} nests too deeply to read", hint=f"payloads nest at most {MAX_DEPTH} levels"
+        ) from None
     except json.JSONDecodeError as error:
         raise ConfigError(
             f"{source} is not JSON: {error.msg} at line {error.lineno} column {error.colno}",
@@ -132,12 +134,13 @@ def publish_file(
     settings = settings_for(roles)
     team = team_for(settings)
     source = "stdin" if file == "-" else file
-    try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(
-            f"cannot read {file}: {error.strerror}", hint="check the path, or use - for stdin"
-        ) from error
+    if file == "-":
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"stdin is not UTF-8 text: {error.reason}") from None
+    else:
+        text = read_text(Path(file), what=file)
     tasks = parse_task_lines(text, source=source, team=team)
     chunk = 5000
 
@@ -250,3 +253,18 @@ def subjects_command(roles: RolesOption = None, as_json: JsonOption = False) -> 
     for row in rows:
         table.add_row(row["subject"], row["stream"], row["message"], row["read_by"])
     out.print(table)
+
+
+def read_text(path: Path, *, what: str) -> str:
+    """A UTF-8 text file, or a ConfigError saying why not."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read {what}: {error.strerror}", hint="check the path, or use - for stdin"
+        ) from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{what} is not UTF-8 text (byte {error.start}: {error.reason})",
+            hint="save it as UTF-8 JSON",
+        ) from None

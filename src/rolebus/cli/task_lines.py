@@ -9,6 +9,7 @@ nothing is published: half a file is harder to fix than none.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -17,43 +18,61 @@ from pydantic import ValidationError
 from rolebus.bus import task_subject_for
 from rolebus.errors import ConfigError, RolebusError
 from rolebus.team.roles import Team
-from rolebus.wire.messages import Task
+from rolebus.wire.messages import MAX_DEPTH, Task
 from rolebus.wire.subjects import parse_subject
 
 __all__ = ["parse_task_lines"]
 
 _FIELDS = {"subject", "title", "kind", "payload", "priority", "id"}
 _EXAMPLE = '{"subject": "task.backend.implement", "title": "Orders API"}'
+_SHOWN = 20  # bad lines named in the error; the rest are counted
 
 
 def parse_task_lines(text: str, *, source: str, team: Team | None) -> list[tuple[str, Task]]:
-    """``(subject, task)`` for every line; a ConfigError naming the first bad line."""
+    """``(subject, task)`` for every line, or one ConfigError naming every bad line.
+
+    A line without an ``id`` gets one derived from its text and line number, so
+    publishing the same file again (after a partial run, say) names the same tasks:
+    the server de-duplicates them, and a task already done is not run again."""
     tasks: list[tuple[str, Task]] = []
+    problems: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        where = f"{source} line {number}"
+        where = f"line {number}"
         try:
-            tasks.append(_task(json.loads(line), team))
+            tasks.append(_task(json.loads(line), team, derived_id=_line_id(line, number)))
+        except RecursionError:
+            problems.append(f"{where}: nests too deeply (at most {MAX_DEPTH} levels)")
         except json.JSONDecodeError as error:
-            raise ConfigError(
-                f"{where} is not JSON: {error.msg} at column {error.colno}",
-                hint=f"one JSON object per line, e.g. {_EXAMPLE}",
-            ) from error
+            problems.append(f"{where} is not JSON: {error.msg} at column {error.colno}")
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in item['loc']) or 'task'}: {item['msg']}"
-                for item in error.errors()
+            problems.append(
+                f"{where}: "
+                + "; ".join(
+                    f"{'.'.join(str(part) for part in item['loc']) or 'task'}: {item['msg']}"
+                    for item in error.errors()
+                )
             )
-            raise ConfigError(f"{where}: {problems}", hint=f"e.g. {_EXAMPLE}") from error
         except RolebusError as error:
-            raise ConfigError(f"{where}: {error.message}", hint=error.hint) from error
+            problems.append(f"{where}: {error.message}")
+    if problems:
+        shown = problems[:_SHOWN]
+        more = f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
+        raise ConfigError(
+            f"{source}: {len(problems)} bad line(s), nothing published: " + "; ".join(shown) + more,
+            hint=f"one JSON object per line, e.g. {_EXAMPLE}",
+        )
     if not tasks:
         raise ConfigError(f"{source} has no tasks", hint=f"one JSON object per line: {_EXAMPLE}")
     return tasks
 
 
-def _task(entry: Any, team: Team | None) -> tuple[str, Task]:
+def _line_id(line: str, number: int) -> str:
+    return hashlib.sha256(f"{number}:{line.strip()}".encode()).hexdigest()[:16]
+
+
+def _task(entry: Any, team: Team | None, *, derived_id: str) -> tuple[str, Task]:
     if not isinstance(entry, dict):
         raise ConfigError(f"a JSON {type(entry).__name__}, not an object", hint=f"e.g. {_EXAMPLE}")
     unknown = sorted(set(entry) - _FIELDS)
@@ -70,4 +89,5 @@ def _task(entry: Any, team: Team | None) -> tuple[str, Task]:
     if team is not None:
         team.owner_of(parsed.second)
     fields = {key: entry[key] for key in ("payload", "priority", "id") if key in entry}
+    fields.setdefault("id", derived_id)
     return subject, Task(kind=parsed.third, title=entry["title"], **fields)

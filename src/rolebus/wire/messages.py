@@ -8,6 +8,7 @@ decode/encode round trip through an older worker.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "MAX_DEPTH",
     "SCHEMA_VERSION",
     "Decision",
     "Envelope",
@@ -29,12 +31,40 @@ __all__ = [
     "Outcome",
     "OutcomeStatus",
     "Task",
+    "check_value",
     "new_id",
     "utc_now",
 ]
 
 SCHEMA_VERSION = 1
 _ID = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+#: How deeply a payload may nest, checked wherever a message is built (by a
+#: publisher, or by a worker decoding what another language sent): the same
+#: limit on both sides, far below what the encoders and decoders refuse.
+MAX_DEPTH = 64
+#: The integers msgpack and every other language's client can carry.
+_INT_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_value(value: Any, *, what: str = "payload") -> Any:
+    """``value`` if it can travel: nested at most ``MAX_DEPTH`` deep, integers in
+    64 bits, floats finite (NaN and infinities have no JSON form)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"{what} nests deeper than {MAX_DEPTH} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int) and not _INT_RANGE[0] <= item <= _INT_RANGE[1]:
+            raise ValueError(f"{what} holds the integer {item}, beyond 64 bits")
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{what} holds {item}, which JSON cannot carry")
+    return value
 
 
 def new_id() -> str:
@@ -65,6 +95,16 @@ class Envelope(BaseModel):
         # languages' clients often omit it.
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {value} is newer than this rolebus understands "
+                f"({SCHEMA_VERSION}): upgrade rolebus to read it"
+            )
+        return value
+
     @field_validator("id")
     @classmethod
     def _id_is_one_token(cls, value: str) -> str:
@@ -85,8 +125,13 @@ class Task(Envelope):
     kind: str = Field(min_length=1)
     title: str
     payload: dict[str, Any] = Field(default_factory=dict)
-    priority: int | None = None
+    priority: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     deadline: datetime | None = None
+
+    @field_validator("payload")
+    @classmethod
+    def _payload_travels(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_value(value)  # type: ignore[no-any-return]
 
 
 class Handoff(Envelope):
@@ -163,6 +208,11 @@ class FollowUp(BaseModel):
     title: str
     kind: str | None = None
     payload: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("payload")
+    @classmethod
+    def _payload_travels(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_value(value)  # type: ignore[no-any-return]
 
 
 class EscalationRequest(BaseModel):
