@@ -122,7 +122,7 @@ class StateStore:
             # read nor write the record now (the `claimed` event records the claim).
             # It is created when the task ends or parks; revision 0 means "create",
             # which fails if a record exists after all (a redrive, a re-publish),
-            # and the worker then takes the careful path (see Dispatcher._change).
+            # and the worker then takes the careful path (see Settling.change).
             # This saves a read and an fsynced write per task.
             return StoredState(claimed, 0)
         while True:

@@ -49,7 +49,7 @@ class Parking:
         self.settle = settle
         self.role = settle.role
         self.stats = settle.stats
-        self._log = settle._log
+        self._log = settle.log
         self.team = team
         self.escalations = escalations
         self.contracts = contracts

@@ -71,7 +71,7 @@ class Settling:
         self.role = role
         self.states = states
         self.stats = stats
-        self._log = log
+        self.log = log
 
     async def claim(
         self,
@@ -117,7 +117,7 @@ class Settling:
             ).result()
             await message.nak(delay=delay)
             self.stats.failed += 1
-            self._log.info(
+            self.log.info(
                 "task failed; will retry",
                 task_id=item.task.id,
                 attempt=attempt,
@@ -168,7 +168,7 @@ class Settling:
         self.stats.by_state[state] = self.stats.by_state.get(state, 0) + 1
         # The common case stays off the info level: a line per task is a cost on the
         # hot path (and a flood); the exceptions are worth one.
-        report = self._log.debug if state == "completed" else self._log.info
+        report = self.log.debug if state == "completed" else self.log.info
         report(
             f"task {state}",
             task_id=item.task.id,
@@ -225,7 +225,7 @@ class Settling:
         return None
 
     async def stale(self, message: InboundMessage, why: str) -> None:
-        self._log.info("stale message ignored", subject=message.subject, why=why)
+        self.log.info("stale message ignored", subject=message.subject, why=why)
         await message.ack()
 
     async def dead_letter(
