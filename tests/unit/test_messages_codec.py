@@ -99,3 +99,35 @@ def test_any_bytes_decode_to_a_task_or_a_clean_codec_error(data: bytes) -> None:
 def test_an_outcome_helper_builds_a_completed_outcome() -> None:
     assert Outcome.completed({"ok": True}).status == "completed"
     assert Outcome.failed("boom", retryable=False).retryable is False
+
+
+def test_outcome_helpers_build_the_same_outcome_as_the_command_protocol() -> None:
+    from rolebus.wire.messages import EscalationOption, Outcome
+
+    asked = Outcome.escalate(
+        "ambiguous-spec",
+        "cursor or offset pagination?",
+        options=[EscalationOption(name="cursor", tradeoffs="stable under inserts")],
+    )
+    assert asked == Outcome.model_validate(
+        {
+            "status": "escalate",
+            "escalation": {
+                "reason": "ambiguous-spec",
+                "question": "cursor or offset pagination?",
+                "options": [{"name": "cursor", "tradeoffs": "stable under inserts"}],
+            },
+        }
+    )
+    handed = Outcome.hand_off("eng-fe", "orders-api", "1.1.0", note="here is the contract")
+    assert handed == Outcome.model_validate(
+        {
+            "status": "handoff",
+            "handoff": {
+                "to": "eng-fe",
+                "contract": "orders-api",
+                "version": "1.1.0",
+                "note": "here is the contract",
+            },
+        }
+    )

@@ -261,3 +261,37 @@ class Outcome(BaseModel):
     @classmethod
     def failed(cls, error: str, *, retryable: bool = True) -> Outcome:
         return cls(status="failed", error=error, retryable=retryable)
+
+    @classmethod
+    def escalate(
+        cls,
+        reason: str,
+        question: str,
+        *,
+        to: str | None = None,
+        options: list[EscalationOption] | None = None,
+        tasks: list[FollowUp] | None = None,
+    ) -> Outcome:
+        """Ask someone (``to``, else the role's ``escalate`` rule for ``reason``);
+        "I don't know" is a valid question. The task parks until the decision."""
+        request = EscalationRequest(reason=reason, question=question, to=to, options=options or [])
+        return cls(status="escalate", escalation=request, tasks=tasks or [])
+
+    @classmethod
+    def hand_off(
+        cls,
+        to: str,
+        contract: str,
+        version: str,
+        *,
+        document: dict[str, Any] | None = None,
+        note: str = "",
+        result: Any = None,
+        tasks: list[FollowUp] | None = None,
+    ) -> Outcome:
+        """Hand a contract version to another role (it reviews and answers).
+        (``hand_off``, since ``handoff`` is the field it fills.)"""
+        request = HandoffRequest(
+            to=to, contract=contract, version=version, document=document, note=note
+        )
+        return cls(status="handoff", handoff=request, result=result, tasks=tasks or [])
