@@ -179,7 +179,9 @@ async def check_history(
                 Header.MSG_ID, ""
             ):
                 with contextlib.suppress(CodecError):
-                    stored[codec.decode(message.subject, message.data).id] += 1
+                    stored[
+                        codec.decode(message.subject, message.data, origin=message.origin()).id
+                    ] += 1
     report.lost = [task_id for task_id in wanted if task_id not in ended]
     report.duplicate_completed = {key: count for key, count in completed.items() if count > 1}
     report.duplicate_messages = {key: count for key, count in stored.items() if count > 1}

@@ -429,3 +429,49 @@ async def test_rerun_reports_an_input_it_cannot_rebuild_and_compares_the_others(
     assert results[broken.id].error is not None
     assert "no contract 'nope'" in (results[broken.id].error or "")
     assert not results[broken.id].same
+
+
+async def test_a_task_published_without_id_or_time_is_the_same_task_for_every_reader(
+    rolebus_settings: Settings, rolebus_bus: Bus, rolebus_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    import msgpack
+    import nats
+
+    client = await nats.connect(rolebus_server.url)
+    try:
+        js = client.jetstream()
+        bare = msgpack.packb({"kind": "build", "title": "no id, no time"})
+        first = await js.publish("task.backend.build", bare)
+        named = msgpack.packb({"kind": "build", "title": "id in the header"})
+        await js.publish("task.backend.build", named, headers={"Nats-Msg-Id": "from-header"})
+    finally:
+        await client.close()
+
+    async def read() -> list[tuple[str, datetime]]:
+        wanted = ReplayFilter(stream=WORK_STREAM)
+        return [
+            (item.message.id, item.message.created_at)
+            async for item in replay(rolebus_bus.connection, wanted)
+            if item.message is not None
+        ]
+
+    once, again = await read(), await read()
+    assert once == again
+    assert [task_id for task_id, _ in once] == [f"seq-{first.seq}", "from-header"]
+    stored = await rolebus_bus.connection.streams.get(WORK_STREAM, first.seq)
+    assert stored is not None
+    assert once[0][1] == stored.time
+
+    from ..team import write_team
+
+    team = load_team(write_team(tmp_path / "roles"))
+    crew = await start_workers(rolebus_settings, team, [team.role("eng-be")], grace=1)
+    try:
+
+        async def both_done() -> bool:
+            done = await read_events(rolebus_bus.connection, states=["completed"])
+            return {event.task_id for event in done} == {f"seq-{first.seq}", "from-header"}
+
+        await wait_for(both_done, timeout=30)
+    finally:
+        await crew.stop(grace=0)

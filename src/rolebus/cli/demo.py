@@ -67,7 +67,7 @@ class FlowPrinter:
 
     async def on_message(self, stored: StoredMessage) -> None:
         try:
-            message = codec.decode(stored.subject, stored.data)
+            message = codec.decode(stored.subject, stored.data, origin=stored.origin())
         except CodecError:
             return
         if not self._in_flow(message):

@@ -103,7 +103,12 @@ def _entry(stored: StoredMessage) -> DeadLetter:
     subject = headers.get(Header.DLQ_SUBJECT, stored.subject.removeprefix("dlq."))
     task_id: str | None = None
     with contextlib.suppress(CodecError):
-        task_id = codec.decode_as(Task, stored.data, subject=subject).id
+        original = codec.Origin(
+            int(headers.get(Header.DLQ_STREAM_SEQ, "0") or 0),
+            stored.time,
+            headers.get(Header.MSG_ID),
+        )
+        task_id = codec.decode_as(Task, stored.data, subject=subject, origin=original).id
     return DeadLetter(
         seq=stored.seq,
         subject=subject,
@@ -154,14 +159,21 @@ async def redrive(connection: Connection, entry: DeadLetter) -> PubAck:
         and not key.startswith("Nats-")  # the server's own headers stay behind
     }
     task_key = entry.task_id or f"seq-{entry.original_seq}"
+    data = entry.message.data
     if entry.task_id is not None:
+        # A task published without an id was known by its place in the work stream;
+        # back on it at another place, it keeps that id only if it carries it.
+        with contextlib.suppress(CodecError):
+            mapping = codec.decode_map(data)
+            if not mapping.get("id"):
+                data = codec.encode_map({**mapping, "id": entry.task_id})
         states = StateStore(connection)
         current = await states.get(entry.task_id)
         if current is not None:
             await states.put(current.state.model_copy(update={"state": "redriven", "error": None}))
     ack = await connection.publish(
         entry.subject,
-        entry.message.data,
+        data,
         msg_id=f"{task_key}_redrive_{entry.seq}",
         headers=headers,
     )

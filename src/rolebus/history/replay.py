@@ -177,7 +177,8 @@ async def replay(
         if wanted.until is not None and stored.time > wanted.until and not wanted.follow:
             return
         try:
-            item = Replayed(stored, codec.decode(stored.subject, stored.data), gap_before=gap)
+            decoded = codec.decode(stored.subject, stored.data, origin=_origin(stored))
+            item = Replayed(stored, decoded, gap_before=gap)
         except CodecError as error:
             item = Replayed(stored, None, error.message, gap_before=gap)
         if _matches(item, wanted, team) or gap:
@@ -222,9 +223,20 @@ async def flow_states(connection: Connection, correlation_id: str) -> list[TaskS
     ]
 
 
+def _origin(stored: StoredMessage) -> codec.Origin | None:
+    # Only the work stream holds messages that may lack an id; a dead letter keeps
+    # its original's sequence in a header.
+    if stored.stream == WORK_STREAM:
+        return stored.origin()
+    if stored.stream == DLQ_STREAM and Header.DLQ_STREAM_SEQ in stored.headers:
+        original = int(stored.headers[Header.DLQ_STREAM_SEQ] or 0)
+        return codec.Origin(original, stored.time, stored.headers.get(Header.MSG_ID))
+    return None
+
+
 def task_from(stored: StoredMessage) -> Task | None:
     try:
-        return codec.decode_as(Task, stored.data, subject=stored.subject)
+        return codec.decode_as(Task, stored.data, subject=stored.subject, origin=_origin(stored))
     except CodecError:
         return None
 

@@ -68,7 +68,7 @@ async def _item(connection: Connection, state: TaskState) -> Task | None:
     if stored is None:
         return None
     try:
-        message = codec.decode(stored.subject, stored.data)
+        message = codec.decode(stored.subject, stored.data, origin=stored.origin())
     except CodecError:
         return None
     if isinstance(message, Task):

@@ -12,6 +12,8 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from rolebus.nats.protocol import AckMetadata
+from rolebus.wire.codec import Origin
+from rolebus.wire.headers import Header
 
 __all__ = ["InboundMessage", "KvChange", "StoredMessage", "Subscription"]
 
@@ -36,6 +38,10 @@ class StoredMessage:
     headers: Mapping[str, str]
     data: bytes
 
+    def origin(self) -> Origin:
+        """Where it is stored (see :class:`~rolebus.wire.codec.Origin`)."""
+        return Origin(self.seq, self.time, self.headers.get(Header.MSG_ID))
+
 
 class InboundMessage:
     """A message delivered by a pull consumer, with its acks."""
@@ -55,6 +61,10 @@ class InboundMessage:
     @property
     def data(self) -> bytes:
         return self._msg.data
+
+    def origin(self) -> Origin:
+        """Where it is stored (see :class:`~rolebus.wire.codec.Origin`)."""
+        return Origin(self.stream_seq, self.time_ns, self.headers.get(Header.MSG_ID))
 
     async def ack(self) -> None:
         await self._msg.ack()

@@ -6,6 +6,9 @@ The encoded form is a plain msgpack map of the model's JSON-mode fields
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import msgpack
@@ -15,6 +18,7 @@ from rolebus.errors import CodecError
 from rolebus.wire.messages import Decision, Envelope, Escalation, Event, Handoff, Task
 
 __all__ = [
+    "Origin",
     "decode",
     "decode_as",
     "decode_map",
@@ -25,6 +29,7 @@ __all__ = [
 ]
 
 MessageT = TypeVar("MessageT", bound=BaseModel)
+_ID = re.compile(r"^[A-Za-z0-9_\-]{1,256}$")
 
 _TYPES: dict[str, type[Envelope]] = {
     "task": Task,
@@ -33,6 +38,34 @@ _TYPES: dict[str, type[Envelope]] = {
     "decision": Decision,
     "event": Event,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a message was stored. A message published without ``id`` or
+    ``created_at`` (subjects.md allows it) takes them from here, so every reader
+    (the worker, replay, rerun) sees the same task: the id is the ``Nats-Msg-Id``
+    the publisher gave, else ``seq-<stream sequence>``; the time is when it was
+    stored."""
+
+    seq: int
+    #: When it was stored: a datetime, or nanoseconds since the epoch.
+    time: datetime | int
+    msg_id: str | None = None
+
+    def stored_at(self) -> datetime:
+        if isinstance(self.time, datetime):
+            return self.time
+        seconds, nanos = divmod(self.time, 1_000_000_000)
+        return datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=nanos // 1000)
+
+    def fill(self, mapping: dict[str, Any]) -> None:
+        if not mapping.get("id"):
+            mapping["id"] = (
+                self.msg_id if self.msg_id and _ID.match(self.msg_id) else (f"seq-{self.seq}")
+            )
+        if not mapping.get("created_at"):
+            mapping["created_at"] = self.stored_at()
 
 
 def message_type_for(subject: str) -> type[Envelope]:
@@ -88,9 +121,13 @@ def validation_problems(error: ValidationError) -> str:
     )
 
 
-def decode_as(model: type[MessageT], data: bytes, *, subject: str = "") -> MessageT:
-    """Decode and validate against one model."""
+def decode_as(
+    model: type[MessageT], data: bytes, *, subject: str = "", origin: Origin | None = None
+) -> MessageT:
+    """Decode and validate against one model (``origin``: see :class:`Origin`)."""
     mapping = decode_map(data, subject=subject)
+    if origin is not None and issubclass(model, Envelope):
+        origin.fill(mapping)
     try:
         return model.model_validate(mapping)
     except ValidationError as error:
@@ -102,6 +139,6 @@ def decode_as(model: type[MessageT], data: bytes, *, subject: str = "") -> Messa
         ) from error
 
 
-def decode(subject: str, data: bytes) -> Envelope:
+def decode(subject: str, data: bytes, *, origin: Origin | None = None) -> Envelope:
     """Decode a message by the family of the subject it arrived on."""
-    return decode_as(message_type_for(subject), data, subject=subject)
+    return decode_as(message_type_for(subject), data, subject=subject, origin=origin)

@@ -92,7 +92,7 @@ class Dispatcher:
 
     async def handle(self, message: InboundMessage) -> None:
         try:
-            decoded = codec.decode(message.subject, message.data)
+            decoded = codec.decode(message.subject, message.data, origin=message.origin())
         except CodecError as error:
             reason = "invalid" if "not a valid" in error.message else "undecodable"
             await self.settle.dead_letter(message, reason=reason, error=error.message)
@@ -214,7 +214,7 @@ class Dispatcher:
             return
         # The parked item is rebuilt from the message that started it (a task, or a
         # contract to review), so that finishing it has the same effects.
-        source = codec.decode(original.subject, original.data)
+        source = codec.decode(original.subject, original.data, origin=original.origin())
         if isinstance(source, Handoff):
             review = review_item(source)
             item = Item(task=review, kind=review.kind, source=source, resume=record.id)

@@ -224,7 +224,9 @@ class Worker:
             return
         task: Task | None = None
         with contextlib.suppress(CodecError):
-            task = codec.decode_as(Task, original.data, subject=original.subject)
+            task = codec.decode_as(
+                Task, original.data, subject=original.subject, origin=original.origin()
+            )
         await self.dispatcher.settle.bury(
             original,
             reason="max-deliver",
