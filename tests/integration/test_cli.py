@@ -329,3 +329,7 @@ def test_up_runs_the_whole_team_on_an_embedded_server_and_stops_cleanly(tmp_path
         _, errors = up.communicate(timeout=60)
     assert up.returncode == 0, errors
     assert "Traceback" not in errors
+
+
+def test_help_keeps_its_placeholders(cli: CliRunner) -> None:
+    assert "task.<domain>.<kind>" in cli("publish", "--help").stdout

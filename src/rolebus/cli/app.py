@@ -18,6 +18,7 @@ from typing import Annotated, Any, TextIO, TypeVar, cast
 import structlog
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from rolebus.config import Settings
 from rolebus.errors import ConfigError, RolebusError
@@ -130,6 +131,17 @@ def team_for(settings: Settings) -> Team:
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coroutine)
+
+
+def keep_whole(table: Table, *columns: int) -> Table:
+    """Never cut these columns (ids a person copies into the next command): each is
+    as wide as its longest cell, and the other columns give way."""
+    for index in columns:
+        column = table.columns[index]
+        widest = max((len(str(cell)) for cell in column.cells), default=0)
+        column.no_wrap = True
+        column.min_width = max(widest, len(str(column.header)))
+    return table
 
 
 def print_json(value: Any) -> None:

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rolebus.bus import Bus
+from rolebus.cli.app import keep_whole
 from rolebus.config import Settings
 from rolebus.errors import CodecError, RolebusError
 from rolebus.flows.contracts import ContractRegistry
@@ -203,7 +204,7 @@ async def print_summary(console: Console, bus: Bus, result: DemoResult) -> None:
             record.reason,
             record.decision or "(open)",
         )
-    console.print(escalations)
+    console.print(keep_whole(escalations, 0))
 
     registry = ContractRegistry(bus.connection)
     contracts = Table(

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from rolebus.bus import Bus
-from rolebus.cli.app import JsonOption, app, out, print_json, run, settings_for
+from rolebus.cli.app import JsonOption, app, keep_whole, out, print_json, run, settings_for
 from rolebus.config import Settings
 from rolebus.errors import ConfigError, RolebusError
 from rolebus.flows import dlq
@@ -54,7 +54,7 @@ def dlq_list(as_json: JsonOption = False) -> None:
             str(entry.attempts),
             entry.error[:80],
         )
-    out.print(table)
+    out.print(keep_whole(table, 2))
 
 
 @dlq_app.command("show")

@@ -13,6 +13,7 @@ from rolebus.cli.app import (
     JsonOption,
     RolesOption,
     app,
+    keep_whole,
     out,
     print_json,
     run,
@@ -173,6 +174,7 @@ def escalations_command(
         return
     table = Table(
         "id",
+        *(["status"] if show_all else []),
         "asks",
         "must answer",
         "reason",
@@ -181,12 +183,13 @@ def escalations_command(
         "question",
         "options",
         "deadline",
-        title="escalations",
+        title="escalations" if show_all else "open escalations",
     )
     for row in rows:
         options = "\n".join(f"{o['name']}: {o.get('tradeoffs', '')}" for o in row["options"])
         table.add_row(
             row["id"],
+            *([row["status"]] if show_all else []),
             row["asking_role"],
             row["holder"],
             row["reason"],
@@ -196,8 +199,9 @@ def escalations_command(
             options or "-",
             str(row["deadline"] or "-")[:19],
         )
-    out.print(table)
-    out.print("Answer one with `rolebus resolve ID --decision TEXT [--approve | --reject]`.")
+    out.print(keep_whole(table, 0))
+    if any(row["status"] == "open" for row in rows):
+        out.print("Answer one with `rolebus resolve ID --decision TEXT [--approve | --reject]`.")
 
 
 @app.command("resolve")

@@ -18,6 +18,7 @@ from rolebus.cli.app import (
     app,
     embedded_server_if_needed,
     err,
+    keep_whole,
     out,
     print_json,
     run,
@@ -311,7 +312,7 @@ def tasks_command(
             s.title,
             s.updated_at.strftime("%H:%M:%S"),
         )
-    out.print(table)
+    out.print(keep_whole(table, 0))
 
 
 @app.command("rebuild")

@@ -66,7 +66,7 @@ def _payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:
 @app.command()
 def publish(
     subject: Annotated[
-        str, typer.Argument(help="task.<domain>.<kind> (or task.<domain> --kind K)")
+        str, typer.Argument(help="`task.<domain>.<kind>` (or `task.<domain>` with --kind K)")
     ],
     title: Annotated[str, typer.Option("--title", "-t", help="What the task is, in a line.")],
     kind: Annotated[str | None, typer.Option(help="The task kind, if not in SUBJECT.")] = None,
@@ -125,9 +125,9 @@ def publish_file(
 
     A line: `{"subject": "task.backend.implement", "title": "Orders API"}`, with
     optional "kind", "payload", "priority" and "id". Every line is checked before
-    anything is published; a bad one is named by its number. A line with an "id" is
-    stored once however often the file is published (the id is its Msg-Id); a line
-    without one gets a new id, and a new task, each time.
+    anything is published; every bad one is named by its number. Each line is stored
+    once however often the file is published: its "id" is its Msg-Id, and a line
+    without one gets an id derived from its text and line number.
 
     Example: `rolebus publish-file backlog.jsonl`
     """

@@ -157,6 +157,9 @@ async def eng_be(task: Task, context: HandlerContext) -> Outcome:
                 to="eng-fe",
                 contract="orders-api",
                 version="1.0.0",
+                # The architect registered it in the demo (then this is a no-op); a task
+                # published by hand (the README's quick start) registers it here.
+                document=ORDERS_API,
                 note="here is the API contract you requested",
             ),
             tasks=[

@@ -1,0 +1,25 @@
+"""Tables a person copies ids from: the ids are never cut, even at 80 columns."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from rich.table import Table
+
+from rolebus.cli.app import keep_whole
+
+
+def test_an_id_column_is_never_cut_at_80_columns() -> None:
+    long_id = "3be677d92dc14ccb-escalation-2"
+    table = Table("task", "role", "state", "kind", "attempt", "title", "updated")
+    table.add_row(long_id, "eng-be", "completed", "implement", "2", "x " * 60, "20:42:10")
+    printed = io.StringIO()
+    Console(file=printed, width=80).print(keep_whole(table, 0))
+    assert long_id in printed.getvalue()
+
+    cut = io.StringIO()
+    table = Table("task", "role", "state", "kind", "attempt", "title", "updated")
+    table.add_row(long_id, "eng-be", "completed", "implement", "2", "x " * 60, "20:42:10")
+    Console(file=cut, width=80).print(table)
+    assert long_id not in cut.getvalue()  # what rich does without it
