@@ -496,3 +496,46 @@ async def test_a_malformed_contract_in_a_handoff_is_refused_with_its_problems(
     assert "not a valid contract document" in entry.error
     assert "operations.x.method" in entry.error
     assert "operations.x.path" in entry.error
+
+
+async def test_a_timed_out_escalation_is_recorded_climbing_to_a_person_with_a_trace(
+    rolebus_bus: Bus, start_team: StartTeam, team: Team
+) -> None:
+    from rolebus.flows.escalation import PERSON, resolve
+    from rolebus.history.replay import ReplayFilter, replay
+    from rolebus.wire.subjects import TIMERS_STREAM
+
+    results: list[Any] = []
+    # Nobody runs the architect or the CTO: each level times out (2 s, the rule's).
+    await start_team({"eng-be": ambiguous_be(results)})
+    task, _ = await rolebus_bus.publish_task(
+        "task.backend.implement", title="partition the events table", payload={"reason": "unknown"}
+    )
+    store = EscalationStore(rolebus_bus.connection)
+
+    async def held_by_a_person() -> bool:
+        found = await store.get(f"{task.id}-1")
+        return found is not None and found.record.holder == PERSON
+
+    await wait_for(held_by_a_person, timeout=30)
+    [record] = await store.all()
+    assert (record.level, record.holder, record.trail) == (2, PERSON, ["architect", "cto", PERSON])
+    climbs = [e for e in await events(rolebus_bus, "escalation") if e.state == "climbed"]
+    assert [(e.detail["to"], e.detail["timeout_at"]) for e in climbs] == [
+        ("cto", "architect"),
+        (PERSON, "cto"),
+    ]
+    # The old holders can no longer decide; a person can.
+    for old in ("architect", "cto"):
+        late = await store.decide(
+            record.id, decision="too late", approved=None, decided_by=old, as_holder=True
+        )
+        assert late is None
+    await resolve(rolebus_bus.connection, team, record.id, decision="cursor", approved=None)
+    await until_state(rolebus_bus, task.id, "completed")
+    assert results == [["cursor"]]
+    timers = [
+        item async for item in replay(rolebus_bus.connection, ReplayFilter(stream=TIMERS_STREAM))
+    ]
+    assert timers
+    assert all(item.message is not None for item in timers), [item.error for item in timers]

@@ -43,6 +43,7 @@ __all__ = [
     "EscalationStore",
     "StoredEscalation",
     "boundary_for",
+    "climb",
     "climb_target",
     "climbed",
     "decision_effects",
@@ -140,12 +141,22 @@ class EscalationStore:
         return None if revision is None else StoredEscalation(record=updated, revision=revision)
 
     async def decide(
-        self, escalation_id: str, *, decision: str, approved: bool | None, decided_by: str
+        self,
+        escalation_id: str,
+        *,
+        decision: str,
+        approved: bool | None,
+        decided_by: str,
+        as_holder: bool = False,
     ) -> EscalationRecord | None:
         """Close an open escalation with its decision (compare-and-set, retried);
-        None when it is unknown or someone decided first."""
+        None when it is unknown, someone decided first, or (``as_holder``: a role's
+        handler answering) it has climbed past ``decided_by`` meanwhile. A person
+        may always decide."""
         found = await self.get(escalation_id)
         while found is not None and found.record.status == "open":
+            if as_holder and found.record.holder != decided_by:
+                return None
             decided = await self.change(
                 found,
                 status="decided",
@@ -207,25 +218,23 @@ def schedule_headers(deadline: datetime, target_subject: str) -> dict[str, str]:
     return {Header.SCHEDULE: f"@at {at}", Header.SCHEDULE_TARGET: target_subject}
 
 
-def climbed(escalation: Escalation, team: Team) -> tuple[str, Escalation] | None:
-    """The copy of ``escalation`` one level up, with its subject (None above the top:
-    then it waits for a person)."""
-    target = climb_target(team, escalation.to_role)
-    if target == PERSON:
+def climbed(escalation: Escalation, team: Team) -> Escalation | None:
+    """The copy of ``escalation`` one level up: to ``reports_to``, and above the top
+    of the chart to a person (None once a person holds it)."""
+    if escalation.to_role == PERSON:
         return None
-    copy = escalation.model_copy(update={"to_role": target, "level": escalation.level + 1})
-    return escalation_subject(target, escalation.reason), copy
+    target = climb_target(team, escalation.to_role)
+    return escalation.model_copy(update={"to_role": target, "level": escalation.level + 1})
 
 
 def timer_for(
     escalation: Escalation, team: Team, deadline: datetime
 ) -> tuple[str, dict[str, str], Escalation] | None:
     """The scheduled message that climbs ``escalation`` at ``deadline``: its subject,
-    headers and body (None at the top of the chart)."""
-    up = climbed(escalation, team)
-    if up is None:
+    headers and body (None once a person holds it: nobody above waits)."""
+    copy = climbed(escalation, team)
+    if copy is None:
         return None
-    _, copy = up
     schedule, fired = timer_subjects(escalation.id, escalation.level)
     return schedule, schedule_headers(deadline, fired), copy
 
@@ -374,6 +383,60 @@ def escalation_event(
         },
     )
     return effect(f"event.escalation.{state}", event)
+
+
+async def climb(
+    store: EscalationStore, team: Team, escalation: Escalation
+) -> tuple[EscalationRecord, list[Effect]] | None:
+    """Record that ``escalation`` (the copy one level up, from a fired timer) now
+    waits on its ``to_role`` (a person above the top of the chart), and the effects
+    that say so: the ``climbed`` event, the escalation sent to its new holder, the
+    next level's timer. None when the timer is stale (decided, or climbed past).
+
+    Idempotent: a timer redelivered after the record changed gets the same effects
+    (the same Msg-Ids) and sends what a crash may have left unsent."""
+    while True:
+        found = await store.get(escalation.id)
+        if found is None or found.record.status != "open":
+            return None
+        record = found.record
+        if record.level == escalation.level - 1:
+            deadline = (
+                None
+                if escalation.to_role == PERSON
+                else utc_now() + timedelta(seconds=record.timeout_s)
+            )
+            changed = await store.change(
+                found,
+                holder=escalation.to_role,
+                level=escalation.level,
+                deadline=deadline,
+                trail=[*record.trail, escalation.to_role],
+            )
+            if changed is None:
+                continue  # it moved meanwhile: look again
+            record = changed.record
+        elif (record.level, record.holder) != (escalation.level, escalation.to_role):
+            return None
+        effects = [
+            escalation_event(
+                escalation.to_role,
+                record,
+                "climbed",
+                detail={"timeout_at": record.trail[-2] if len(record.trail) > 1 else None},
+            )
+        ]
+        if escalation.to_role != PERSON:
+            effects.append(
+                effect(
+                    escalation_subject(escalation.to_role, escalation.reason),
+                    escalation,
+                    msg_id=f"{escalation.id}-l{escalation.level}",
+                )
+            )
+        if record.deadline is not None:
+            effects += timer_effects(team, escalation, record)
+        return record, effects
 
 
 def decision_from_result(result: Any) -> tuple[str, bool | None]:

@@ -37,6 +37,7 @@ _TYPES: dict[str, type[Envelope]] = {
     "escalation": Escalation,
     "decision": Decision,
     "event": Event,
+    "timer": Escalation,  # an escalation one level up, waiting for its deadline
 }
 
 

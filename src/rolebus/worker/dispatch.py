@@ -19,7 +19,6 @@ someone (escalations, boundaries) are :mod:`rolebus.worker.parking`.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 
 import structlog
 
@@ -32,10 +31,9 @@ from rolebus.flows.effects import (
 )
 from rolebus.flows.escalation import (
     EscalationStore,
-    escalation_event,
+    climb,
     escalation_item,
     record_for,
-    timer_effects,
 )
 from rolebus.flows.handoffs import offer_effects, review_item
 from rolebus.flows.state import StateStore, StoredState
@@ -52,7 +50,6 @@ from rolebus.wire.messages import (
     Handoff,
     Outcome,
     Task,
-    utc_now,
 )
 from rolebus.wire.subjects import WORK_STREAM
 from rolebus.worker.parking import Parking
@@ -142,30 +139,15 @@ class Dispatcher:
             )
             return
         if escalation.level == record.level + 1 and escalation.to_role == self.role.id:
-            # The server fired the timeout: the escalation climbs to this role.
-            climbed = await self.escalations.change(
-                found,
-                holder=self.role.id,
-                level=escalation.level,
-                deadline=utc_now() + timedelta(seconds=record.timeout_s),
-                trail=[*record.trail, self.role.id],
-            )
+            # Sent one level up before its record said so (the supervisor records
+            # the climb first; an older one did not): record it the same way.
+            climbed = await climb(self.escalations, self.team, escalation)
             if climbed is None:
                 await self.settle.stale(message, f"escalation {escalation.id} changed meanwhile")
                 return
-            await publish_effects(
-                self.connection,
-                [
-                    *timer_effects(self.team, escalation, climbed.record),
-                    escalation_event(
-                        self.role.id,
-                        climbed.record,
-                        "climbed",
-                        detail={"timeout_at": record.holder},
-                    ),
-                ],
-                trace=message.headers.get(Header.TRACEPARENT),
-            )
+            record, effects = climbed
+            trace = message.headers.get(Header.TRACEPARENT)
+            await publish_effects(self.connection, effects, trace=trace)
         elif escalation.level != record.level or record.holder != self.role.id:
             await self.settle.stale(
                 message,

@@ -71,7 +71,7 @@ class Parking:
         self, escalation: Escalation, text: str, approved: bool | None, *, decided_by: str
     ) -> list[Effect]:
         decided = await self.escalations.decide(
-            escalation.id, decision=text, approved=approved, decided_by=decided_by
+            escalation.id, decision=text, approved=approved, decided_by=decided_by, as_holder=True
         )
         if decided is not None:
             return decision_effects(decided, self.team)

@@ -12,7 +12,8 @@ import contextlib
 import structlog
 
 from rolebus.errors import CodecError, RolebusError
-from rolebus.flows.escalation import EscalationStore
+from rolebus.flows.effects import publish_effects
+from rolebus.flows.escalation import EscalationStore, climb
 from rolebus.nats.admin import ConsumerSpec
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage
@@ -23,7 +24,6 @@ from rolebus.wire.messages import Escalation
 from rolebus.wire.subjects import (
     SUPERVISOR_CONSUMER,
     TIMERS_STREAM,
-    escalation_subject,
 )
 from rolebus.worker.slots import Slots
 
@@ -88,17 +88,13 @@ class Supervisor:
             log.error("unreadable timer dropped", subject=message.subject, error=error.message)
             await message.ack()
             return
-        found = await self.escalations.get(escalation.id)
-        record = found.record if found is not None else None
-        if record is None or record.status != "open" or record.level != escalation.level - 1:
+        climbed = await climb(self.escalations, self.team, escalation)
+        if climbed is None:
             log.debug("stale timer", escalation_id=escalation.id, level=escalation.level)
             await message.ack()
             return
-        await self.connection.publish(
-            escalation_subject(escalation.to_role, escalation.reason),
-            codec.encode(escalation),
-            msg_id=f"{escalation.id}-l{escalation.level}",
-        )
+        _, effects = climbed
+        await publish_effects(self.connection, effects, trace=None)
         await message.ack()
         self.climbed += 1
         log.info(
