@@ -248,6 +248,62 @@ async def test_a_full_stream_refuses_loudly_and_drops_nothing(
     fault_log.record("full stream (discard: new)", 1, HistoryReport(published=10))
 
 
+async def test_a_task_whose_follow_up_cannot_be_stored_says_so_until_it_is(
+    rolebus_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    import nats
+
+    from rolebus.flows.state import StateStore
+    from rolebus.history.status import collect
+
+    settings = Settings(nats_url=rolebus_server.url)
+    team = load_team(write_team(tmp_path / "roles"))
+    async with await Bus.connect(settings, limits=StreamLimits(work_max_msgs=2)) as bus:
+        parent, _ = await bus.publish_task(
+            "task.backend.x",
+            title="parent",
+            payload={"then": [{"subject": "task.frontend.page", "title": "its page"}]},
+        )
+        await bus.publish_task("task.frontend.filler", title="fills the stream")
+        crew = await start_workers(settings, team, [team.role("eng-be")], grace=1)
+        states = StateStore(bus.connection)
+        try:
+
+            async def pending() -> bool:
+                found = await states.get(parent.id)
+                return found is not None and found.state.effects_pending is not None
+
+            await wait_for(pending, timeout=30)
+            found = await states.get(parent.id)
+            assert found is not None
+            assert found.state.state == "completed"
+            assert "maximum messages" in (found.state.effects_pending or "")
+            [eng_be] = [s for s in await collect(bus.connection, team) if s.role == "eng-be"]
+            assert eng_be.effects_pending == 1
+            # Room again: the retried delivery stores the follow-up and says so.
+            client = await nats.connect(rolebus_server.url)
+            try:
+                js = client.jetstream()
+                config = (await js.stream_info(WORK_STREAM)).config
+                config.max_msgs = -1
+                await js.update_stream(config)
+            finally:
+                await client.close()
+
+            async def settled() -> bool:
+                found = await states.get(parent.id)
+                return found is not None and found.state.effects_pending is None
+
+            await wait_for(settled, timeout=30)
+        finally:
+            await crew.stop(grace=0)
+        [eng_be] = [s for s in await collect(bus.connection, team) if s.role == "eng-be"]
+        assert eng_be.effects_pending == 0
+        assert eng_be.completed == 1  # counted once, not again when its effects landed
+        stored = [m async for m in bus.connection.streams.read(WORK_STREAM)]
+        assert f"{parent.id}-1" in [Task.model_validate(msgpack.unpackb(m.data)).id for m in stored]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=400))
 def test_any_role_file_text_gives_a_role_or_a_clean_error(text: str) -> None:

@@ -196,6 +196,8 @@ def _tree_label(state: TaskState) -> str:
         "input-required": "yellow",
     }.get(state.state, "white")
     detail = state.error or ""
+    if state.effects_pending:
+        detail = f"effects pending: {state.effects_pending}"
     if state.kind == "handoff" and isinstance(state.result, dict):
         detail = state.result.get("answer", "")
     return (

@@ -79,6 +79,13 @@ def status_command(
             _cell(status.slo["error_rate"]),
         )
     out.print(table)
+    for status in statuses:
+        if status.effects_pending:
+            out.print(
+                f"[yellow]{status.role}: {status.effects_pending} finished task(s) whose "
+                "follow-ups are not stored yet[/] (retried; `rolebus tasks --role "
+                f"{status.role}` lists them, the worker's log says why)"
+            )
 
 
 @app.command("metrics")

@@ -65,6 +65,13 @@ class TaskState(BaseModel):
         return str(value) if value else None
 
     @property
+    def effects_pending(self) -> str | None:
+        """Why the effects this record lists are not all stored yet (a full stream,
+        say): the task is done, its follow-ups wait. None when they are stored."""
+        value = self.detail.get("effects_pending")
+        return str(value) if value else None
+
+    @property
     def sent(self) -> int:
         """How many numbered messages (``<task id>-<n>``) the task has sent."""
         return int(self.detail.get("sent", 0))

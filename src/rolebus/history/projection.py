@@ -108,6 +108,7 @@ class TaskProjection:
             role: OrderedDict() for role in roles
         }
         self._latencies: dict[str, LatencyHistogram] = {}
+        self._effects_pending: dict[str, set[str]] = {}
         self._next_seq: int | None = None
 
     async def update(self, connection: Connection) -> None:
@@ -134,7 +135,20 @@ class TaskProjection:
             cards[state.task_id] = state
             if len(cards) > self._limit:
                 cards.popitem(last=False)
-        if state.state == "completed" and state.created_at is not None:
+        pending = self._effects_pending.setdefault(state.role, set())
+        counted_before = state.task_id in pending
+        if state.effects_pending:
+            pending.add(state.task_id)
+        else:
+            pending.discard(state.task_id)
+        # A task whose effects waited is written again when they are stored: count
+        # its completion once (when first read, if its earlier writes were not).
+        if (
+            state.state == "completed"
+            and state.created_at is not None
+            and not state.effects_pending
+            and not counted_before
+        ):
             latency = (state.updated_at - state.created_at).total_seconds() * 1000
             histogram = self._latencies.get(state.role)
             if histogram is None:
@@ -144,6 +158,12 @@ class TaskProjection:
     def _forget(self, task_id: str) -> None:
         for cards in self._cards.values():
             cards.pop(task_id, None)
+        for pending in self._effects_pending.values():
+            pending.discard(task_id)
+
+    def effects_pending(self, role: str) -> int:
+        """How many of the role's finished tasks have effects not yet stored."""
+        return len(self._effects_pending.get(role, ()))
 
     def cards(self, role: str) -> list[TaskState]:
         """The role's newest records, newest first."""

@@ -38,6 +38,8 @@ class RoleStatus:
     p50_ms: float | None
     p99_ms: float | None
     error_rate: float | None
+    #: Finished tasks whose follow-ups are not stored yet (a full stream, say).
+    effects_pending: int = 0
     slo: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -147,6 +149,7 @@ async def collect(
                 open_escalations=holders.get(role.id, 0),
                 workers_waiting=consumer["waiting"],
                 completed=completed,
+                effects_pending=records.effects_pending(role.id),
                 attempts=tried,
                 failures=failed,
                 p50_ms=p50,

@@ -79,7 +79,8 @@ def task_card(state: TaskState) -> str:
     return (
         f'<div class="card state-{escape(state.state)}" data-task="{escape(state.task_id)}">'
         f'<a href="/tasks/{escape(state.task_id)}">{escape(state.title or state.task_id)}</a>'
-        f'<div class="muted">{escape(state.state)} · {escape(state.kind)}'
+        f'<div class="muted">{escape(state.state)}'
+        f"{' (effects pending)' if state.effects_pending else ''} · {escape(state.kind)}"
         f"{' · attempt ' + escape(state.attempt) if state.attempt > 1 else ''}</div></div>"
     )
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from rolebus.errors import StaleClaimError
+from rolebus.errors import RolebusError, StaleClaimError
 from rolebus.flows import dlq
 from rolebus.flows.effects import (
     Effect,
@@ -159,9 +159,9 @@ class Settling:
         if finished is None:  # finished elsewhere meanwhile
             await message.ack()
             return
-        # A first run's effects are new Msg-Ids; a redelivery's (_finish_again) may be
+        # A first run's effects are new Msg-Ids; a redelivery's (finish_again) may be
         # stored already, and one duplicate refuses a whole batch: those go alone.
-        await self.publish_resting(message, finished, batch=self.has_backlog(message))
+        await self._store_effects(message, finished, batch=self.has_backlog(message))
         await message.ack()
         if state == "completed":
             self.stats.completed += 1
@@ -197,10 +197,30 @@ class Settling:
         and bursts at a steady rate must not pay that."""
         return message.pending >= 2 * self.role.concurrency
 
+    async def _store_effects(
+        self, message: InboundMessage, stored: StoredState, *, batch: bool = False
+    ) -> None:
+        """Publish the record's effects. If they cannot all be stored (a full stream),
+        the record says so before the error goes on (the delivery is retried): a
+        task must not look done while its follow-ups do not exist. Only that case
+        costs a write; the redelivery that stores them clears it."""
+        try:
+            await self.publish_resting(message, stored, batch=batch)
+        except RolebusError as error:
+            if stored.state.effects_pending != error.message:
+                detail = {**stored.state.detail, "effects_pending": error.message}
+                await self.states.change(stored, detail=detail)
+            raise
+        if stored.state.effects_pending:
+            # Kept as None, not dropped: the record was counted as completed once.
+            await self.states.change(
+                stored, detail={**stored.state.detail, "effects_pending": None}
+            )
+
     async def finish_again(self, message: InboundMessage, stored: StoredState) -> None:
         """Already done (or parked) before a crash: publish the same effects again
         (de-duplicated by Msg-Id) and ack, without running the handler."""
-        await self.publish_resting(message, stored)
+        await self._store_effects(message, stored)
         await message.ack()
         self.stats.redelivered_done += 1
 
