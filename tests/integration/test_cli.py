@@ -333,3 +333,57 @@ def test_up_runs_the_whole_team_on_an_embedded_server_and_stops_cleanly(tmp_path
 
 def test_help_keeps_its_placeholders(cli: CliRunner) -> None:
     assert "task.<domain>.<kind>" in cli("publish", "--help").stdout
+
+
+def test_publish_file_into_a_full_stream_reports_what_was_stored_and_a_rerun_is_safe(
+    cli: CliRunner, rolebus_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from rolebus.bus import Bus
+    from rolebus.config import Settings
+    from rolebus.nats.admin import StreamLimits
+
+    async def provision(max_msgs: int) -> None:
+        settings = Settings(nats_url=rolebus_server.url)
+        async with await Bus.connect(settings, limits=StreamLimits(work_max_msgs=max_msgs)):
+            pass
+
+    asyncio.run(provision(28))
+    backlog = tmp_path / "backlog.jsonl"
+    backlog.write_text(
+        "\n".join(json.dumps({"subject": "task.backend.x", "title": f"t{n}"}) for n in range(100))
+    )
+    env = {"NATS_URL": rolebus_server.url}
+    result = cli("publish-file", str(backlog), "--json", env=env)
+    assert result.code == 1
+    report = json.loads(result.stdout)
+    assert "maximum messages" in report["error"]
+    assert len(report["ids"]) + len(report["not_confirmed"]) == 100
+    text = cli("publish-file", str(backlog), env=env)
+    assert text.code == 1
+    assert "of 100 tasks from" in text.stderr
+    assert "run the same command again" in text.stderr
+    assert "Traceback" not in text.stderr
+    stored_before = len(cli("replay", "--stream", "work", "--json", env=env).stdout.splitlines())
+    assert stored_before == 28
+
+    async def make_room() -> None:
+        import nats
+
+        client = await nats.connect(rolebus_server.url)
+        try:
+            js = client.jetstream()
+            config = (await js.stream_info("ROLEBUS_WORK")).config
+            config.max_msgs = -1
+            await js.update_stream(config)
+        finally:
+            await client.close()
+
+    asyncio.run(make_room())
+    again = cli("publish-file", str(backlog), "--json", env=env)
+    assert again.code == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert (summary["published"], summary["duplicates"]) == (72, 28)
+    stored = cli("replay", "--stream", "work", "--json", env=env).stdout.splitlines()
+    assert len(stored) == 100

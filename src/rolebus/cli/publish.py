@@ -25,7 +25,7 @@ from rolebus.cli.app import (
     team_for,
 )
 from rolebus.cli.task_lines import parse_task_lines
-from rolebus.errors import ConfigError
+from rolebus.errors import ConfigError, RolebusError
 from rolebus.team.roles import Team
 from rolebus.wire import subjects as names
 from rolebus.wire.messages import MAX_DEPTH
@@ -144,27 +144,51 @@ def publish_file(
     tasks = parse_task_lines(text, source=source, team=team)
     chunk = 5000
 
-    async def go() -> list[Any]:
+    async def go() -> tuple[list[Any], RolebusError | None]:
         acks: list[Any] = []
         async with await Bus.connect(settings, name="rolebus-publish") as bus:
             for start in range(0, len(tasks), chunk):
-                acks.extend(await bus.publish_many(tasks[start : start + chunk]))
+                try:
+                    acks.extend(await bus.publish_many(tasks[start : start + chunk]))
+                except RolebusError as error:
+                    return acks, error
                 if len(tasks) > chunk and not as_json:
                     err.print(f"  {len(acks):,} / {len(tasks):,} published")
-        return acks
+        return acks, None
 
     started = time.monotonic()
-    acks = run(go())
+    acks, failure = run(go())
     seconds = time.monotonic() - started
     duplicates = sum(1 for ack in acks if ack.duplicate)
-    summary = {
+    summary: dict[str, Any] = {
         "published": len(acks) - duplicates,
         "duplicates": duplicates,
-        "first_seq": min(ack.seq for ack in acks),
-        "last_seq": max(ack.seq for ack in acks),
+        "first_seq": min((ack.seq for ack in acks), default=None),
+        "last_seq": max((ack.seq for ack in acks), default=None),
         "seconds": round(seconds, 3),
-        "ids": [task.id for _, task in tasks],
+        "ids": [task.id for _, task in tasks[: len(acks)]],
     }
+    if failure is not None:
+        # Every line has an id (its own, or derived from it): running the same file
+        # again stores what is missing and nothing twice.
+        summary["error"] = failure.message
+        summary["not_confirmed"] = [task.id for _, task in tasks[len(acks) :]]
+        if as_json:
+            print_json(summary)
+        else:
+            err.print(
+                f"[bold red]error:[/] {failure.message}\n"
+                f"  {len(acks):,} of {len(tasks):,} tasks from {source} were stored "
+                f"({len(tasks) - len(acks):,} not confirmed)",
+                highlight=False,
+            )
+            if failure.hint:
+                err.print(f"  [dim]hint:[/] {failure.hint}", highlight=False)
+            err.print(
+                "  then run the same command again: what is stored is not added twice",
+                highlight=False,
+            )
+        raise SystemExit(1)
     if as_json:
         print_json(summary)
         return
