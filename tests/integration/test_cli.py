@@ -387,3 +387,15 @@ def test_publish_file_into_a_full_stream_reports_what_was_stored_and_a_rerun_is_
     assert (summary["published"], summary["duplicates"]) == (72, 28)
     stored = cli("replay", "--stream", "work", "--json", env=env).stdout.splitlines()
     assert len(stored) == 100
+
+
+def test_the_dashboard_without_a_server_is_one_clear_error(
+    cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NATS_URL", raising=False)
+    result = cli("dashboard", "--port", "0", env={"ROLEBUS_HOME": str(tmp_path / "home")})
+    assert result.code == 1
+    assert "no NATS server" in result.stderr
+    assert "hint:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Application startup failed" not in result.stderr

@@ -21,6 +21,7 @@ from rolebus.cli.app import (
     settings_for,
     team_for,
 )
+from rolebus.config import Settings
 from rolebus.history.status import RoleStatus, collect, serve_metrics
 from rolebus.team.roles import parse_duration
 
@@ -137,7 +138,14 @@ def dashboard_command(
     team = team_for(settings)
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         token = secrets.token_urlsafe(16)
+    run(_check_server(settings))  # a clear error now, not a traceback from uvicorn's startup
     app_ = create_app(settings, team, token=token)
     suffix = f"/?token={token}" if token else "/"
     out.print(f"rolebus dashboard on http://{host}:{port}{suffix} (Ctrl-C to stop)")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+async def _check_server(settings: Settings) -> None:
+    """Raise the ConnectError (with its hint) when no NATS server answers."""
+    async with await Bus.connect(settings, name="rolebus-dashboard-check", provision=False):
+        pass
