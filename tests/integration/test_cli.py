@@ -399,3 +399,46 @@ def test_the_dashboard_without_a_server_is_one_clear_error(
     assert "hint:" in result.stderr
     assert "Traceback" not in result.stderr
     assert "Application startup failed" not in result.stderr
+
+
+def test_dead_letters_and_tasks_read_as_a_person_expects(
+    cli: CliRunner, rolebus_server: EmbeddedServer
+) -> None:
+    import asyncio
+
+    from rolebus.bus import Bus
+    from rolebus.config import Settings
+    from rolebus.flows import dlq
+    from rolebus.wire import codec
+
+    async def plant() -> None:
+        async with await Bus.connect(Settings(nats_url=rolebus_server.url)) as bus:
+            await dlq.dead_letter(
+                bus.connection,
+                subject="task.backend.x",
+                data=codec.encode_map({"id": "t-invalid", "kind": "x"}),  # no title: invalid
+                headers={},
+                stream_seq=3,
+                reason="invalid",
+                error="not a valid Task: title: Field required",
+                role="eng-be",
+                attempts=1,
+            )
+
+    asyncio.run(plant())
+    env = {"NATS_URL": rolebus_server.url}
+    [entry] = json.loads(cli("dlq", "list", "--json", env=env).stdout)
+    assert entry["task_id"] == "t-invalid"
+    shown = cli("dlq", "show", "t-invalid", env=env)
+    assert shown.code == 0, shown.stderr
+    assert '"undecodable": "message on' in shown.stdout  # JSON, not a Python repr
+    assert "{'" not in shown.stdout
+    cli("publish", "task.backend.x", "-t", "waiting", "--id", "t-waits", env=env)
+    waiting = cli("show", "t-waits", env=env)
+    assert waiting.code == 1
+    assert "is published" in waiting.stderr
+    assert "no worker has picked it up yet" in waiting.stderr
+    bad_state = cli("tasks", "--state", "finished", env=env)
+    assert bad_state.code == 1
+    assert "--state 'finished' is not a task state" in bad_state.stderr
+    assert "completed" in bad_state.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 import typer
@@ -79,7 +80,10 @@ def dlq_show(
         print_json(document)
         return
     for key_name, value in document.items():
-        out.print(f"[bold]{key_name}[/]: {value}", highlight=False)
+        shown = (
+            json.dumps(value, indent=2, default=str) if isinstance(value, dict | list) else value
+        )
+        out.print(f"[bold]{key_name}[/]: {shown}", highlight=False, markup=False)
 
 
 @dlq_app.command("redrive")

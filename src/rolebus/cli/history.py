@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.table import Table
@@ -28,7 +28,7 @@ from rolebus.cli.app import (
 from rolebus.cli.demo import play
 from rolebus.errors import ConfigError, NotFoundError
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
-from rolebus.flows.state import StateStore, TaskState
+from rolebus.flows.state import STATES, StateStore, TaskState
 from rolebus.handlers.loader import load_handler
 from rolebus.history.replay import (
     Replayed,
@@ -43,7 +43,7 @@ from rolebus.history.replay import (
 from rolebus.history.rerun import RerunResult, rerun
 from rolebus.team.roles import CommandHandler
 from rolebus.wire.messages import Event
-from rolebus.wire.subjects import EVENTS_STREAM, stream_holding
+from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, stream_holding
 
 
 @app.command()
@@ -62,6 +62,13 @@ def demo(
     with embedded_server_if_needed(settings) as live:
         out.print(f"[bold]rolebus demo[/]: {len(team)} roles, one feature, every message shown\n")
         run(play(live, team, console=out, timeout=timeout))
+    if live.nats_url != settings.nats_url:
+        # The demo's own server stopped with it; its store (the history) is kept.
+        out.print(
+            "  (these need a server: run `rolebus server` in another terminal first; the "
+            f"demo's history is kept in {settings.home})",
+            highlight=False,
+        )
 
 
 def _timeline_line(item: Replayed) -> str:
@@ -206,6 +213,22 @@ def _tree_label(state: TaskState) -> str:
     )
 
 
+async def _explain_missing(bus: Bus, task_id: str) -> NoReturn:
+    """No record: a task gets one when a worker picks it up. Say whether it waits."""
+    wanted = ReplayFilter(stream=WORK_STREAM, subject="task.>")
+    async for item in replay(bus.connection, wanted):
+        if item.message is not None and item.message.id == task_id:
+            raise NotFoundError(
+                f"task {task_id!r} is published ({item.stored.subject}, {WORK_STREAM} seq "
+                f"{item.stored.seq}) but no worker has picked it up yet",
+                hint="start its role's worker (`rolebus worker ROLE`, or `rolebus up`); "
+                "`rolebus status` shows each role's backlog",
+            )
+    raise NotFoundError(
+        f"no task {task_id!r}", hint="`rolebus tasks` lists them; ids are case-sensitive"
+    )
+
+
 @app.command("show")
 def show_command(
     task_id: Annotated[str, typer.Argument(help="A task id (the root of a flow shows it all).")],
@@ -218,10 +241,7 @@ def show_command(
         async with await Bus.connect(settings_for(), name="rolebus-show") as bus:
             found = await StateStore(bus.connection).get(task_id)
             if found is None:
-                raise NotFoundError(
-                    f"no task {task_id!r}",
-                    hint="`rolebus tasks` lists them; ids are case-sensitive",
-                )
+                await _explain_missing(bus, task_id)
             flow = found.state.correlation_id or found.state.task_id
             states = await flow_states(bus.connection, flow)
             records = [
@@ -289,6 +309,17 @@ def tasks_command(
     as_json: JsonOption = False,
 ) -> None:
     """What every role is doing: the task-state projection, in one read."""
+    if state is not None and state not in STATES:
+        raise ConfigError(
+            f"--state {state!r} is not a task state", hint=f"states: {', '.join(sorted(STATES))}"
+        )
+    if role is not None:
+        known = team_for(settings_for()).roles
+        if role not in known:
+            raise ConfigError(
+                f"--role {role!r} is not a role of the team",
+                hint=f"roles: {', '.join(sorted(known))}",
+            )
 
     async def go() -> list[TaskState]:
         async with await Bus.connect(settings_for(), name="rolebus-tasks") as bus:

@@ -109,6 +109,11 @@ def _entry(stored: StoredMessage) -> DeadLetter:
             headers.get(Header.MSG_ID),
         )
         task_id = codec.decode_as(Task, stored.data, subject=subject, origin=original).id
+    if task_id is None:
+        # Not a valid Task (that may be why it is here): its id, if the body has one.
+        with contextlib.suppress(CodecError):
+            body_id = codec.decode_map(stored.data, subject=subject).get("id")
+            task_id = body_id if isinstance(body_id, str) and body_id else None
     return DeadLetter(
         seq=stored.seq,
         subject=subject,

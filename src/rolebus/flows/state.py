@@ -21,12 +21,14 @@ from rolebus.wire import codec
 from rolebus.wire.messages import Task, utc_now
 from rolebus.wire.subjects import TASKS_BUCKET
 
-__all__ = ["PARKED", "TERMINAL_STATES", "StateStore", "StoredState", "TaskState"]
+__all__ = ["PARKED", "STATES", "TERMINAL_STATES", "StateStore", "StoredState", "TaskState"]
 
 #: States after which a task never runs again (unless redriven).
 TERMINAL_STATES = frozenset({"completed", "dead", "rejected", "handed-off"})
 #: Parked until a decision arrives: only that decision may run the task again.
 PARKED = "input-required"
+#: Every state a task record can be in.
+STATES = frozenset({"claimed", "retrying", PARKED, "redriven", *TERMINAL_STATES})
 
 
 class TaskState(BaseModel):
