@@ -9,7 +9,7 @@ import grimp
 import rolebus
 
 SRC = Path(rolebus.__file__).parent
-WINGS = {"wire", "nats", "team", "flows", "handlers", "worker", "history", "web", "cli"}
+WINGS = {"wire", "nats", "team", "flows", "handlers", "worker", "history", "web", "cli", "testing"}
 
 
 def test_no_module_imports_itself_through_others() -> None:

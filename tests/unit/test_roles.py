@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rolebus.errors import RoleError
-from rolebus.team.roles import Team, load_team, parse_duration, parse_role
+from rolebus.team.roles import CommandHandler, Team, load_team, parse_duration, parse_role
 
 from ..conftest import REPO, CliRunner
 
@@ -129,7 +129,7 @@ def test_a_command_handler_and_durations_parse() -> None:
         file="a.md",
     )
     assert role.ack_wait == 120.0
-    assert not isinstance(role.handler, str)
+    assert isinstance(role.handler, CommandHandler)
     assert role.handler.command == ["python", "agent.py"]
     assert role.handler.timeout == 90.0
 

@@ -160,6 +160,12 @@ def state_event(state: TaskState, role: str) -> Event:
         error=state.error,
         detail={
             **{key: value for key, value in state.detail.items() if key != "sent"},
+            # What this attempt cost (LLM roles): the events are the usage history.
+            **(
+                {"usage": state.outcome["usage"]}
+                if state.outcome and state.outcome.get("usage")
+                else {}
+            ),
             "follow_ups": [
                 entry["msg_id"]
                 for entry in state.effects

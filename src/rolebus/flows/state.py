@@ -74,6 +74,12 @@ class TaskState(BaseModel):
         return str(value) if value else None
 
     @property
+    def failures(self) -> int:
+        """How many attempts ended in a failed outcome (retried): a retry's model
+        calls are new ones; a redelivery after a crash reuses the recorded ones."""
+        return int(self.detail.get("failures", 0))
+
+    @property
     def sent(self) -> int:
         """How many numbered messages (``<task id>-<n>``) the task has sent."""
         return int(self.detail.get("sent", 0))

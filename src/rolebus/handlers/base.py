@@ -1,13 +1,9 @@
-"""Handlers behind one interface: a Python callable, an external command, a builtin.
+"""The handler port: what every kind of handler is, gets and answers.
 
 A handler is ``async def handle(task: Task, context: HandlerContext) -> Outcome``.
-The role file's ``handler`` picks the kind:
-
-- ``"python:package.module:function"``: an async (or plain) function.
-- ``{ command = ["prog", "arg"], timeout = 60 }``: a program that reads one JSON
-  object on stdin and prints one JSON outcome on stdout (the command protocol,
-  documented in the README). How a coding agent CLI plugs into a role.
-- ``"builtin:NAME"``: the scripted agents in :mod:`rolebus.handlers.scripted`.
+This module is a leaf of the wing: the kinds (``python``, ``command``, ``llm``,
+``scripted``, ``team``) import it, and :mod:`~rolebus.handlers.loader` composes
+them from a role file's ``handler``.
 """
 
 from __future__ import annotations
@@ -17,11 +13,21 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from rolebus.team.roles import RoleSpec
+from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire.codec import validation_problems
 from rolebus.wire.messages import Decision, Outcome, Task
 
-__all__ = ["Handler", "HandlerContext", "outcome_from_json"]
+__all__ = ["CallLog", "Handler", "HandlerContext", "outcome_from_json"]
+
+
+class CallLog(Protocol):
+    """Where a handler records what it paid for (model calls), keyed by task, so
+    that a redelivery, a redrive or a rerun reuses an answer instead of paying for
+    it again. The worker's is :class:`rolebus.flows.calls.CallStore`."""
+
+    async def get(self, key: str) -> dict[str, Any] | None: ...
+
+    async def put(self, key: str, record: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,15 @@ class HandlerContext:
     decisions: list[Decision] = field(default_factory=list)
     contracts: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The whole team (who else there is to hand work to), when the worker knows it.
+    team: Team | None = None
+    #: Why the previous attempt failed (a retry after a failed outcome).
+    previous_error: str | None = None
+    #: How many failed outcomes came before: a retry after one is a new generation
+    #: (new model calls); a redelivery after a crash is the same (reused calls).
+    generation: int = 0
+    #: Recorded calls (None: nothing is recorded or reused).
+    calls: CallLog | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {

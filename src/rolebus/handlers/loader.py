@@ -2,6 +2,7 @@
 
 - ``"python:package.module:function"``: an async (or plain) function;
 - ``{ command = ["prog", "arg"], timeout = 60 }``: an external command;
+- ``{ llm = "MODEL", base_url = "...", ... }``: a model behind an OpenAI-compatible API;
 - ``"builtin:NAME"``: a scripted agent (:mod:`~rolebus.handlers.scripted`, and the
   team's own in :mod:`~rolebus.handlers.team`).
 """
@@ -15,10 +16,11 @@ from pathlib import Path
 from rolebus.errors import ConfigError, RoleError
 from rolebus.handlers.base import Handler
 from rolebus.handlers.command import CommandRunner
+from rolebus.handlers.llm import LlmRunner
 from rolebus.handlers.python import PythonHandler, import_callable
 from rolebus.handlers.scripted import noop, scripted
 from rolebus.handlers.team import TEAM_AGENTS
-from rolebus.team.roles import CommandHandler, Team
+from rolebus.team.roles import CommandHandler, LlmHandler, Team
 
 __all__ = ["BUILTINS", "builtin", "check_team_handlers", "load_handler"]
 
@@ -38,7 +40,7 @@ def builtin(name: str, *, role: str = "") -> Handler:
 
 
 def load_handler(
-    spec: str | CommandHandler, *, role: str = "", runs_dir: Path | None = None
+    spec: str | CommandHandler | LlmHandler, *, role: str = "", runs_dir: Path | None = None
 ) -> Handler:
     """The handler a role file names, or a ConfigError that says what is wrong.
 
@@ -47,6 +49,8 @@ def load_handler(
     if isinstance(spec, CommandHandler):
         _check_program(spec.command[0], role=role)
         return CommandRunner(spec, runs_dir=runs_dir)
+    if isinstance(spec, LlmHandler):
+        return LlmRunner(spec)
     if spec.startswith("python:"):
         return PythonHandler(import_callable(spec), spec)
     if spec.startswith("builtin:"):

@@ -18,7 +18,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
 )
@@ -29,6 +31,8 @@ from rolebus.wire.subjects import role_filter_subjects, validate_role_id, valida
 __all__ = [
     "CommandHandler",
     "EscalationRule",
+    "LlmHandler",
+    "ModelPrices",
     "NeverRule",
     "RoleSpec",
     "Slo",
@@ -76,6 +80,57 @@ class CommandHandler(_Strict):
     timeout: Duration = 300.0
 
 
+class ModelPrices(_Strict):
+    """What a model costs, in US dollars per million tokens (overrides the price table)."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class LlmHandler(_Strict):
+    """A model behind any OpenAI-compatible API: ``handler = { llm = "MODEL", ... }``.
+
+    The key is read from the environment variable ``api_key_env`` when a call is
+    made, and never stored, logged or shown."""
+
+    llm: str = Field(min_length=1)
+    base_url: str | None = None  # default: OPENAI_BASE_URL, then the API's own
+    api_key_env: str = Field(default="OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int = Field(default=2000, ge=1, le=1_000_000)
+    timeout: Duration = 120.0
+    #: Extra turns that feed a validation error back to the model.
+    max_repairs: int = Field(default=2, ge=0, le=10)
+    #: Retries of a call the server refused for now (429, 5xx), honouring Retry-After.
+    max_retries: int = Field(default=3, ge=0, le=20)
+    prices: ModelPrices | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL, e.g. http://localhost:11434/v1")
+        return value
+
+
+def _handler_kind(value: object) -> str:
+    if isinstance(value, str):
+        return "named"
+    if isinstance(value, LlmHandler) or (isinstance(value, dict) and "llm" in value):
+        return "llm"
+    return "command"
+
+
+#: A role's ``handler``: a name (``builtin:``/``python:``), a command table or an llm
+#: table, told apart by shape so that an error names the right fields.
+HandlerSpec = Annotated[
+    Annotated[str, Tag("named")]
+    | Annotated[CommandHandler, Tag("command")]
+    | Annotated[LlmHandler, Tag("llm")],
+    Discriminator(_handler_kind),
+]
+
+
 class NeverRule(_Strict):
     """A boundary: task kinds this role must not do alone, and what happens instead.
 
@@ -113,7 +168,7 @@ class RoleSpec(_Strict):
     title: str = Field(min_length=1)
     reports_to: str | None = None
     domains: list[str] = Field(default_factory=list)
-    handler: str | CommandHandler
+    handler: HandlerSpec
     concurrency: int = Field(default=4, ge=1, le=1024)
     ack_wait: Duration = 30.0
     max_deliver: int = Field(default=5, ge=1, le=1000)
@@ -147,13 +202,16 @@ class RoleSpec(_Strict):
 
     @field_validator("handler")
     @classmethod
-    def _valid_handler(cls, value: str | CommandHandler) -> str | CommandHandler:
+    def _valid_handler(
+        cls, value: str | CommandHandler | LlmHandler
+    ) -> str | CommandHandler | LlmHandler:
         if isinstance(value, str) and not (
             re.match(r"^builtin:[\w\-]+$", value) or re.match(r"^python:[\w.]+:\w+$", value)
         ):
             raise ValueError(
                 f"{value!r} is not a handler: use 'builtin:NAME', "
-                "'python:package.module:function' or { command = [...], timeout = 60 }"
+                "'python:package.module:function', { command = [...], timeout = 60 } "
+                'or { llm = "MODEL" }'
             )
         return value
 
@@ -177,7 +235,8 @@ class RoleSpec(_Strict):
 _FIELD_HINTS = {
     "id": "a short lowercase name such as 'eng-be', unique in the team",
     "title": "a human-readable title such as 'Backend Engineer'",
-    "handler": "'builtin:NAME', 'python:module:function' or { command = [...], timeout = 60 }",
+    "handler": "'builtin:NAME', 'python:module:function', { command = [...], timeout = 60 } "
+    'or { llm = "MODEL", base_url = "http://...", api_key_env = "OPENAI_API_KEY" }',
     "domains": 'a list of domain names this role owns, e.g. ["backend", "api"]',
     "concurrency": "a whole number of tasks this role may run at once (1 to 1024)",
     "ack_wait": "seconds (30) or a string like '30s' or '5m'",

@@ -31,6 +31,7 @@ __all__ = [
     "Outcome",
     "OutcomeStatus",
     "Task",
+    "Usage",
     "check_value",
     "new_id",
     "utc_now",
@@ -238,6 +239,40 @@ class HandoffRequest(BaseModel):
     note: str = ""
 
 
+class Usage(BaseModel):
+    """What an answer cost: model calls, tokens and, where the price is known, US
+    dollars (``cost_usd`` None: unknown). ``reused_calls`` were answered from the
+    record of an earlier delivery: not paid again."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    model: str
+    calls: int = Field(default=0, ge=0)
+    reused_calls: int = Field(default=0, ge=0)
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    cost_usd: float | None = Field(default=None, ge=0)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def plus(self, other: Usage) -> Usage:
+        cost = (
+            None
+            if self.cost_usd is None and other.cost_usd is None
+            else (self.cost_usd or 0.0) + (other.cost_usd or 0.0)
+        )
+        return Usage(
+            model=self.model,
+            calls=self.calls + other.calls,
+            reused_calls=self.reused_calls + other.reused_calls,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cost_usd=cost,
+        )
+
+
 OutcomeStatus = Literal["completed", "failed", "escalate", "handoff"]
 
 
@@ -253,6 +288,8 @@ class Outcome(BaseModel):
     tasks: list[FollowUp] = Field(default_factory=list)
     escalation: EscalationRequest | None = None
     handoff: HandoffRequest | None = None
+    #: What reaching this answer cost (LLM roles; any handler may report it).
+    usage: Usage | None = None
 
     @classmethod
     def completed(cls, result: Any = None, *, tasks: list[FollowUp] | None = None) -> Outcome:

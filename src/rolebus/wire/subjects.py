@@ -13,6 +13,7 @@ from typing import Final
 from rolebus.errors import SubjectError
 
 __all__ = [
+    "CALLS_BUCKET",
     "CONTRACTS_BUCKET",
     "DLQ_STREAM",
     "ESCALATIONS_BUCKET",
@@ -94,7 +95,8 @@ SUPERVISOR_CONSUMER: Final = "supervisor"
 TASKS_BUCKET: Final = "rolebus_tasks"
 CONTRACTS_BUCKET: Final = "rolebus_contracts"
 ESCALATIONS_BUCKET: Final = "rolebus_escalations"
-BUCKETS: Final = (TASKS_BUCKET, CONTRACTS_BUCKET, ESCALATIONS_BUCKET)
+CALLS_BUCKET: Final = "rolebus_llm_calls"
+BUCKETS: Final = (TASKS_BUCKET, CONTRACTS_BUCKET, ESCALATIONS_BUCKET, CALLS_BUCKET)
 
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")

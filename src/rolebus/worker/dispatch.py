@@ -23,6 +23,7 @@ import asyncio
 import structlog
 
 from rolebus.errors import CodecError, RolebusError, RoleError
+from rolebus.flows.calls import CallStore
 from rolebus.flows.contracts import ContractError, ContractRegistry
 from rolebus.flows.effects import (
     follow_up_tasks,
@@ -80,6 +81,7 @@ class Dispatcher:
         self.states = StateStore(connection)
         self.escalations = EscalationStore(connection)
         self.contracts = ContractRegistry(connection)
+        self.calls = CallStore(connection)
         self.stats = DispatchStats()
         self._log = log.bind(role=role.id)
         self.settle = Settling(connection, role, self.states, self.stats, self._log)
@@ -281,6 +283,10 @@ class Dispatcher:
                 ],
                 contracts=await self.contracts.resolve(item.task.payload.get("contracts")),
                 extra={"input": item.kind},
+                team=self.team,
+                previous_error=stored.state.error if stored.state.state == "retrying" else None,
+                generation=stored.state.failures,
+                calls=self.calls,
             )
             outcome = await self.handler(item.task, context)
         except asyncio.CancelledError:

@@ -103,13 +103,17 @@ class Settling:
         error = outcome.error or "failed"
         if outcome.retryable and attempt < self.role.max_deliver:
             delay = self.role.retry_delay(attempt)
-            changed = await self.change(stored, state="retrying", error=error, attempt=attempt)
+            detail = {**stored.state.detail, "failures": stored.state.failures + 1}
+            changed = await self.change(
+                stored, state="retrying", error=error, attempt=attempt, detail=detail
+            )
             if changed is None:
                 await message.ack()
                 return
-            event = self.task_event(
-                item, message, "retrying", error=error, detail={"delay_s": delay}
-            )
+            retry_detail: dict[str, Any] = {"delay_s": delay}
+            if outcome.usage is not None:
+                retry_detail["usage"] = outcome.usage.model_dump(mode="json")
+            event = self.task_event(item, message, "retrying", error=error, detail=retry_detail)
             await (
                 await publish_event(
                     self.connection, event, trace=message.headers.get(Header.TRACEPARENT)

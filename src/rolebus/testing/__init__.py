@@ -28,6 +28,9 @@ from rolebus.config import Settings
 from rolebus.errors import CodecError
 from rolebus.nats.connection import Connection
 from rolebus.nats.server import EmbeddedServer
+
+# The test kit's chat-completions server: its fixture registers with this plugin.
+from rolebus.testing.llm import LlmServer, Reply, llm_server
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Event
@@ -35,7 +38,10 @@ from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM
 
 __all__ = [
     "HistoryReport",
+    "LlmServer",
+    "Reply",
     "check_history",
+    "llm_server",
     "rolebus_bus",
     "rolebus_roles_dir",
     "rolebus_server",

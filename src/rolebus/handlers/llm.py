@@ -1,0 +1,359 @@
+"""The LLM handler: a role file becomes an agent behind any OpenAI-compatible server.
+
+One task is one conversation: the prompt (:mod:`rolebus.handlers.prompt`), the
+model's answer validated as an Outcome, and up to ``max_repairs`` turns that feed a
+validation error back. Every call is recorded (``context.calls``) before its answer
+is used, keyed by task, generation and call number: a redelivery after a crash, a
+redrive or a rerun reuses the recorded answer instead of paying for it again.
+
+Servers differ in what they accept, so the answer is asked for three ways, in this
+order, and the first the server takes is kept for the next tasks: a JSON schema
+(``response_format``), a forced tool call, and a plain prompted JSON answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import openai
+import structlog
+from pydantic import ValidationError
+
+from rolebus.handlers.base import HandlerContext
+from rolebus.handlers.pricing import cost_usd
+from rolebus.handlers.prompt import OUTCOME_SCHEMA, prompt_messages
+from rolebus.team.roles import LlmHandler
+from rolebus.wire.codec import validation_problems
+from rolebus.wire.messages import Outcome, Task, Usage
+
+__all__ = ["MODES", "LlmRunner", "call_key"]
+
+log = structlog.get_logger("rolebus.handlers.llm")
+
+Mode = Literal["json_schema", "tool", "prompt"]
+MODES: tuple[Mode, ...] = ("json_schema", "tool", "prompt")
+_TOOL = "submit_outcome"
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
+
+
+def call_key(task_id: str, generation: int, number: int) -> str:
+    """Where call ``number`` of a task's generation is recorded."""
+    return f"{task_id}.g{generation}.c{number}"
+
+
+class _AttemptEndedError(Exception):
+    """A call that ends the task's attempt with ``outcome``."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.error)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class _Answer:
+    text: str
+    usage: Usage
+
+
+class LlmRunner:
+    """Runs a task through a model; see the module's documentation."""
+
+    def __init__(self, spec: LlmHandler) -> None:
+        self.spec = spec
+        self.name = f"llm:{spec.llm}"
+        self._mode: Mode | None = None  # the first mode this server accepted
+
+    @property
+    def base_url(self) -> str | None:
+        return self.spec.base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+    @property
+    def _where(self) -> str:
+        return self.base_url or "the OpenAI API"
+
+    async def __call__(self, task: Task, context: HandlerContext) -> Outcome:
+        messages: list[dict[str, Any]] = list(prompt_messages(task, context))
+        # The key is read now, at call time, and goes only into the request header.
+        key = os.environ.get(self.spec.api_key_env) or ""
+        usage = Usage(model=self.spec.llm)
+        problem = ""
+        try:
+            async with openai.AsyncOpenAI(
+                api_key=key or "unset",  # local servers (Ollama, llama.cpp) need none
+                base_url=self.base_url,
+                timeout=self.spec.timeout,
+                max_retries=0,  # retries are ours: they honour Retry-After and are logged
+            ) as client:
+                for number in range(1, self.spec.max_repairs + 2):
+                    answer = await self._answer(client, messages, task, context, number, key)
+                    usage = usage.plus(answer.usage)
+                    outcome, problem = self._parse(answer.text)
+                    if outcome is not None:
+                        return outcome.model_copy(update={"usage": usage})
+                    messages += [
+                        {"role": "assistant", "content": answer.text},
+                        {
+                            "role": "user",
+                            "content": f"That answer is not a valid outcome: {problem}. "
+                            "Answer again with the corrected JSON object only.",
+                        },
+                    ]
+        except _AttemptEndedError as failed:
+            return failed.outcome.model_copy(update={"usage": usage if usage.calls else None})
+        return Outcome.failed(
+            f"the model's answer is not a valid outcome after {self.spec.max_repairs} "
+            f"repair turn(s): {problem}",
+            retryable=True,
+        ).model_copy(update={"usage": usage})
+
+    # --- one call, recorded --------------------------------------------------------
+
+    async def _answer(
+        self,
+        client: openai.AsyncOpenAI,
+        messages: list[dict[str, Any]],
+        task: Task,
+        context: HandlerContext,
+        number: int,
+        key: str,
+    ) -> _Answer:
+        record_key = call_key(task.id, context.generation, number)
+        fingerprint = self._fingerprint(messages)
+        if context.calls is not None:
+            recorded = await context.calls.get(record_key)
+            if recorded is not None and recorded.get("fingerprint") == fingerprint:
+                usage = Usage.model_validate(recorded["usage"])
+                return _Answer(
+                    str(recorded["answer"]),
+                    usage.model_copy(update={"calls": 0, "reused_calls": 1}),
+                )
+            if context.extra.get("recorded_only"):
+                raise _AttemptEndedError(
+                    Outcome.failed(
+                        f"no recorded answer for call {number} of this task "
+                        "(`rolebus rerun --live` calls the model)",
+                        retryable=False,
+                    )
+                )
+        started = time.monotonic()
+        text, mode, prompt_tokens, completion_tokens = await self._call(client, messages, key)
+        latency = time.monotonic() - started
+        usage = Usage(
+            model=self.spec.llm,
+            calls=1,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost_usd(
+                self.spec.llm,
+                prompt_tokens,
+                completion_tokens,
+                base_url=self.base_url,
+                prices=self.spec.prices,
+            ),
+        )
+        if context.calls is not None:
+            # Stored before the answer is acted on: what happens next may crash.
+            await context.calls.put(
+                record_key,
+                {
+                    "task_id": task.id,
+                    "generation": context.generation,
+                    "number": number,
+                    "fingerprint": fingerprint,
+                    "model": self.spec.llm,
+                    "base_url": self.base_url,
+                    "mode": mode,
+                    "messages": messages,
+                    "answer": text,
+                    "usage": usage.model_dump(mode="json"),
+                    "latency_ms": round(latency * 1000, 1),
+                },
+            )
+        return _Answer(text, usage)
+
+    def _fingerprint(self, messages: list[dict[str, Any]]) -> str:
+        request = {
+            "model": self.spec.llm,
+            "messages": messages,
+            "temperature": self.spec.temperature,
+            "max_tokens": self.spec.max_tokens,
+        }
+        return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+    async def _call(
+        self, client: openai.AsyncOpenAI, messages: list[dict[str, Any]], key: str
+    ) -> tuple[str, Mode, int, int]:
+        """The model's answer text, the mode that got it, and the tokens."""
+        modes = MODES[MODES.index(self._mode) :] if self._mode else MODES
+        for mode in modes:
+            try:
+                response = await self._with_retries(client, messages, mode, key)
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
+                if mode == MODES[-1]:
+                    raise _AttemptEndedError(self._refused(error, key)) from error
+                log.info(
+                    "model server refused this answer mode; trying the next",
+                    model=self.spec.llm,
+                    mode=mode,
+                    status=error.status_code,
+                )
+                continue
+            self._mode = mode
+            usage = response.usage
+            return (
+                self._text(response, mode),
+                mode,
+                int(getattr(usage, "prompt_tokens", 0) or 0),
+                int(getattr(usage, "completion_tokens", 0) or 0),
+            )
+        raise AssertionError("unreachable: the last mode raises")
+
+    def _request(self, messages: list[dict[str, Any]], mode: Mode) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "model": self.spec.llm,
+            "messages": messages,
+            "max_tokens": self.spec.max_tokens,
+        }
+        if self.spec.temperature is not None:
+            request["temperature"] = self.spec.temperature
+        if mode == "json_schema":
+            request["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "outcome", "schema": OUTCOME_SCHEMA},
+            }
+        elif mode == "tool":
+            request["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": _TOOL,
+                        "description": "Submit the outcome of the task.",
+                        "parameters": OUTCOME_SCHEMA,
+                    },
+                }
+            ]
+            request["tool_choice"] = {"type": "function", "function": {"name": _TOOL}}
+        return request
+
+    async def _with_retries(
+        self, client: openai.AsyncOpenAI, messages: list[dict[str, Any]], mode: Mode, key: str
+    ) -> Any:
+        """One request; 429 and 5xx are retried after Retry-After (or a backoff)."""
+        request = self._request(messages, mode)
+        for retry in range(self.spec.max_retries + 1):
+            try:
+                # A server that trickles bytes must not hold the slot past the timeout.
+                return await asyncio.wait_for(
+                    client.chat.completions.create(**request), timeout=self.spec.timeout
+                )
+            except (openai.RateLimitError, openai.InternalServerError) as error:
+                if retry == self.spec.max_retries:
+                    raise _AttemptEndedError(
+                        Outcome.failed(
+                            f"the model server at {self._where} answered {error.status_code} "
+                            f"{retry + 1} time(s): {_scrub(error.message, key)}",
+                            retryable=True,
+                        )
+                    ) from error
+                delay = _retry_after(error.response.headers) or min(30.0, 2.0**retry)
+                log.info(
+                    "model server busy; retrying",
+                    model=self.spec.llm,
+                    status=error.status_code,
+                    delay_s=delay,
+                )
+                await asyncio.sleep(delay)
+            except (TimeoutError, openai.APITimeoutError) as error:
+                raise _AttemptEndedError(
+                    Outcome.failed(
+                        f"no answer from the model server at {self._where} within "
+                        f"{self.spec.timeout:g}s",
+                        retryable=True,
+                    )
+                ) from error
+            except openai.APIConnectionError as error:
+                raise _AttemptEndedError(
+                    Outcome.failed(
+                        f"cannot reach the model server at {self._where}: "
+                        f"{_scrub(str(error.__cause__ or error), key)}",
+                        retryable=True,
+                    )
+                ) from error
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
+                raise _AttemptEndedError(
+                    Outcome.failed(
+                        f"the model server at {self._where} refused the key "
+                        f"({error.status_code}): set {self.spec.api_key_env} to a key it "
+                        f"accepts (the role file's handler.api_key_env names the variable"
+                        f"{'; it is not set' if not key else ''})",
+                        retryable=False,
+                    )
+                ) from error
+            except openai.NotFoundError as error:
+                raise _AttemptEndedError(
+                    Outcome.failed(
+                        f"the model server at {self._where} does not know model "
+                        f"{self.spec.llm!r} (404): fix handler.llm in the role file, or "
+                        "handler.base_url",
+                        retryable=False,
+                    )
+                ) from error
+            except (openai.BadRequestError, openai.UnprocessableEntityError):
+                raise
+            except openai.APIStatusError as error:
+                raise _AttemptEndedError(self._refused(error, key)) from error
+        raise AssertionError("unreachable: the last retry raises")
+
+    def _refused(self, error: openai.APIStatusError, key: str) -> Outcome:
+        return Outcome.failed(
+            f"the model server at {self._where} refused the request "
+            f"({error.status_code}): {_scrub(error.message, key)}",
+            retryable=False,
+        )
+
+    @staticmethod
+    def _text(response: Any, mode: Mode) -> str:
+        message = response.choices[0].message
+        if mode == "tool" and message.tool_calls:
+            return str(message.tool_calls[0].function.arguments or "")
+        return str(message.content or "")
+
+    @staticmethod
+    def _parse(text: str) -> tuple[Outcome | None, str]:
+        """The outcome in a model's answer, or None and what is wrong with it."""
+        fenced = _FENCE.match(text)
+        body = fenced.group(1) if fenced else text.strip()
+        try:
+            value = json.loads(body)
+        except (ValueError, RecursionError) as error:
+            return None, f"it is not JSON ({error})"
+        if not isinstance(value, dict):
+            return None, f"it is a JSON {type(value).__name__}, not an object with 'status'"
+        value.pop("usage", None)  # the bus's to fill
+        try:
+            return Outcome.model_validate(value), ""
+        except ValidationError as error:
+            return None, validation_problems(error)
+
+
+def _retry_after(headers: Any) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name) if headers is not None else None
+        if value:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue
+    return None
+
+
+def _scrub(text: str, key: str) -> str:
+    """Never let a key into an error (and so an event, a log or a page)."""
+    return text.replace(key, "***") if key and len(key) >= 4 else text

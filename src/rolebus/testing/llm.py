@@ -1,0 +1,211 @@
+"""A real HTTP server on loopback that speaks the chat-completions API, scripted per test.
+
+No model and no network: each request gets the next scripted :class:`Reply` (or the
+default one), in whichever answer mode the request asked for (a JSON schema, a forced
+tool call, or plain text), with token usage. It can refuse a mode (to test the
+fallbacks), answer 429 with ``Retry-After``, fail, or answer slowly, and it keeps
+every request it got (body, headers, time) for the test to check::
+
+    async def test_my_llm_role(llm_server: LlmServer) -> None:
+        llm_server.script(Reply.outcome({"status": "completed", "result": {"ok": True}}))
+        ...  # a role with handler = { llm = "test-model", base_url = llm_server.url }
+        assert llm_server.answered == 1
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+__all__ = ["LlmServer", "Reply", "Request", "llm_server"]
+
+MODES = frozenset({"json_schema", "tool", "prompt"})
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer."""
+
+    outcome: dict[str, Any] | None = None
+    text: str | None = None
+    status: int = 200
+    retry_after: float | None = None
+    delay: float = 0.0
+    error: str = ""
+
+    @classmethod
+    def with_outcome(cls, outcome: dict[str, Any], *, delay: float = 0.0) -> Reply:
+        """The outcome, as the request's mode wants it (content or tool call)."""
+        return cls(outcome=outcome, delay=delay)
+
+    @classmethod
+    def completed(cls, result: Any = None, **fields: Any) -> Reply:
+        return cls(outcome={"status": "completed", "result": result, **fields})
+
+    @classmethod
+    def plain(cls, text: str) -> Reply:
+        """Text as the message's content, whatever the mode (an invalid answer, say)."""
+        return cls(text=text)
+
+    @classmethod
+    def failing(cls, status: int, *, retry_after: float | None = None, error: str = "") -> Reply:
+        return cls(status=status, retry_after=retry_after, error=error or f"error {status}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the server received."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]
+    at: float  # time.monotonic() when it arrived
+    mode: str
+    status: int = 200
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return list(self.body.get("messages", []))
+
+    @property
+    def system(self) -> str:
+        return next((m["content"] for m in self.messages if m["role"] == "system"), "")
+
+
+@dataclass
+class LlmServer:
+    """The running server: ``url`` is its API base (``http://127.0.0.1:PORT/v1``)."""
+
+    url: str = ""
+    #: The modes it accepts; a request in another mode gets a 400.
+    supports: set[str] = field(default_factory=lambda: set(MODES))
+    default: Reply = field(default_factory=lambda: Reply.completed({"done": True}))
+    requests: list[Request] = field(default_factory=list)
+    _replies: deque[Reply] = field(default_factory=deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def script(self, *replies: Reply) -> None:
+        """Answer the next requests with these, in order (then with ``default``)."""
+        with self._lock:
+            self._replies.extend(replies)
+
+    @property
+    def answered(self) -> int:
+        """Requests answered with a completion (200): the calls that cost money."""
+        return sum(1 for request in self.requests if request.status == 200)
+
+    def _next(self) -> Reply:
+        with self._lock:
+            return self._replies.popleft() if self._replies else self.default
+
+    def _record(self, request: Request) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+
+def _mode(body: dict[str, Any]) -> str:
+    if "response_format" in body:
+        return "json_schema"
+    if body.get("tools"):
+        return "tool"
+    return "prompt"
+
+
+def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet: tests read ``requests``
+
+        def _send(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+            data = json.dumps(body).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (its timeout): nothing to answer
+
+        def do_POST(self) -> None:
+            arrived = time.monotonic()
+            length = int(self.headers.get("Content-Length", "0"))
+            body = json.loads(self.rfile.read(length) or b"{}")
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            mode = _mode(body)
+            if not self.path.endswith("/chat/completions"):
+                self._send(404, {"error": {"message": f"no route {self.path}"}}, {})
+                return
+            if mode not in server.supports:
+                server._record(Request(body, headers, arrived, mode, 400))
+                error = {"message": f"{mode} is not supported by this server", "code": 400}
+                self._send(400, {"error": error}, {})
+                return
+            reply = server._next()
+            server._record(Request(body, headers, arrived, mode, reply.status))
+            if reply.delay:
+                time.sleep(reply.delay)
+            if reply.status != 200:
+                extra = {"Retry-After": f"{reply.retry_after:g}"} if reply.retry_after else {}
+                self._send(reply.status, {"error": {"message": reply.error}}, extra)
+                return
+            content = reply.text if reply.text is not None else json.dumps(reply.outcome)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if mode == "tool" and reply.text is None:
+                message = {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": f"call_{len(server.requests)}",
+                            "type": "function",
+                            "function": {"name": "submit_outcome", "arguments": content},
+                        }
+                    ],
+                }
+            prompt_tokens = len(json.dumps(body.get("messages", []))) // 4
+            completion_tokens = max(1, len(content or "") // 4)
+            self._send(
+                200,
+                {
+                    "id": f"chatcmpl-{len(server.requests)}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", "test-model"),
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens,
+                    },
+                },
+                {},
+            )
+
+    return Handler
+
+
+@pytest.fixture
+def llm_server() -> Iterator[LlmServer]:
+    """A chat-completions server on loopback (see :mod:`rolebus.testing.llm`)."""
+    server = LlmServer()
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
+    http.daemon_threads = True
+    server.url = f"http://127.0.0.1:{http.server_address[1]}/v1"
+    thread = threading.Thread(target=http.serve_forever, name="llm-server", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        http.shutdown()
+        http.server_close()
+        thread.join(timeout=5)

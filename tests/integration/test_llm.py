@@ -1,0 +1,420 @@
+"""LLM roles on a real nats-server, against the test kit's chat-completions server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from rolebus.bus import Bus
+from rolebus.config import Settings
+from rolebus.flows import dlq
+from rolebus.flows.calls import CallStore
+from rolebus.flows.escalation import EscalationStore
+from rolebus.flows.state import StateStore
+from rolebus.history.replay import read_events
+from rolebus.nats.server import EmbeddedServer
+from rolebus.team.roles import Team, load_team
+from rolebus.testing import LlmServer, Reply, wait_for
+from rolebus.wire.subjects import CALLS_BUCKET, EVENTS_STREAM, TASKS_BUCKET
+from rolebus.worker.runner import Crew, start_workers
+
+KEY = "sk-test-0123456789-secret"
+ENV = "ROLEBUS_TEST_LLM_KEY"
+
+PERSONA = "You are the backend engineer. Reliability obsessed."
+
+
+def write_llm_team(folder: Path, url: str, *, timeout: str = "5s", extra: str = "") -> Team:
+    """eng-be thinks (an llm handler); the others are scripted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scripted = '"builtin:scripted"'
+    llm = (
+        f'{{ llm = "test-model", base_url = "{url}", api_key_env = "{ENV}", '
+        f'temperature = 0.2, timeout = "{timeout}", max_repairs = 1{extra} }}'
+    )
+    roles = {
+        "cto": (scripted, 'domains = ["budget"]', ""),
+        "architect": (scripted, 'domains = ["architecture"]\nreports_to = "cto"', ""),
+        "eng-be": (
+            llm,
+            'domains = ["backend"]\nreports_to = "cto"',
+            """
+[[never]]
+what = "spend money without the CTO's approval"
+kinds = ["spend"]
+action = "approval"
+to = "cto"
+
+[[escalate]]
+reason = "ambiguous-spec"
+to = "architect"
+timeout = "1h"
+""",
+        ),
+        "eng-fe": (scripted, 'domains = ["frontend"]\nreports_to = "cto"', ""),
+    }
+    for role_id, (handler, head, tail) in roles.items():
+        persona = PERSONA if role_id == "eng-be" else f"Persona of {role_id}."
+        (folder / f"{role_id}.md").write_text(
+            f'+++\nid = "{role_id}"\ntitle = "{role_id} title"\nhandler = {handler}\n'
+            f'ack_wait = "5s"\nmax_deliver = 3\nbackoff = ["100ms"]\n{head}\n{tail}\n+++\n'
+            f"{persona}\n",
+            encoding="utf-8",
+        )
+    return load_team(folder)
+
+
+StartTeam = Callable[..., Awaitable[tuple[Team, Crew]]]
+
+
+@pytest.fixture
+async def start_llm_team(
+    rolebus_settings: Settings,
+    llm_server: LlmServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[StartTeam]:
+    monkeypatch.setenv(ENV, KEY)
+    crews: list[Crew] = []
+
+    async def start(*roles: str, timeout: str = "5s") -> tuple[Team, Crew]:
+        team = write_llm_team(tmp_path / f"roles{len(crews)}", llm_server.url, timeout=timeout)
+        crew = await start_workers(
+            rolebus_settings, team, [team.role(role) for role in roles or ("eng-be",)], grace=1
+        )
+        crews.append(crew)
+        return team, crew
+
+    yield start
+    for crew in crews:
+        await crew.stop(grace=0)
+
+
+async def state_of(bus: Bus, task_id: str) -> str | None:
+    found = await StateStore(bus.connection).get(task_id)
+    return None if found is None else found.state.state
+
+
+async def until(bus: Bus, task_id: str, state: str, timeout: float = 30) -> None:
+    async def reached() -> bool:
+        return await state_of(bus, task_id) == state
+
+    await wait_for(reached, timeout=timeout)
+
+
+async def everything_stored(bus: Bus) -> bytes:
+    """Every event, task record and call record, as raw bytes."""
+    chunks = [m.data async for m in bus.connection.streams.read(EVENTS_STREAM)]
+    for bucket in (TASKS_BUCKET, CALLS_BUCKET):
+        chunks += [value async for _, value in bus.connection.kv.items(bucket)]
+    return b"\n".join(chunks)
+
+
+async def test_an_llm_role_completes_with_the_models_structured_result(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    llm_server.script(Reply.completed({"implemented": "GET /orders", "tests": "12 passed"}))
+    with structlog.testing.capture_logs() as logs:
+        await start_llm_team()
+        task, _ = await rolebus_bus.publish_task(
+            "task.backend.implement", title="Orders API", payload={"endpoint": "/orders"}
+        )
+        await until(rolebus_bus, task.id, "completed")
+    found = await StateStore(rolebus_bus.connection).get(task.id)
+    assert found is not None
+    assert found.state.result == {"implemented": "GET /orders", "tests": "12 passed"}
+    [request] = llm_server.requests
+    assert request.body["model"] == "test-model"
+    assert request.body["temperature"] == 0.2
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert PERSONA in request.system
+    for role in ("cto", "architect", "eng-be", "eng-fe"):
+        assert f"| {role} |" in request.system  # the roster
+    assert "spend money without the CTO's approval" in request.system
+    assert "`ambiguous-spec`: `architect`" in request.system
+    user = request.messages[1]["content"]
+    assert "title: Orders API" in user
+    assert '"endpoint": "/orders"' in user
+    [completed] = await read_events(rolebus_bus.connection, states=["completed"])
+    usage = completed.detail["usage"]
+    assert usage["model"] == "test-model"
+    assert usage["calls"] == 1
+    assert usage["prompt_tokens"] > 0
+    assert usage["completion_tokens"] > 0
+    assert usage.get("cost_usd") is None  # no price for "test-model": tokens only
+    # The key is read at call time and goes nowhere but the request's header.
+    assert KEY.encode() not in await everything_stored(rolebus_bus)
+    assert KEY not in json.dumps(logs, default=str)
+    [call] = await CallStore(rolebus_bus.connection).for_task(task.id)
+    assert call["answer"] == json.dumps(
+        {"status": "completed", "result": {"implemented": "GET /orders", "tests": "12 passed"}}
+    )
+    assert call["mode"] == "json_schema"
+
+
+@pytest.mark.parametrize("mode", ["json_schema", "tool", "prompt"])
+async def test_each_answer_mode_works_against_a_server_that_supports_only_it(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam, mode: str
+) -> None:
+    llm_server.supports = {mode}
+    llm_server.script(Reply.completed({"via": mode}))
+    await start_llm_team()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="one")
+    await until(rolebus_bus, task.id, "completed")
+    found = await StateStore(rolebus_bus.connection).get(task.id)
+    assert found is not None
+    assert found.state.result == {"via": mode}
+    assert [r.mode for r in llm_server.requests][-1] == mode
+    assert llm_server.answered == 1
+    # The mode that worked is kept: the next task goes straight to it.
+    second, _ = await rolebus_bus.publish_task("task.backend.x", title="two")
+    await until(rolebus_bus, second.id, "completed")
+    assert llm_server.requests[-1].mode == mode
+    assert len(llm_server.requests) == [*["json_schema", "tool", "prompt"]].index(mode) + 2
+
+
+async def test_an_invalid_answer_is_repaired_and_a_hopeless_one_fails_with_the_reason(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    llm_server.script(
+        Reply.plain("Sure! I implemented it."),
+        Reply.completed({"repaired": True}),
+    )
+    await start_llm_team()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="repairable")
+    await until(rolebus_bus, task.id, "completed")
+    assert llm_server.answered == 2
+    repair = llm_server.requests[1].messages
+    assert repair[-2] == {"role": "assistant", "content": "Sure! I implemented it."}
+    assert "not a valid outcome: it is not JSON" in repair[-1]["content"]
+    [completed] = await read_events(rolebus_bus.connection, states=["completed"])
+    assert completed.detail["usage"]["calls"] == 2
+
+    llm_server.default = Reply.plain('{"status": "finished"}')
+    hopeless, _ = await rolebus_bus.publish_task("task.backend.x", title="hopeless")
+
+    async def retried() -> bool:
+        events = await read_events(rolebus_bus.connection, states=["retrying"])
+        return any(event.task_id == hopeless.id for event in events)
+
+    await wait_for(retried, timeout=30)
+    [retrying, *_] = [
+        e
+        for e in await read_events(rolebus_bus.connection, states=["retrying"])
+        if e.task_id == hopeless.id
+    ]
+    assert "not a valid outcome after 1 repair turn(s)" in (retrying.error or "")
+    assert "status" in (retrying.error or "")
+    assert retrying.detail["usage"]["calls"] == 2
+
+
+async def test_an_escalate_answer_parks_by_the_role_file_and_a_never_follow_up_asks_the_cto(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    llm_server.script(
+        Reply.with_outcome(
+            {
+                "status": "escalate",
+                "escalation": {
+                    "reason": "ambiguous-spec",
+                    "question": "I don't know: offset or cursor pagination?",
+                    "options": [{"name": "cursor", "tradeoffs": "stable under inserts"}],
+                },
+            }
+        ),
+        Reply.completed(
+            {"designed": "schema"},
+            tasks=[{"subject": "task.backend.spend", "title": "Managed Postgres ($50/month)"}],
+        ),
+    )
+    await start_llm_team()
+    asked, _ = await rolebus_bus.publish_task("task.backend.implement", title="list orders")
+    await until(rolebus_bus, asked.id, "input-required")
+    [record] = await EscalationStore(rolebus_bus.connection).all()
+    assert (record.holder, record.reason) == ("architect", "ambiguous-spec")
+    assert "I don't know" in record.question
+
+    spender, _ = await rolebus_bus.publish_task("task.backend.design", title="orders schema")
+    await until(rolebus_bus, spender.id, "completed")
+    follow_up = f"{spender.id}-1"
+    await until(rolebus_bus, follow_up, "input-required")
+    holders = {r.task_id: r.holder for r in await EscalationStore(rolebus_bus.connection).all()}
+    assert holders[follow_up] == "cto"
+    assert llm_server.answered == 2  # the boundary held before any model call for it
+
+
+async def test_429_is_retried_after_retry_after_and_401_dead_letters_naming_the_variable(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    llm_server.script(Reply.failing(429, retry_after=1), Reply.completed({"ok": True}))
+    await start_llm_team()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="busy server")
+    await until(rolebus_bus, task.id, "completed")
+    first, second = llm_server.requests
+    assert first.status == 429
+    assert second.at - first.at >= 0.95
+
+    llm_server.script(Reply.failing(401, error="invalid api key"))
+    refused, _ = await rolebus_bus.publish_task("task.backend.x", title="bad key")
+    await until(rolebus_bus, refused.id, "dead")
+    entries = {e.task_id: e async for e in dlq.list_dead_letters(rolebus_bus.connection)}
+    entry = entries[refused.id]
+    assert entry.reason == "failed"  # not retried: another try cannot fix a key
+    assert ENV in entry.error
+    assert "refused the key (401)" in entry.error
+    assert KEY not in entry.error
+
+
+async def test_a_model_that_never_answers_frees_the_slot_after_the_timeout(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    llm_server.script(Reply.with_outcome({"status": "completed"}, delay=8))
+    await start_llm_team(timeout="1s")
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="slow model")
+
+    async def timed_out() -> bool:
+        events = await read_events(rolebus_bus.connection, states=["retrying"])
+        return any(e.task_id == task.id for e in events)
+
+    await wait_for(timed_out, timeout=10)
+    [event, *_] = [
+        e
+        for e in await read_events(rolebus_bus.connection, states=["retrying"])
+        if e.task_id == task.id
+    ]
+    assert "no answer from the model server at" in (event.error or "")
+    assert "within 1s" in (event.error or "")
+    await until(rolebus_bus, task.id, "completed")  # the retry gets the default answer
+
+
+async def test_a_recorded_call_is_reused_after_a_dlq_redrive(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    # The model hands a contract to a role that does not exist: a permanent failure.
+    llm_server.default = Reply.with_outcome(
+        {
+            "status": "handoff",
+            "handoff": {"to": "nobody", "contract": "orders-api", "version": "1.0.0"},
+        }
+    )
+    await start_llm_team()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="hand it on")
+    await until(rolebus_bus, task.id, "dead")
+    assert llm_server.answered == 1
+    [entry] = [e async for e in dlq.list_dead_letters(rolebus_bus.connection)]
+    await dlq.redrive(rolebus_bus.connection, entry)
+
+    async def dead_again() -> bool:
+        return len([e async for e in dlq.list_dead_letters(rolebus_bus.connection)]) == 1
+
+    await wait_for(dead_again, timeout=30)
+    assert llm_server.answered == 1  # the recorded answer, not a second call
+
+
+def test_a_worker_killed_after_the_model_answered_pays_once(
+    rolebus_server: EmbeddedServer, llm_server: LlmServer, tmp_path: Path
+) -> None:
+    """SIGKILL between the recorded answer and the ack: the restarted worker finishes
+    the task from the record. The model answers a handoff with its contract, so the
+    worker has registry writes to do between the two (a window for the kill)."""
+    import asyncio
+
+    import nats
+
+    team_dir = tmp_path / "roles"
+    write_llm_team(team_dir, llm_server.url)
+    contract = {
+        "name": "orders-api",
+        "version": "1.0.0",
+        "operations": {"listOrders": {"method": "GET", "path": "/orders"}},
+    }
+    env = {
+        **os.environ,
+        "NATS_URL": rolebus_server.url,
+        "ROLEBUS_ROLES": str(team_dir),
+        "ROLEBUS_HOME": str(tmp_path / "home"),
+        ENV: KEY,
+    }
+    rolebus = str(Path(sys.executable).parent / "rolebus")
+    settings = Settings(nats_url=rolebus_server.url)
+
+    async def run_once(number: int) -> tuple[bool, str]:
+        """Kill the worker the moment the call is recorded; (conclusive, task id)."""
+        async with await Bus.connect(settings) as bus:
+            llm_server.script(
+                Reply.with_outcome(
+                    {
+                        "status": "handoff",
+                        "handoff": {
+                            "to": "eng-fe",
+                            "contract": "orders-api",
+                            "version": "1.0.0",
+                            "document": contract,
+                        },
+                    }
+                )
+            )
+            client = await nats.connect(rolebus_server.url)
+            recorded = asyncio.Event()
+
+            async def on_record(_: Any) -> None:
+                recorded.set()
+
+            await client.subscribe(f"$KV.{CALLS_BUCKET}.>", cb=on_record)
+            worker = subprocess.Popen(
+                [rolebus, "worker", "eng-be"],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                task, _ = await bus.publish_task("task.backend.x", title=f"contract {number}")
+                await asyncio.wait_for(recorded.wait(), timeout=30)
+                worker.send_signal(signal.SIGKILL)
+                worker.wait(timeout=10)
+            finally:
+                if worker.poll() is None:
+                    worker.kill()
+                await client.close()
+            conclusive = await state_of(bus, task.id) != "completed"
+            return conclusive, task.id
+
+    async def finish(task_ids: list[str]) -> None:
+        worker = subprocess.Popen(
+            [rolebus, "worker", "eng-be"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            async with await Bus.connect(settings) as bus:
+                for task_id in task_ids:
+                    await until(bus, task_id, "completed")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=30)
+
+    async def scenario() -> None:
+        conclusive_ids, all_ids = [], []
+        for number in range(3):
+            conclusive, task_id = await run_once(number)
+            all_ids.append(task_id)
+            if conclusive:
+                conclusive_ids.append(task_id)
+                break
+        assert conclusive_ids, "the worker acked before it could be killed, three times"
+        await finish(all_ids)
+        assert llm_server.answered == len(all_ids)  # one call per task, none repeated
+
+    asyncio.run(scenario())
