@@ -86,8 +86,13 @@ async def start_llm_team(
     monkeypatch.setenv(ENV, KEY)
     crews: list[Crew] = []
 
-    async def start(*roles: str, timeout: str = "5s") -> tuple[Team, Crew]:
-        team = write_llm_team(tmp_path / f"roles{len(crews)}", llm_server.url, timeout=timeout)
+    async def start(
+        *roles: str, timeout: str = "5s", prices: str | None = None
+    ) -> tuple[Team, Crew]:
+        extra = f", prices = {prices}" if prices else ""
+        team = write_llm_team(
+            tmp_path / f"roles{len(crews)}", llm_server.url, timeout=timeout, extra=extra
+        )
         crew = await start_workers(
             rolebus_settings, team, [team.role(role) for role in roles or ("eng-be",)], grace=1
         )
@@ -418,3 +423,31 @@ def test_a_worker_killed_after_the_model_answered_pays_once(
         assert llm_server.answered == len(all_ids)  # one call per task, none repeated
 
     asyncio.run(scenario())
+
+
+async def test_status_and_metrics_show_tokens_and_cost_per_role(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam, tmp_path: Path
+) -> None:
+    from rolebus.history.status import collect, prometheus_text
+
+    team, _ = await start_llm_team(prices="{ input_per_mtok = 1.0, output_per_mtok = 4.0 }")
+    tasks = [(await rolebus_bus.publish_task("task.backend.x", title=f"t{n}"))[0] for n in range(2)]
+    for task in tasks:
+        await until(rolebus_bus, task.id, "completed")
+    requests = llm_server.requests
+    statuses = {s.role: s for s in await collect(rolebus_bus.connection, team)}
+    spent = statuses["eng-be"].as_json()["usage"]
+    assert spent["today"] == spent["total"]
+    assert spent["total"]["calls"] == 2
+    prompt = sum(len(json.dumps(r.body["messages"])) // 4 for r in requests)
+    assert spent["total"]["prompt_tokens"] == prompt
+    completion = spent["total"]["completion_tokens"]
+    assert spent["total"]["cost_usd"] == pytest.approx((prompt * 1.0 + completion * 4.0) / 1e6)
+    assert statuses["cto"].usage["total"]["calls"] == 0
+    text = prometheus_text(list(statuses.values()))
+    assert 'rolebus_llm_calls_total{role="eng-be",model="test-model"} 2' in text
+    assert (
+        f'rolebus_llm_tokens_total{{role="eng-be",model="test-model",kind="prompt"}} {prompt}'
+        in text
+    )
+    assert 'rolebus_llm_cost_usd_total{role="eng-be",model="test-model"}' in text

@@ -65,6 +65,7 @@ def status_command(
         "p50",
         "p99",
         "error rate",
+        "model today",
         title=f"status (last {window})",
     )
     for status in statuses:
@@ -78,6 +79,7 @@ def status_command(
             _cell(status.slo["p50_latency_ms"], " ms"),
             _cell(status.slo["p99_latency_ms"], " ms"),
             _cell(status.slo["error_rate"]),
+            _spent(status.usage.get("today", {})),
         )
     out.print(table)
     for status in statuses:
@@ -149,3 +151,11 @@ async def _check_server(settings: Settings) -> None:
     """Raise the ConnectError (with its hint) when no NATS server answers."""
     async with await Bus.connect(settings, name="rolebus-dashboard-check", provision=False):
         pass
+
+
+def _spent(spent: dict[str, Any]) -> str:
+    """A role's model use in a cell: tokens, and dollars when every price is known."""
+    if not spent.get("calls"):
+        return "-"
+    cost = spent.get("cost_usd")
+    return f"{spent['tokens']:,} tok " + (f"${cost:.4f}" if cost is not None else "$?")

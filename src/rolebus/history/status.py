@@ -15,6 +15,7 @@ from rolebus.flows import dlq
 from rolebus.flows.escalation import EscalationStore
 from rolebus.history.projection import TaskProjection
 from rolebus.history.replay import ReplayFilter, replay
+from rolebus.history.usage import UsageLedger
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import Team
 from rolebus.wire.messages import Event
@@ -40,6 +41,8 @@ class RoleStatus:
     error_rate: float | None
     #: Finished tasks whose follow-ups are not stored yet (a full stream, say).
     effects_pending: int = 0
+    #: Model calls, tokens and cost: {"today": ..., "total": ..., "models": {model: ...}}.
+    usage: dict[str, Any] = field(default_factory=dict)
     slo: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -114,6 +117,7 @@ async def collect(
     window: float = 3600.0,
     counts: AttemptCounts | None = None,
     records: TaskProjection | None = None,
+    ledger: UsageLedger | None = None,
 ) -> list[RoleStatus]:
     """Per-role counters now, latency and error rate over the last ``window`` seconds.
     Pass the same ``counts`` and ``records`` again to read only the events and task
@@ -123,6 +127,8 @@ async def collect(
     # A one-off read keeps no cards: only the dashboard shows them.
     records = records or TaskProjection((), window=window)
     await records.update(connection)
+    ledger = ledger or UsageLedger()
+    await ledger.update(connection)
     dead: dict[str, int] = {}
     async for entry in dlq.list_dead_letters(connection):
         dead[entry.role] = dead.get(entry.role, 0) + 1
@@ -150,6 +156,14 @@ async def collect(
                 workers_waiting=consumer["waiting"],
                 completed=completed,
                 effects_pending=records.effects_pending(role.id),
+                usage={
+                    "today": ledger.spent(role.id, today=True).as_json(),
+                    "total": ledger.spent(role.id).as_json(),
+                    "models": {
+                        model: ledger.spent(role.id, model=model).as_json()
+                        for model in ledger.models(role.id)
+                    },
+                },
                 attempts=tried,
                 failures=failed,
                 p50_ms=p50,
@@ -216,7 +230,42 @@ def prometheus_text(statuses: list[RoleStatus]) -> str:
             if check["met"] is not None
         ],
     )
+    by_model = [
+        (f'role="{s.role}",model="{_label(model)}"', spent)
+        for s in statuses
+        for model, spent in s.usage.get("models", {}).items()
+    ]
+    metric(
+        "llm_calls_total",
+        "counter",
+        "Model calls paid for, by role and model.",
+        [(labels, float(spent["calls"])) for labels, spent in by_model],
+    )
+    metric(
+        "llm_tokens_total",
+        "counter",
+        "Model tokens, by role, model and kind (prompt or completion).",
+        [
+            (f'{labels},kind="{kind}"', float(spent[f"{kind}_tokens"]))
+            for labels, spent in by_model
+            for kind in ("prompt", "completion")
+        ],
+    )
+    metric(
+        "llm_cost_usd_total",
+        "counter",
+        "Model cost in US dollars, by role and model (absent: a price is unknown).",
+        [
+            (labels, spent["cost_usd"])
+            for labels, spent in by_model
+            if spent["cost_usd"] is not None
+        ],
+    )
     return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 async def serve_metrics(
