@@ -27,6 +27,8 @@ from rolebus.testing import LlmServer, Reply, wait_for
 from rolebus.wire.subjects import CALLS_BUCKET, EVENTS_STREAM, TASKS_BUCKET
 from rolebus.worker.runner import Crew, start_workers
 
+from ..conftest import CliRunner
+
 KEY = "sk-test-0123456789-secret"
 ENV = "ROLEBUS_TEST_LLM_KEY"
 
@@ -451,3 +453,53 @@ async def test_status_and_metrics_show_tokens_and_cost_per_role(
         in text
     )
     assert 'rolebus_llm_cost_usd_total{role="eng-be",model="test-model"}' in text
+
+
+def test_prompt_prints_what_was_sent_and_rerun_reuses_calls_unless_live(
+    cli: CliRunner,
+    rolebus_server: EmbeddedServer,
+    llm_server: LlmServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    monkeypatch.setenv(ENV, KEY)
+    team_dir = tmp_path / "roles"
+    team = write_llm_team(team_dir, llm_server.url)
+    settings = Settings(nats_url=rolebus_server.url)
+    llm_server.script(Reply.completed({"first": "answer"}))
+
+    async def handle_one() -> str:
+        async with await Bus.connect(settings) as bus:
+            crew = await start_workers(settings, team, [team.role("eng-be")], grace=1)
+            try:
+                task, _ = await bus.publish_task(
+                    "task.backend.x", title="prompted", payload={"spec": "v1"}
+                )
+                await until(bus, task.id, "completed")
+            finally:
+                await crew.stop(grace=0)
+            return task.id
+
+    task_id = asyncio.run(handle_one())
+    env = {"NATS_URL": rolebus_server.url, "ROLEBUS_ROLES": str(team_dir)}
+    printed = cli("prompt", "eng-be", task_id, "--json", env=env)
+    assert printed.code == 0, printed.stderr
+    assert json.loads(printed.stdout) == llm_server.requests[0].messages  # exactly what was sent
+    text = cli("prompt", "eng-be", task_id, env=env)
+    assert "--- system ---" in text.stdout
+    assert PERSONA in text.stdout
+
+    reused = cli("rerun", "--role", "eng-be", "--json", env=env)
+    assert reused.code == 0, reused.stdout + reused.stderr
+    [result] = json.loads(reused.stdout)
+    assert result["same"] is True
+    assert llm_server.answered == 1  # answered from the record: nothing paid
+
+    live = cli("rerun", "--role", "eng-be", "--live", "--json", env=env)
+    assert llm_server.answered == 2
+    [result] = json.loads(live.stdout)
+    assert result["same"] is False  # the server's default answer differs
+    assert result["new"]["result"] == {"done": True}
+    assert live.code == 1

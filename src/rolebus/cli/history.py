@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from typing import Annotated, Any, NoReturn
 
@@ -29,7 +28,6 @@ from rolebus.cli.demo import play
 from rolebus.errors import ConfigError, NotFoundError
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
 from rolebus.flows.state import STATES, StateStore, TaskState
-from rolebus.handlers.loader import load_handler
 from rolebus.history.replay import (
     Replayed,
     ReplayFilter,
@@ -40,8 +38,6 @@ from rolebus.history.replay import (
     replay,
     stream_named,
 )
-from rolebus.history.rerun import RerunResult, rerun
-from rolebus.team.roles import CommandHandler
 from rolebus.wire.messages import Event
 from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, stream_holding
 
@@ -369,61 +365,4 @@ def rebuild_command(as_json: JsonOption = False) -> None:
             table.add_row(difference.task_id, str(difference.live), str(difference.rebuilt))
         out.print(table)
     if differences:
-        raise typer.Exit(1)
-
-
-@app.command("rerun")
-def rerun_command(
-    role: Annotated[str, typer.Option(help="Whose recorded inputs to replay.")],
-    handler: Annotated[
-        str,
-        typer.Option(
-            help="The handler to try: builtin:NAME, python:module:function, or a command "
-            "line (run with the command protocol)."
-        ),
-    ],
-    correlation: Annotated[str | None, typer.Option(help="Only this flow.")] = None,
-    since: Annotated[str | None, typer.Option(help="Only inputs since (time or 10m).")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds per command run.")] = 300.0,
-    roles: RolesOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Feed a role's recorded inputs to another handler WITHOUT publishing anything,
-    and print how its outcomes differ from the recorded ones. Exit 1 if any differ."""
-    settings = settings_for(roles)
-    team = team_for(settings)
-    spec = team.role(role)
-    if handler.startswith(("builtin:", "python:")):
-        chosen = load_handler(handler, role=role)
-    else:
-        chosen = load_handler(CommandHandler(command=shlex.split(handler), timeout=timeout))
-    start = parse_since(since) if since else None
-
-    async def go() -> list[RerunResult]:
-        async with await Bus.connect(settings, name="rolebus-rerun") as bus:
-            return [
-                result
-                async for result in rerun(
-                    bus.connection, spec, chosen, correlation=correlation, since=start
-                )
-            ]
-
-    results = run(go())
-    if as_json:
-        print_json([result.as_json() for result in results])
-    else:
-        for result in results:
-            if result.error is not None:
-                out.print(
-                    f"[yellow]error[/]    {result.task_id}  {result.title}: {result.error}",
-                    highlight=False,
-                )
-            elif result.same:
-                out.print(f"[green]same[/]     {result.task_id}  {result.title}", highlight=False)
-            else:
-                out.print(f"[red]differs[/]  {result.task_id}  {result.title}", highlight=False)
-                out.print(result.diff(), highlight=False, markup=False)
-        changed = sum(not result.same for result in results)
-        out.print(f"{len(results)} recorded input(s) of {role}; {changed} differ.")
-    if any(not result.same for result in results):
         raise typer.Exit(1)

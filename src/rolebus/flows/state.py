@@ -80,6 +80,12 @@ class TaskState(BaseModel):
         return int(self.detail.get("failures", 0))
 
     @property
+    def previous_error(self) -> str | None:
+        """Why the last failed attempt failed (what a retry's handler is told)."""
+        value = self.detail.get("last_error") if self.failures else None
+        return str(value) if value else None
+
+    @property
     def sent(self) -> int:
         """How many numbered messages (``<task id>-<n>``) the task has sent."""
         return int(self.detail.get("sent", 0))

@@ -12,19 +12,20 @@ from datetime import datetime
 from typing import Any
 
 from rolebus.errors import CodecError, RolebusError
+from rolebus.flows.calls import CallStore
 from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.escalation import EscalationStore, escalation_item
 from rolebus.flows.handoffs import review_item
 from rolebus.flows.state import TaskState
-from rolebus.handlers.base import Handler, HandlerContext
+from rolebus.handlers.base import CallLog, Handler, HandlerContext
 from rolebus.history.replay import all_states
 from rolebus.nats.connection import Connection
-from rolebus.team.roles import RoleSpec
+from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire import codec
 from rolebus.wire.messages import Decision, Escalation, Handoff, Outcome, Task
 from rolebus.wire.subjects import WORK_STREAM
 
-__all__ = ["RerunResult", "rerun"]
+__all__ = ["RerunResult", "context_for", "rerun", "work_item"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,37 @@ async def _item(connection: Connection, state: TaskState) -> Task | None:
     return None
 
 
+async def work_item(connection: Connection, state: TaskState) -> Task | None:
+    """The work item the role's handler saw for ``state``, rebuilt from its message."""
+    return await _item(connection, state)
+
+
+def context_for(
+    role: RoleSpec,
+    team: Team | None,
+    state: TaskState,
+    task: Task,
+    contracts: dict[str, Any],
+    *,
+    calls: CallLog | None,
+    extra: dict[str, Any] | None = None,
+) -> HandlerContext:
+    """The context the worker gave the handler for ``state`` (decisions, contracts,
+    the previous failure, the generation of its recorded calls)."""
+    return HandlerContext(
+        role=role,
+        subject=state.subject,
+        attempt=state.attempt,
+        decisions=[Decision.model_validate(d) for d in state.detail.get("decisions", [])],
+        contracts=contracts,
+        extra={"input": task.kind, **(extra or {})},
+        team=team,
+        previous_error=state.previous_error,
+        generation=state.failures,
+        calls=calls,
+    )
+
+
 async def rerun(
     connection: Connection,
     role: RoleSpec,
@@ -88,10 +120,16 @@ async def rerun(
     *,
     correlation: str | None = None,
     since: datetime | None = None,
+    team: Team | None = None,
+    live: bool = False,
 ) -> AsyncIterator[RerunResult]:
     """Each recorded input of ``role`` (optionally one flow, or since a time), run
-    through ``handler`` with the context it had; nothing is published."""
+    through ``handler`` with the context it had; nothing is published.
+
+    Model calls are answered from their records (``live``: the model is called
+    again, and nothing is recorded), so a rerun costs nothing unless asked to."""
     registry = ContractRegistry(connection)
+    calls = None if live else CallStore(connection, read_only=True)
     states = [
         state
         for state in await all_states(connection)
@@ -115,21 +153,27 @@ async def rerun(
                 error=f"cannot rebuild its context: {error.message}",
             )
             continue
-        context = HandlerContext(
-            role=role,
-            subject=state.subject,
-            attempt=state.attempt,
-            decisions=[Decision.model_validate(d) for d in state.detail.get("decisions", [])],
-            contracts=contracts,
-            extra={"input": task.kind, "rerun": True},
+        context = context_for(
+            role,
+            team,
+            state,
+            task,
+            contracts,
+            calls=calls,
+            extra={"rerun": True, "recorded_only": not live},
         )
         try:
             outcome = await handler(task, context)
         except Exception as error:  # report it like the worker would
             outcome = Outcome.failed(f"handler raised {type(error).__name__}: {error}")
+        new = outcome.model_dump(mode="json", exclude_defaults=True)
+        recorded = state.outcome
+        # What a rerun paid is not part of the answer being compared.
+        new.pop("usage", None)
+        recorded = {key: value for key, value in (recorded or {}).items() if key != "usage"}
         yield RerunResult(
             task_id=state.task_id,
             title=state.title,
-            recorded=state.outcome,
-            new=outcome.model_dump(mode="json", exclude_defaults=True),
+            recorded=recorded,
+            new=new,
         )

@@ -284,7 +284,7 @@ class Dispatcher:
                 contracts=await self.contracts.resolve(item.task.payload.get("contracts")),
                 extra={"input": item.kind},
                 team=self.team,
-                previous_error=stored.state.error if stored.state.state == "retrying" else None,
+                previous_error=stored.state.previous_error,
                 generation=stored.state.failures,
                 calls=self.calls,
             )

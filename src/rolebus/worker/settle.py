@@ -103,7 +103,11 @@ class Settling:
         error = outcome.error or "failed"
         if outcome.retryable and attempt < self.role.max_deliver:
             delay = self.role.retry_delay(attempt)
-            detail = {**stored.state.detail, "failures": stored.state.failures + 1}
+            detail = {
+                **stored.state.detail,
+                "failures": stored.state.failures + 1,
+                "last_error": error,
+            }
             changed = await self.change(
                 stored, state="retrying", error=error, attempt=attempt, detail=detail
             )
