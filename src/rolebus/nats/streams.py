@@ -19,6 +19,7 @@ from rolebus.nats.protocol import parse_time_stamp
 from rolebus.nats.puller import CoreNats, Puller
 from rolebus.nats.translate import translated
 from rolebus.wire.headers import Header
+from rolebus.wire.messages import from_nanoseconds
 
 __all__ = ["StreamReader"]
 
@@ -100,7 +101,7 @@ class StreamReader:
                         stream=stream,
                         seq=message.stream_seq,
                         subject=message.subject,
-                        time=datetime.fromtimestamp(message.time_ns / 1e9, UTC),
+                        time=from_nanoseconds(message.time_ns),
                         headers=message.headers,
                         data=message.data,
                     )

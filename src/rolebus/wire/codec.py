@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ValidationError
 
 from rolebus.errors import CodecError
-from rolebus.wire.messages import Decision, Envelope, Escalation, Event, Handoff, Task
+from rolebus.wire.messages import (
+    Decision,
+    Envelope,
+    Escalation,
+    Event,
+    Handoff,
+    Task,
+    from_nanoseconds,
+)
 
 __all__ = [
     "Origin",
@@ -55,10 +63,7 @@ class Origin:
     msg_id: str | None = None
 
     def stored_at(self) -> datetime:
-        if isinstance(self.time, datetime):
-            return self.time
-        seconds, nanos = divmod(self.time, 1_000_000_000)
-        return datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=nanos // 1000)
+        return self.time if isinstance(self.time, datetime) else from_nanoseconds(self.time)
 
     def fill(self, mapping: dict[str, Any]) -> None:
         if not mapping.get("id"):

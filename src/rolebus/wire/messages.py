@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -33,6 +33,7 @@ __all__ = [
     "Task",
     "Usage",
     "check_value",
+    "from_nanoseconds",
     "new_id",
     "utc_now",
 ]
@@ -75,6 +76,13 @@ def new_id() -> str:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def from_nanoseconds(nanoseconds: int) -> datetime:
+    """A time in nanoseconds since the epoch, cut to microseconds the same way a
+    ``Nats-Time-Stamp`` is (exactly: no float rounding), so every reader agrees."""
+    seconds, rest = divmod(nanoseconds, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=rest // 1000)
 
 
 class Envelope(BaseModel):

@@ -10,7 +10,6 @@ running the handler twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from rolebus.errors import RolebusError, StaleClaimError
@@ -28,7 +27,7 @@ from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.team.roles import RoleSpec
 from rolebus.wire.headers import Header
-from rolebus.wire.messages import Envelope, Event, Outcome, Task
+from rolebus.wire.messages import Envelope, Event, Outcome, Task, from_nanoseconds
 from rolebus.wire.subjects import WORK_STREAM
 
 __all__ = ["DispatchStats", "Item", "Settling"]
@@ -271,7 +270,7 @@ class Settling:
                 stream=WORK_STREAM,
                 seq=message.stream_seq,
                 subject=message.subject,
-                time=datetime.fromtimestamp(message.time_ns / 1e9, UTC),
+                time=from_nanoseconds(message.time_ns),
                 headers=message.headers,
                 data=message.data,
             ),
