@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 
@@ -28,6 +29,7 @@ from rolebus.wire.subjects import CALLS_BUCKET, EVENTS_STREAM, TASKS_BUCKET
 from rolebus.worker.runner import Crew, start_workers
 
 from ..conftest import CliRunner
+from .test_dashboard import serving
 
 KEY = "sk-test-0123456789-secret"
 ENV = "ROLEBUS_TEST_LLM_KEY"
@@ -127,7 +129,7 @@ async def everything_stored(bus: Bus) -> bytes:
 
 
 async def test_an_llm_role_completes_with_the_models_structured_result(
-    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+    rolebus_bus: Bus, rolebus_settings: Settings, llm_server: LlmServer, start_llm_team: StartTeam
 ) -> None:
     llm_server.script(Reply.completed({"implemented": "GET /orders", "tests": "12 passed"}))
     with structlog.testing.capture_logs() as logs:
@@ -161,6 +163,12 @@ async def test_an_llm_role_completes_with_the_models_structured_result(
     # The key is read at call time and goes nowhere but the request's header.
     assert KEY.encode() not in await everything_stored(rolebus_bus)
     assert KEY not in json.dumps(logs, default=str)
+    async with serving(rolebus_settings) as url, httpx.AsyncClient() as client:
+        page = (await client.get(f"{url}/tasks/{task.id}")).text
+    assert "Model calls" in page
+    assert "test-model" in page
+    assert "Orders API" in page
+    assert KEY not in page
     [call] = await CallStore(rolebus_bus.connection).for_task(task.id)
     assert call["answer"] == json.dumps(
         {"status": "completed", "result": {"implemented": "GET /orders", "tests": "12 passed"}}

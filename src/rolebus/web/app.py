@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.errors import RolebusError, SubjectError
+from rolebus.flows.calls import CallStore
 from rolebus.flows.contracts import ContractRegistry, ContractVersion, diff
 from rolebus.flows.escalation import EscalationStore, resolve
 from rolebus.flows.state import StateStore, TaskState
@@ -44,7 +45,7 @@ from rolebus.history.status import AttemptCounts, collect
 from rolebus.nats.delivery import StoredMessage
 from rolebus.team.roles import Team
 from rolebus.web.pages import escape as _e  # short: it wraps every value in the templates
-from rolebus.web.pages import page, slo_cell, task_card, version_row
+from rolebus.web.pages import model_calls, page, slo_cell, task_card, version_row
 from rolebus.wire.messages import Event
 from rolebus.wire.subjects import EVENTS_STREAM, validate_token
 
@@ -190,10 +191,12 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
             for e in events
         )
         items = "".join(f"<li>{task_card(s)}</li>" for s in flow)
+        calls = await CallStore(connection()).for_task(root.task_id)
         body = (
             f"{task_card(root)}<p class='muted'>attempts: {root.attempt}; result: "
             f"{_e(json.dumps(root.result, default=str))}</p><h2>Flow</h2><ul>{items}</ul>"
-            f"<h2>Timeline</h2><table>{rows}</table>"
+            + (f"<h2>Model calls</h2>{model_calls(calls)}" if calls else "")
+            + f"<h2>Timeline</h2><table>{rows}</table>"
         )
         if request.query_params.get("fragment"):
             return HTMLResponse(body)

@@ -85,6 +85,34 @@ def task_card(state: TaskState) -> str:
     )
 
 
+def model_calls(calls: list[dict[str, Any]]) -> str:
+    """A task's recorded model calls: model, tokens, cost, latency, and the messages
+    (a record never holds a key)."""
+    rows = []
+    for call in calls:
+        usage = call.get("usage", {})
+        cost = usage.get("cost_usd")
+        messages = "".join(
+            f"<details><summary>{escape(m.get('role'))}</summary>"
+            f"<pre>{escape(m.get('content'))}</pre></details>"
+            for m in call.get("messages", [])
+        )
+        rows.append(
+            f"<tr><td>{escape(call.get('generation'))}.{escape(call.get('number'))}</td>"
+            f"<td>{escape(call.get('model'))}</td><td>{escape(call.get('mode'))}</td>"
+            f"<td>{escape(usage.get('prompt_tokens'))} + "
+            f"{escape(usage.get('completion_tokens'))}</td>"
+            f"<td>{escape(f'${cost:.4f}' if cost is not None else 'unknown')}</td>"
+            f"<td>{escape(call.get('latency_ms'))} ms</td>"
+            f"<td>{messages}<details><summary>answer</summary>"
+            f"<pre>{escape(call.get('answer'))}</pre></details></td></tr>"
+        )
+    return (
+        "<table class='calls'><tr><th>call</th><th>model</th><th>mode</th><th>tokens</th>"
+        "<th>cost</th><th>latency</th><th>messages</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
 def slo_cell(check: dict[str, Any]) -> str:
     if check["met"] is None:
         return '<span class="muted">no data</span>'
