@@ -511,3 +511,40 @@ def test_prompt_prints_what_was_sent_and_rerun_reuses_calls_unless_live(
     assert result["same"] is False  # the server's default answer differs
     assert result["new"]["result"] == {"done": True}
     assert live.code == 1
+
+
+def test_demo_llm_plays_the_example_team_against_the_server_or_says_what_to_set(
+    cli: CliRunner,
+    rolebus_server: EmbeddedServer,
+    llm_server: LlmServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ..conftest import REPO
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    missing = cli("demo", "--llm")
+    assert missing.code == 1
+    assert "needs OPENAI_BASE_URL" in missing.stderr
+    assert "export OPENAI_BASE_URL=" in missing.stderr
+
+    llm_server.script(
+        Reply.completed(
+            {"filed": "order history"},
+            tasks=[{"subject": "task.architecture.design", "title": "Design the orders API"}],
+        ),
+        Reply.completed({"designed": "GET /orders with a cursor"}),
+    )
+    env = {
+        "NATS_URL": rolebus_server.url,
+        "OPENAI_BASE_URL": llm_server.url,
+        "OPENAI_API_KEY": KEY,
+    }
+    roles = str(REPO / "examples" / "llm-team" / "roles")
+    played = cli("demo", "--llm", "--roles", roles, "--model", "test-model", env=env)
+    assert played.code == 0, played.stdout + played.stderr
+    assert "2 work items" in played.stdout
+    pm, architect = llm_server.requests
+    assert pm.body["model"] == "test-model"
+    assert "Product Manager" in pm.system
+    assert "Design the orders API" in architect.messages[1]["content"]
+    assert KEY not in played.stdout + played.stderr

@@ -112,10 +112,17 @@ class FlowPrinter:
         return None
 
 
-async def _quiet(bus: Bus, team: Team, root_id: str) -> list[TaskState] | None:
-    """The flow's states once nothing is left to do (else None)."""
+async def _quiet(
+    bus: Bus, team: Team, root_id: str, *, parked_is_quiet: bool = False
+) -> list[TaskState] | None:
+    """The flow's states once nothing is left to do (else None). ``parked_is_quiet``:
+    a task waiting for a decision counts as settled (a model's flow may end asking
+    a person)."""
     states = await flow_states(bus.connection, root_id)
-    if not states or any(not state.terminal for state in states):
+    settled = [
+        state.terminal or (parked_is_quiet and state.state == "input-required") for state in states
+    ]
+    if not states or not all(settled):
         return None
     for role in team:
         backlog = await bus.connection.admin.consumer_state(WORK_STREAM, consumer_name(role.id))
@@ -125,7 +132,12 @@ async def _quiet(bus: Bus, team: Team, root_id: str) -> list[TaskState] | None:
 
 
 async def play(
-    settings: Settings, team: Team, *, console: Console, timeout: float = 90.0
+    settings: Settings,
+    team: Team,
+    *,
+    console: Console,
+    timeout: float = 90.0,
+    parked_is_quiet: bool = False,
 ) -> DemoResult:
     """Run the team, publish the feature, print the flow until it is done."""
     crew: Crew = await start_workers(settings, team, list(team), grace=2)
@@ -142,7 +154,7 @@ async def play(
         started = time.monotonic()
         await bus.publish("task.product.feature", root)
         deadline = started + timeout
-        while (states := await _quiet(bus, team, root.id)) is None:
+        while (states := await _quiet(bus, team, root.id, parked_is_quiet=parked_is_quiet)) is None:
             if time.monotonic() > deadline:
                 raise RolebusError(
                     f"the demo flow {root.id} did not finish within {timeout:.0f}s",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -38,6 +40,7 @@ from rolebus.history.replay import (
     replay,
     stream_named,
 )
+from rolebus.team.roles import with_model
 from rolebus.wire.messages import Event
 from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, stream_holding
 
@@ -45,19 +48,64 @@ from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, stream_holding
 @app.command()
 def demo(
     roles: RolesOption = None,
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 90.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Give up after this many seconds (default 90, with --llm 900)."),
+    ] = None,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm",
+            help="Play it with LLM roles (examples/llm-team/roles unless --roles) against "
+            "the OpenAI-compatible server at OPENAI_BASE_URL.",
+        ),
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option(help="With --llm: the model every LLM role uses.")
+    ] = None,
 ) -> None:
-    """Play one feature through the whole team with scripted agents, live.
+    """Play one feature through the whole team, live.
 
     Starts the embedded server unless NATS_URL is set (or `rolebus server` runs),
     brings up the six roles, prints every message as it flows, then a summary and
-    the commands to replay it. No network, no model: the agents are scripted.
+    the commands to replay it. No network, no model: the agents are scripted. With
+    `--llm` the roles think: set OPENAI_BASE_URL (and OPENAI_API_KEY) first.
     """
+    if llm:
+        if not os.environ.get("OPENAI_BASE_URL"):
+            raise ConfigError(
+                "rolebus demo --llm needs OPENAI_BASE_URL: the OpenAI-compatible server "
+                "the roles' model runs on",
+                hint="for Ollama: export OPENAI_BASE_URL=http://localhost:11434/v1 "
+                "OPENAI_API_KEY=ollama (and `ollama pull llama3.2`); for another server, "
+                "its /v1 URL, its key in OPENAI_API_KEY, and --model NAME",
+            )
+        if roles is None:
+            roles = Path("examples/llm-team/roles")
+            if not roles.is_dir():
+                raise ConfigError(
+                    "no examples/llm-team/roles here",
+                    hint="run it from the rolebus checkout, or give --roles DIR",
+                )
     settings = settings_for(roles)
     team = team_for(settings)
+    if model is not None:
+        team = with_model(team, model)
     with embedded_server_if_needed(settings) as live:
-        out.print(f"[bold]rolebus demo[/]: {len(team)} roles, one feature, every message shown\n")
-        run(play(live, team, console=out, timeout=timeout))
+        thinking = " (LLM roles)" if llm else ""
+        out.print(
+            f"[bold]rolebus demo[/]{thinking}: {len(team)} roles, one feature, "
+            "every message shown\n"
+        )
+        run(
+            play(
+                live,
+                team,
+                console=out,
+                timeout=timeout or (900.0 if llm else 90.0),
+                parked_is_quiet=llm,
+            )
+        )
     if live.nats_url != settings.nats_url:
         # The demo's own server stopped with it; its store (the history) is kept.
         out.print(

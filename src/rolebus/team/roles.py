@@ -40,6 +40,7 @@ __all__ = [
     "load_role",
     "load_team",
     "parse_duration",
+    "with_model",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -230,6 +231,18 @@ class RoleSpec(_Strict):
 
     def escalation_rule_for(self, reason: str) -> EscalationRule | None:
         return next((rule for rule in self.escalate if rule.reason == reason), None)
+
+
+def with_model(team: Team, model: str) -> Team:
+    """The team with every LLM role on ``model``."""
+    return Team.from_roles(
+        [
+            role.model_copy(update={"handler": role.handler.model_copy(update={"llm": model})})
+            if isinstance(role.handler, LlmHandler)
+            else role
+            for role in team
+        ]
+    )
 
 
 _FIELD_HINTS = {
