@@ -22,9 +22,11 @@ import structlog
 
 from bench import cases
 from bench.harness import Results, start_server
+from bench.llm import bench_llm
 
 SIZES = {
     "quick": {
+        "llm": 30,
         "publish": 1000,
         "consume": 5000,
         "steady": 500,
@@ -38,6 +40,7 @@ SIZES = {
         "consume": 30_000,
         "steady": 3000,
         "saturation": 20_000,
+        "llm": 300,
         "replay": 100_000,
         "memory": 100_000,
         "runs": 3,
@@ -92,6 +95,7 @@ async def main(
                 ),
             ),
             ("replay", lambda run: cases.bench_replay(url, results, count=size["replay"])),
+            ("llm", lambda run: bench_llm(url, results, count=size["llm"], run=run)),
         ]
         for name, case in plan:
             if only and name not in only:
@@ -138,7 +142,9 @@ def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one run (< 60 s)")
     parser.add_argument(
-        "--only", default="", help="comma-separated: publish,consume,e2e,replay,dashboard,memory"
+        "--only",
+        default="",
+        help="comma-separated: publish,consume,e2e,replay,llm,dashboard,memory",
     )
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).resolve().parent / "results.json"

@@ -22,6 +22,7 @@ from rolebus.cli.app import (
 from rolebus.errors import NotFoundError
 from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.state import StateStore, TaskState
+from rolebus.handlers.llm import LlmRunner
 from rolebus.handlers.loader import load_handler
 from rolebus.handlers.prompt import prompt_messages
 from rolebus.history.replay import ReplayFilter, parse_since, replay
@@ -71,18 +72,22 @@ def rerun_command(
 
     async def go() -> list[RerunResult]:
         async with await Bus.connect(settings, name="rolebus-rerun") as bus:
-            return [
-                result
-                async for result in rerun(
-                    bus.connection,
-                    spec,
-                    chosen,
-                    correlation=correlation,
-                    since=start,
-                    team=team,
-                    live=live,
-                )
-            ]
+            try:
+                return [
+                    result
+                    async for result in rerun(
+                        bus.connection,
+                        spec,
+                        chosen,
+                        correlation=correlation,
+                        since=start,
+                        team=team,
+                        live=live,
+                    )
+                ]
+            finally:
+                if isinstance(chosen, LlmRunner):
+                    await chosen.aclose()
 
     results = run(go())
     if as_json:

@@ -69,6 +69,26 @@ class LlmRunner:
         self.spec = spec
         self.name = f"llm:{spec.llm}"
         self._mode: Mode | None = None  # the first mode this server accepted
+        # One client (its connection pool) per URL and key: the key is still read at
+        # every call, and a changed one gets a new client.
+        self._clients: dict[tuple[str | None, str], openai.AsyncOpenAI] = {}
+
+    def _client(self, key: str) -> openai.AsyncOpenAI:
+        client = self._clients.get((self.base_url, key))
+        if client is None:
+            client = self._clients[(self.base_url, key)] = openai.AsyncOpenAI(
+                api_key=key or "unset",  # local servers (Ollama, llama.cpp) need none
+                base_url=self.base_url,
+                timeout=self.spec.timeout,
+                max_retries=0,  # retries are ours: they honour Retry-After and are logged
+            )
+        return client
+
+    async def aclose(self) -> None:
+        """Close the HTTP clients (the worker calls it when it stops)."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
 
     @property
     def base_url(self) -> str | None:
@@ -84,27 +104,22 @@ class LlmRunner:
         key = os.environ.get(self.spec.api_key_env) or ""
         usage = Usage(model=self.spec.llm)
         problem = ""
+        client = self._client(key)
         try:
-            async with openai.AsyncOpenAI(
-                api_key=key or "unset",  # local servers (Ollama, llama.cpp) need none
-                base_url=self.base_url,
-                timeout=self.spec.timeout,
-                max_retries=0,  # retries are ours: they honour Retry-After and are logged
-            ) as client:
-                for number in range(1, self.spec.max_repairs + 2):
-                    answer = await self._answer(client, messages, task, context, number, key)
-                    usage = usage.plus(answer.usage)
-                    outcome, problem = self._parse(answer.text)
-                    if outcome is not None:
-                        return outcome.model_copy(update={"usage": usage})
-                    messages += [
-                        {"role": "assistant", "content": answer.text},
-                        {
-                            "role": "user",
-                            "content": f"That answer is not a valid outcome: {problem}. "
-                            "Answer again with the corrected JSON object only.",
-                        },
-                    ]
+            for number in range(1, self.spec.max_repairs + 2):
+                answer = await self._answer(client, messages, task, context, number, key)
+                usage = usage.plus(answer.usage)
+                outcome, problem = self._parse(answer.text)
+                if outcome is not None:
+                    return outcome.model_copy(update={"usage": usage})
+                messages += [
+                    {"role": "assistant", "content": answer.text},
+                    {
+                        "role": "user",
+                        "content": f"That answer is not a valid outcome: {problem}. "
+                        "Answer again with the corrected JSON object only.",
+                    },
+                ]
         except _AttemptEndedError as failed:
             return failed.outcome.model_copy(update={"usage": usage if usage.calls else None})
         return Outcome.failed(

@@ -14,6 +14,7 @@ every request it got (body, headers, time) for the test to check::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["LlmServer", "Reply", "Request", "llm_server"]
+__all__ = ["LlmServer", "Reply", "Request", "llm_server", "serve_llm"]
 
 MODES = frozenset({"json_schema", "tool", "prompt"})
 
@@ -194,9 +195,9 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def llm_server() -> Iterator[LlmServer]:
-    """A chat-completions server on loopback (see :mod:`rolebus.testing.llm`)."""
+@contextlib.contextmanager
+def serve_llm() -> Iterator[LlmServer]:
+    """Run the server until the block ends (the fixture uses it; so can a benchmark)."""
     server = LlmServer()
     http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
     http.daemon_threads = True
@@ -209,3 +210,10 @@ def llm_server() -> Iterator[LlmServer]:
         http.shutdown()
         http.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def llm_server() -> Iterator[LlmServer]:
+    """A chat-completions server on loopback (see :mod:`rolebus.testing.llm`)."""
+    with serve_llm() as server:
+        yield server

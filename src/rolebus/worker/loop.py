@@ -26,6 +26,7 @@ from rolebus.errors import CodecError, RolebusError
 from rolebus.flows.state import StateStore
 from rolebus.handlers.base import Handler
 from rolebus.handlers.command import CommandRunner
+from rolebus.handlers.llm import LlmRunner
 from rolebus.handlers.loader import load_handler
 from rolebus.nats.admin import ConsumerSpec
 from rolebus.nats.delivery import InboundMessage
@@ -162,6 +163,8 @@ class Worker:
             await self._puller.close()
         if self._advisories is not None:
             await self._advisories.close()
+        if isinstance(self.handler, LlmRunner):
+            await self.handler.aclose()
         with contextlib.suppress(Exception):
             await self._connection.flush()
         self._log.info("worker stopped", completed=self.stats.completed)
