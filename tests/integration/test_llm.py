@@ -548,3 +548,33 @@ def test_demo_llm_plays_the_example_team_against_the_server_or_says_what_to_set(
     assert "Product Manager" in pm.system
     assert "Design the orders API" in architect.messages[1]["content"]
     assert KEY not in played.stdout + played.stderr
+
+
+async def test_an_unreachable_model_server_is_a_retryable_failure_naming_its_url(
+    rolebus_bus: Bus, rolebus_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    monkeypatch.setenv(ENV, KEY)
+    team = write_llm_team(tmp_path / "roles", url)
+    crew = await start_workers(rolebus_settings, team, [team.role("eng-be")], grace=1)
+    try:
+        task, _ = await rolebus_bus.publish_task("task.backend.x", title="nobody home")
+
+        async def retried() -> bool:
+            events = await read_events(rolebus_bus.connection, states=["retrying"])
+            return any(e.task_id == task.id for e in events)
+
+        await wait_for(retried, timeout=30)
+    finally:
+        await crew.stop(grace=0)
+    [event, *_] = [
+        e
+        for e in await read_events(rolebus_bus.connection, states=["retrying"])
+        if e.task_id == task.id
+    ]
+    assert f"cannot reach the model server at {url}" in (event.error or "")
