@@ -64,8 +64,15 @@ class Bus:
         limits: StreamLimits | None = None,
         inbox_prefix: str | None = None,
     ) -> Bus:
+        # Without NATS_URL the server is this state folder's embedded one: if it is
+        # restarted on another port, the connection follows it there.
+        follow = None if settings.nats_url else (lambda: running_server_url(settings.home))
         connection = await Connection.open(
-            settings, resolve_url(settings), name=name, inbox_prefix=inbox_prefix
+            settings,
+            resolve_url(settings),
+            name=name,
+            inbox_prefix=inbox_prefix,
+            url_source=follow,
         )
         try:
             if provision:

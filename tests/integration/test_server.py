@@ -62,3 +62,22 @@ def test_a_server_restarts_on_the_same_store_and_port(tmp_path: Path) -> None:
         assert server.port == port
     finally:
         server.stop()
+
+
+async def test_a_client_follows_the_embedded_server_to_its_new_port(tmp_path: Path) -> None:
+    from rolebus.bus import Bus
+    from rolebus.config import Settings
+
+    home = tmp_path / "home"
+    settings = Settings(home=home)  # no NATS_URL: the state folder's server
+    with serve(home=home, port=0, sync_interval="always") as first:
+        bus = await Bus.connect(settings)
+        await bus.publish_task("task.backend.x", title="before the restart")
+    with serve(home=home, port=0, sync_interval="always") as second:
+        try:
+            assert second.url != first.url
+            _, ack = await bus.publish_task("task.backend.x", title="after it")
+            assert ack.seq == 2  # the same store, reached on the new port
+            assert bus.connection.url == second.url
+        finally:
+            await bus.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +46,7 @@ log = structlog.get_logger("rolebus.nats")
 
 _PING_INTERVAL = 3  # seconds: nats-py's default (120 s x 2) hides a frozen server for minutes
 _MAX_OUTSTANDING_PINGS = 2
+_WARN_EVERY = 10.0  # seconds between two identical connection warnings
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -74,6 +76,11 @@ class Connection:
         self.streams = StreamReader(self, self._js)
         self.kv = KeyValue(self._js, self.streams)
         self.admin = Admin(self._js, self._denials, url)
+        #: Where the server may have moved to (the embedded server's state file):
+        #: read again while disconnected. None: the URL is fixed (NATS_URL).
+        self._url_source: Callable[[], str | None] | None = None
+        self._follow: asyncio.Task[None] | None = None
+        self._warned: dict[str, float] = {}  # warning text -> when it was last logged
 
     # --- connecting ---------------------------------------------------------------------
 
@@ -86,8 +93,11 @@ class Connection:
         name: str = "rolebus",
         inbox_prefix: str | None = None,
         connect_timeout: float = 3.0,
+        url_source: Callable[[], str | None] | None = None,
     ) -> Connection:
-        """Connect, or raise :class:`ConnectError` saying what to do."""
+        """Connect, or raise :class:`ConnectError` saying what to do. ``url_source``
+        says where the server is now (an embedded server restarted on another port):
+        while disconnected, the connection follows it."""
         connection: Connection | None = None
         connect_errors: list[str] = []
 
@@ -115,7 +125,8 @@ class Connection:
         async def on_disconnected() -> None:
             with contextlib.suppress(Exception):
                 if connection is not None and not connection._closing:
-                    log.warning("disconnected from NATS; reconnecting", url=url)
+                    connection._warn("disconnected from NATS; reconnecting", url=url)
+                    connection._follow_moves()
 
         options: dict[str, Any] = {
             "servers": url.split(","),
@@ -166,7 +177,33 @@ class Connection:
         # Reconnects after a successful start are unlimited: a worker outlives restarts.
         client.options["max_reconnect_attempts"] = -1
         connection = cls(client, url)
+        connection._url_source = url_source
         return connection
+
+    def _warn(self, message: str, **fields: Any) -> None:
+        """Log a warning, but the same one at most every 10 s: a server that stays
+        away must not flood the log with one line per reconnect attempt."""
+        now = time.monotonic()
+        if now - self._warned.get(message, -_WARN_EVERY) >= _WARN_EVERY:
+            self._warned[message] = now
+            log.warning(message, **fields)
+
+    def _follow_moves(self) -> None:
+        if self._url_source is None or (self._follow is not None and not self._follow.done()):
+            return
+        self._follow = asyncio.ensure_future(self._follow_url())
+
+    async def _follow_url(self) -> None:
+        """While disconnected, point the reconnects at where the server is now."""
+        assert self._url_source is not None
+        current = self.url
+        while not self._closing and not self._client.is_connected:
+            moved = await asyncio.to_thread(self._url_source)
+            if moved and moved != current and not self._client.is_closed:
+                log.info("the server moved; reconnecting there", was=current, now=moved)
+                self._client.set_server_pool([moved])
+                current = self.url = moved
+            await asyncio.sleep(0.5)
 
     def _on_error(self, error: Exception) -> None:
         text = str(error)
@@ -176,7 +213,7 @@ class Connection:
         if subject is not None:
             log.error("permission denied", subject=subject, detail=text)
         elif not isinstance(error, nats.errors.SlowConsumerError):
-            log.warning("nats error", error=text or type(error).__name__)
+            self._warn("nats error", error=text or type(error).__name__)
 
     def on_reconnect(self, listener: Callable[[], Awaitable[None]]) -> None:
         self._reconnect_listeners.append(listener)
@@ -203,6 +240,8 @@ class Connection:
 
     async def close(self) -> None:
         self._closing = True
+        if self._follow is not None:
+            self._follow.cancel()
         await self.publisher.close()
         with contextlib.suppress(Exception):
             await self._client.drain()
