@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,101 +22,13 @@ from rolebus.flows.escalation import EscalationStore
 from rolebus.flows.state import StateStore
 from rolebus.history.replay import read_events
 from rolebus.nats.server import EmbeddedServer
-from rolebus.team.roles import Team, load_team
 from rolebus.testing import LlmServer, Reply, wait_for
 from rolebus.wire.subjects import CALLS_BUCKET, EVENTS_STREAM, TASKS_BUCKET
-from rolebus.worker.runner import Crew, start_workers
+from rolebus.worker.runner import start_workers
 
 from ..conftest import CliRunner
+from .llm_team import ENV, KEY, PERSONA, StartTeam, state_of, until, write_llm_team
 from .test_dashboard import serving
-
-KEY = "sk-test-0123456789-secret"
-ENV = "ROLEBUS_TEST_LLM_KEY"
-
-PERSONA = "You are the backend engineer. Reliability obsessed."
-
-
-def write_llm_team(folder: Path, url: str, *, timeout: str = "5s", extra: str = "") -> Team:
-    """eng-be thinks (an llm handler); the others are scripted."""
-    folder.mkdir(parents=True, exist_ok=True)
-    scripted = '"builtin:scripted"'
-    llm = (
-        f'{{ llm = "test-model", base_url = "{url}", api_key_env = "{ENV}", '
-        f'temperature = 0.2, timeout = "{timeout}", max_repairs = 1{extra} }}'
-    )
-    roles = {
-        "cto": (scripted, 'domains = ["budget"]', ""),
-        "architect": (scripted, 'domains = ["architecture"]\nreports_to = "cto"', ""),
-        "eng-be": (
-            llm,
-            'domains = ["backend"]\nreports_to = "cto"',
-            """
-[[never]]
-what = "spend money without the CTO's approval"
-kinds = ["spend"]
-action = "approval"
-to = "cto"
-
-[[escalate]]
-reason = "ambiguous-spec"
-to = "architect"
-timeout = "1h"
-""",
-        ),
-        "eng-fe": (scripted, 'domains = ["frontend"]\nreports_to = "cto"', ""),
-    }
-    for role_id, (handler, head, tail) in roles.items():
-        persona = PERSONA if role_id == "eng-be" else f"Persona of {role_id}."
-        (folder / f"{role_id}.md").write_text(
-            f'+++\nid = "{role_id}"\ntitle = "{role_id} title"\nhandler = {handler}\n'
-            f'ack_wait = "5s"\nmax_deliver = 3\nbackoff = ["100ms"]\n{head}\n{tail}\n+++\n'
-            f"{persona}\n",
-            encoding="utf-8",
-        )
-    return load_team(folder)
-
-
-StartTeam = Callable[..., Awaitable[tuple[Team, Crew]]]
-
-
-@pytest.fixture
-async def start_llm_team(
-    rolebus_settings: Settings,
-    llm_server: LlmServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[StartTeam]:
-    monkeypatch.setenv(ENV, KEY)
-    crews: list[Crew] = []
-
-    async def start(
-        *roles: str, timeout: str = "5s", prices: str | None = None
-    ) -> tuple[Team, Crew]:
-        extra = f", prices = {prices}" if prices else ""
-        team = write_llm_team(
-            tmp_path / f"roles{len(crews)}", llm_server.url, timeout=timeout, extra=extra
-        )
-        crew = await start_workers(
-            rolebus_settings, team, [team.role(role) for role in roles or ("eng-be",)], grace=1
-        )
-        crews.append(crew)
-        return team, crew
-
-    yield start
-    for crew in crews:
-        await crew.stop(grace=0)
-
-
-async def state_of(bus: Bus, task_id: str) -> str | None:
-    found = await StateStore(bus.connection).get(task_id)
-    return None if found is None else found.state.state
-
-
-async def until(bus: Bus, task_id: str, state: str, timeout: float = 30) -> None:
-    async def reached() -> bool:
-        return await state_of(bus, task_id) == state
-
-    await wait_for(reached, timeout=timeout)
 
 
 async def everything_stored(bus: Bus) -> bytes:

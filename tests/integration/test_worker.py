@@ -167,6 +167,13 @@ async def test_a_completed_task_logs_at_debug_and_a_retry_at_info(
         flaky, _ = await rolebus_bus.publish_task("task.backend.implement", title="flaky")
         await states_once_completed(rolebus_bus, flaky.id)
         await states_once_completed(rolebus_bus, fine.id)
+
+        # The worker logs once the task is acked, a moment after its record says so.
+        def both_logged() -> bool:
+            done = {entry.get("task_id") for entry in logs if entry["event"] == "task completed"}
+            return {fine.id, flaky.id} <= done
+
+        await wait_for(both_logged)
     levels = {(entry["event"], entry.get("task_id")): entry["log_level"] for entry in logs}
     assert levels[("task completed", fine.id)] == "debug"
     assert levels[("task completed", flaky.id)] == "debug"

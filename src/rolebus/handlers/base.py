@@ -13,11 +13,12 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from rolebus.team.budget import Breach
 from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire.codec import validation_problems
 from rolebus.wire.messages import Decision, Outcome, Task
 
-__all__ = ["CallLog", "Handler", "HandlerContext", "outcome_from_json"]
+__all__ = ["BudgetGate", "CallLog", "Handler", "HandlerContext", "outcome_from_json"]
 
 
 class CallLog(Protocol):
@@ -28,6 +29,16 @@ class CallLog(Protocol):
     async def get(self, key: str) -> dict[str, Any] | None: ...
 
     async def put(self, key: str, record: dict[str, Any]) -> None: ...
+
+
+class BudgetGate(Protocol):
+    """A task's share of its role's budget: reserve a call's worst case before making
+    it (a :class:`~rolebus.team.budget.Breach` when a cap would be passed: then the
+    call must not happen), settle to what it cost after."""
+
+    async def reserve(self, tokens: int, usd: float | None) -> Breach | None: ...
+
+    async def settle(self, reserved: tuple[int, float], used: tuple[int, float]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class HandlerContext:
     generation: int = 0
     #: Recorded calls (None: nothing is recorded or reused).
     calls: CallLog | None = None
+    #: The role's budget for this task (None: the role has no caps).
+    budget: BudgetGate | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from rolebus.handlers.base import HandlerContext
 from rolebus.handlers.pricing import cost_usd
 from rolebus.handlers.prompt import OUTCOME_SCHEMA, prompt_messages
+from rolebus.team.budget import breach_request
 from rolebus.team.roles import LlmHandler
 from rolebus.wire.codec import validation_problems
 from rolebus.wire.messages import Outcome, Task, Usage
@@ -157,8 +158,14 @@ class LlmRunner:
                         retryable=False,
                     )
                 )
+        reserved = await self._reserve(messages, context)
         started = time.monotonic()
-        text, mode, prompt_tokens, completion_tokens = await self._call(client, messages, key)
+        try:
+            text, mode, prompt_tokens, completion_tokens = await self._call(client, messages, key)
+        except BaseException:
+            if reserved is not None and context.budget is not None:
+                await context.budget.settle(reserved, (0, 0.0))  # a refused call costs nothing
+            raise
         latency = time.monotonic() - started
         usage = Usage(
             model=self.spec.llm,
@@ -173,6 +180,8 @@ class LlmRunner:
                 prices=self.spec.prices,
             ),
         )
+        if reserved is not None and context.budget is not None:
+            await context.budget.settle(reserved, (usage.tokens, usage.cost_usd or 0.0))
         if context.calls is not None:
             # Stored before the answer is acted on: what happens next may crash.
             await context.calls.put(
@@ -192,6 +201,30 @@ class LlmRunner:
                 },
             )
         return _Answer(text, usage)
+
+    async def _reserve(
+        self, messages: list[dict[str, Any]], context: HandlerContext
+    ) -> tuple[int, float] | None:
+        """Count the call's worst case against the role's budget before making it; a
+        call that would pass a cap does not happen: the task asks the approver."""
+        if context.budget is None:
+            return None
+        # A token is at least ~3 characters of English or JSON: a safe upper bound.
+        prompt = len(json.dumps(messages)) // 3 + 1
+        worst_usd = cost_usd(
+            self.spec.llm,
+            prompt,
+            self.spec.max_tokens,
+            base_url=self.base_url,
+            prices=self.spec.prices,
+        )
+        breach = await context.budget.reserve(prompt + self.spec.max_tokens, worst_usd)
+        if breach is not None:
+            request = breach_request(
+                context.role.id, context.role.budget_approver, breach, usd=worst_usd
+            )
+            raise _AttemptEndedError(Outcome(status="escalate", escalation=request))
+        return prompt + self.spec.max_tokens, worst_usd or 0.0
 
     def _fingerprint(self, messages: list[dict[str, Any]]) -> str:
         request = {

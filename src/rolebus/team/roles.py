@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from rolebus.errors import RoleError, SubjectError
+from rolebus.team.budget import Budget
 from rolebus.wire.subjects import role_filter_subjects, validate_role_id, validate_token
 
 __all__ = [
@@ -177,6 +178,7 @@ class RoleSpec(_Strict):
     never: list[NeverRule] = Field(default_factory=list)
     escalate: list[EscalationRule] = Field(default_factory=list)
     slo: Slo = Field(default_factory=Slo)
+    budget: Budget = Field(default_factory=Budget)
     persona: str = ""
     source: str = ""
 
@@ -229,6 +231,18 @@ class RoleSpec(_Strict):
     def never_rule_for(self, kind: str) -> NeverRule | None:
         return next((rule for rule in self.never if kind in rule.kinds), None)
 
+    @property
+    def budget_approver(self) -> str | None:
+        """Who approves this role's budget breaches: the budget's ``approver``, else
+        the target of its rule about spending, else ``reports_to``."""
+        if self.budget.approver:
+            return self.budget.approver
+        spend = next(
+            (rule for rule in self.never if {"spend", "purchase"} & set(rule.kinds) and rule.to),
+            None,
+        )
+        return spend.to if spend is not None else self.reports_to
+
     def escalation_rule_for(self, reason: str) -> EscalationRule | None:
         return next((rule for rule in self.escalate if rule.reason == reason), None)
 
@@ -257,6 +271,8 @@ _FIELD_HINTS = {
     "never": "[[never]] tables with what, kinds, action (approval|handoff|refuse) and to",
     "escalate": "[[escalate]] tables with reason, to and timeout",
     "slo": "a [slo] table with p50_latency_ms, p99_latency_ms, error_rate, uptime",
+    "budget": "a [budget] table with usd_per_day, tokens_per_day, tokens_per_task (numbers, "
+    "none negative) and approver (a role id)",
 }
 
 
@@ -408,6 +424,7 @@ def _check_references(role: RoleSpec, by_id: Mapping[str, RoleSpec]) -> None:
             )
 
     must_exist(role.reports_to, "reports_to")
+    must_exist(role.budget.approver, "budget.approver")
     if role.reports_to == role.id:
         raise RoleError(
             "a role cannot report to itself",

@@ -233,6 +233,8 @@ class EscalationRequest(BaseModel):
     question: str
     to: str | None = None
     options: list[EscalationOption] = Field(default_factory=list)
+    #: An approval (yes or no; no ends the task ``rejected``) rather than a question.
+    approval: bool = False
 
 
 class HandoffRequest(BaseModel):

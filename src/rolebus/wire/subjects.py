@@ -13,6 +13,7 @@ from typing import Final
 from rolebus.errors import SubjectError
 
 __all__ = [
+    "BUDGETS_BUCKET",
     "CALLS_BUCKET",
     "CONTRACTS_BUCKET",
     "DLQ_STREAM",
@@ -96,7 +97,8 @@ TASKS_BUCKET: Final = "rolebus_tasks"
 CONTRACTS_BUCKET: Final = "rolebus_contracts"
 ESCALATIONS_BUCKET: Final = "rolebus_escalations"
 CALLS_BUCKET: Final = "rolebus_llm_calls"
-BUCKETS: Final = (TASKS_BUCKET, CONTRACTS_BUCKET, ESCALATIONS_BUCKET, CALLS_BUCKET)
+BUDGETS_BUCKET: Final = "rolebus_budgets"
+BUCKETS: Final = (TASKS_BUCKET, CONTRACTS_BUCKET, ESCALATIONS_BUCKET, CALLS_BUCKET, BUDGETS_BUCKET)
 
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")

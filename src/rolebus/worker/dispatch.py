@@ -23,6 +23,7 @@ import asyncio
 import structlog
 
 from rolebus.errors import CodecError, RolebusError, RoleError
+from rolebus.flows.budgets import BudgetLedger, TaskBudget
 from rolebus.flows.calls import CallStore
 from rolebus.flows.contracts import ContractError, ContractRegistry
 from rolebus.flows.effects import (
@@ -42,7 +43,8 @@ from rolebus.handlers.base import Handler, HandlerContext
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage
 from rolebus.nats.publish import PendingPublish
-from rolebus.team.roles import RoleSpec, Team
+from rolebus.team.budget import BUDGET_REASON
+from rolebus.team.roles import LlmHandler, RoleSpec, Team
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import (
@@ -82,6 +84,9 @@ class Dispatcher:
         self.escalations = EscalationStore(connection)
         self.contracts = ContractRegistry(connection)
         self.calls = CallStore(connection)
+        self.budgets = BudgetLedger(connection)
+        # Only roles that spend get a budget gate per task (none on the hot path).
+        self._gated = role.budget.capped or isinstance(role.handler, LlmHandler)
         self.stats = DispatchStats()
         self._log = log.bind(role=role.id)
         self.settle = Settling(connection, role, self.states, self.stats, self._log)
@@ -234,6 +239,14 @@ class Dispatcher:
                 )
                 return
             detail["approved_by"] = decision.decided_by
+            if record.reason == BUDGET_REASON:
+                await self.budgets.approve(
+                    self.role,
+                    task.id,
+                    escalation_id=record.id,
+                    options=record.options,
+                    decision=decision.decision,
+                )
         changed = await self.settle.change(stored, detail=detail)
         if changed is None:
             await self.settle.stale(message, f"task {task.id} changed meanwhile")
@@ -287,6 +300,7 @@ class Dispatcher:
                 previous_error=stored.state.previous_error,
                 generation=stored.state.failures,
                 calls=self.calls,
+                budget=TaskBudget(self.budgets, self.role, item.task.id) if self._gated else None,
             )
             outcome = await self.handler(item.task, context)
         except asyncio.CancelledError:
@@ -361,7 +375,13 @@ class Dispatcher:
                 )
             else:
                 await self.parking.park(
-                    message, item, stored, outcome.escalation, follow_ups, sent, approval=False
+                    message,
+                    item,
+                    stored,
+                    outcome.escalation,
+                    follow_ups,
+                    sent,
+                    approval=outcome.escalation.approval,
                 )
         else:
             await self.settle.failed(message, item, stored, outcome)

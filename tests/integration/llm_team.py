@@ -1,0 +1,75 @@
+"""Helpers for LLM-role tests: a small team whose eng-be thinks (an llm handler)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from rolebus.bus import Bus
+from rolebus.flows.state import StateStore
+from rolebus.team.roles import Team, load_team
+from rolebus.testing import wait_for
+from rolebus.worker.runner import Crew
+
+KEY = "sk-test-0123456789-secret"
+ENV = "ROLEBUS_TEST_LLM_KEY"
+
+PERSONA = "You are the backend engineer. Reliability obsessed."
+
+
+def write_llm_team(
+    folder: Path, url: str, *, timeout: str = "5s", extra: str = "", budget: str = ""
+) -> Team:
+    """eng-be thinks (an llm handler); the others are scripted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scripted = '"builtin:scripted"'
+    llm = (
+        f'{{ llm = "test-model", base_url = "{url}", api_key_env = "{ENV}", '
+        f'temperature = 0.2, timeout = "{timeout}", max_repairs = 1{extra} }}'
+    )
+    roles = {
+        "cto": (scripted, 'domains = ["budget"]', ""),
+        "architect": (scripted, 'domains = ["architecture"]\nreports_to = "cto"', ""),
+        "eng-be": (
+            llm,
+            'domains = ["backend"]\nreports_to = "cto"',
+            """
+[[never]]
+what = "spend money without the CTO's approval"
+kinds = ["spend"]
+action = "approval"
+to = "cto"
+
+[[escalate]]
+reason = "ambiguous-spec"
+to = "architect"
+timeout = "1h"
+"""
+            + (f"\n[budget]\n{budget}\n" if budget else ""),
+        ),
+        "eng-fe": (scripted, 'domains = ["frontend"]\nreports_to = "cto"', ""),
+    }
+    for role_id, (handler, head, tail) in roles.items():
+        persona = PERSONA if role_id == "eng-be" else f"Persona of {role_id}."
+        (folder / f"{role_id}.md").write_text(
+            f'+++\nid = "{role_id}"\ntitle = "{role_id} title"\nhandler = {handler}\n'
+            f'ack_wait = "5s"\nmax_deliver = 3\nbackoff = ["100ms"]\n{head}\n{tail}\n+++\n'
+            f"{persona}\n",
+            encoding="utf-8",
+        )
+    return load_team(folder)
+
+
+StartTeam = Callable[..., Awaitable[tuple[Team, Crew]]]
+
+
+async def state_of(bus: Bus, task_id: str) -> str | None:
+    found = await StateStore(bus.connection).get(task_id)
+    return None if found is None else found.state.state
+
+
+async def until(bus: Bus, task_id: str, state: str, timeout: float = 30) -> None:
+    async def reached() -> bool:
+        return await state_of(bus, task_id) == state
+
+    await wait_for(reached, timeout=timeout)

@@ -1,0 +1,95 @@
+"""Budgets that climb the org chart: LLM roles on a real nats-server and the test kit's
+chat-completions server."""
+
+from __future__ import annotations
+
+import pytest
+
+from rolebus.bus import Bus
+from rolebus.flows.budgets import BudgetLedger
+from rolebus.flows.escalation import EscalationStore, resolve
+from rolebus.history.replay import read_events
+from rolebus.testing import LlmServer, Reply, wait_for
+
+from .llm_team import StartTeam, until
+
+
+async def test_a_task_over_its_token_cap_asks_the_cto_before_any_call(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    team, _ = await start_llm_team(budget='tokens_per_task = 500\napprover = "cto"')
+    llm_server.default = Reply.completed({"implemented": True})
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="a big one")
+    await until(rolebus_bus, task.id, "input-required")
+    assert llm_server.requests == []  # the call that would pass the cap did not happen
+    [record] = await EscalationStore(rolebus_bus.connection).all()
+    assert (record.holder, record.reason, record.kind) == ("cto", "budget", "approval")
+    assert "eng-be would pass its tokens_per_task cap of 500" in record.question
+    names = [option.name for option in record.options]
+    assert names == ["raise-task-allowance", "raise-daily-cap", "reject"]
+    allowance = (record.options[0].model_extra or {})["tokens"]
+    assert allowance > 0
+
+    await resolve(rolebus_bus.connection, team, record.id, decision="ok", approved=True)
+    await until(rolebus_bus, task.id, "completed")
+    assert llm_server.answered == 1
+    spent = await BudgetLedger(rolebus_bus.connection).spent_on("eng-be", task.id)
+    assert spent.allowance_tokens == allowance
+    assert 0 < spent.tokens <= 500 + allowance
+
+    rejected, _ = await rolebus_bus.publish_task("task.backend.x", title="another big one")
+    await until(rolebus_bus, rejected.id, "input-required")
+    [second] = [r for r in await EscalationStore(rolebus_bus.connection).all() if r.id != record.id]
+    await resolve(
+        rolebus_bus.connection, team, second.id, decision="not this month", approved=False
+    )
+    await until(rolebus_bus, rejected.id, "rejected")
+    assert llm_server.answered == 1  # nothing spent on the rejected one
+
+
+async def test_two_replicas_on_one_daily_cap_never_overspend_it_together(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    cap = 12_000
+    await start_llm_team(budget=f"tokens_per_day = {cap}", replicas=2, extra=", max_tokens = 800")
+    ids = [
+        (await rolebus_bus.publish_task("task.backend.x", title=f"t{n}"))[0].id for n in range(30)
+    ]
+
+    async def settled() -> bool:
+        events = await read_events(rolebus_bus.connection, states=["completed", "input-required"])
+        return {event.task_id for event in events} >= set(ids)
+
+    await wait_for(settled, timeout=60)
+    events = await read_events(rolebus_bus.connection, states=["completed"])
+    spent = sum(
+        e.detail["usage"]["prompt_tokens"] + e.detail["usage"]["completion_tokens"] for e in events
+    )
+    assert 0 < spent <= cap
+    assert len(events) < 30  # some were stopped at the cap, and asked
+    assert llm_server.answered == len(events)
+    day = await BudgetLedger(rolebus_bus.connection).spent_today("eng-be")
+    assert day.tokens == spent  # every reservation settled to what the calls cost
+    parked = await read_events(rolebus_bus.connection, states=["input-required"])
+    assert len(parked) == 30 - len(events)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("tokens_per_day = -5", "budget.tokens_per_day"),
+        ('usd_per_day = "lots"', "budget.usd_per_day"),
+        ('approver = "nobody"', "budget.approver"),
+        ("tokens_per_hour = 5", "budget.tokens_per_hour"),
+    ],
+)
+def test_a_bad_budget_table_names_the_field(tmp_path: object, table: str, message: str) -> None:
+    from pathlib import Path
+
+    from rolebus.errors import RoleError
+
+    from .llm_team import write_llm_team
+
+    with pytest.raises(RoleError) as caught:
+        write_llm_team(Path(str(tmp_path)) / "roles", "http://127.0.0.1:1/v1", budget=table)
+    assert message in caught.value.message
