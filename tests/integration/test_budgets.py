@@ -9,8 +9,10 @@ from rolebus.bus import Bus
 from rolebus.flows.budgets import BudgetLedger
 from rolebus.flows.escalation import EscalationStore, resolve
 from rolebus.history.replay import read_events
+from rolebus.nats.server import EmbeddedServer
 from rolebus.testing import LlmServer, Reply, wait_for
 
+from ..conftest import CliRunner
 from .llm_team import StartTeam, until
 
 
@@ -93,3 +95,33 @@ def test_a_bad_budget_table_names_the_field(tmp_path: object, table: str, messag
     with pytest.raises(RoleError) as caught:
         write_llm_team(Path(str(tmp_path)) / "roles", "http://127.0.0.1:1/v1", budget=table)
     assert message in caught.value.message
+
+
+def test_budget_shows_caps_and_set_changes_them_for_everyone_as_an_event(
+    cli: CliRunner, rolebus_server: EmbeddedServer
+) -> None:
+    import json
+
+    env = {"NATS_URL": rolebus_server.url}
+    changed = cli("budget", "set", "eng-be", "--usd-per-day", "2.5", "--json", env=env)
+    assert changed.code == 0, changed.stderr
+    assert json.loads(changed.stdout)["caps"]["usd_per_day"] == 2.5
+    [row] = json.loads(cli("budget", "eng-be", "--json", env=env).stdout)
+    assert row["caps"] == {"usd_per_day": 2.5, "tokens_per_day": None, "tokens_per_task": None}
+    assert row["approver"] == "cto"  # eng-be's spend rule names the CTO
+    assert row["left_today"]["usd_per_day"] == 2.5
+    assert "eng-be" in cli("budget", env=env).stdout
+    events = cli("replay", "--subject", "event.budget.>", "--json", env=env).stdout.splitlines()
+    [event] = [json.loads(line)["message"] for line in events]
+    assert event["detail"]["after"]["usd_per_day"] == 2.5
+    assert event["detail"]["before"]["usd_per_day"] is None
+    for args, message in (
+        (["set", "nobody", "--usd-per-day", "1"], "no role 'nobody'"),
+        (["set", "eng-be", "--tokens-per-day", "-1"], "--tokens-per-day -1 is negative"),
+        (["set", "eng-be"], "say which cap to set"),
+        (["eng-be", "--usd-per-day", "1"], "caps are changed with `rolebus budget set"),
+    ):
+        result = cli("budget", *args, env=env)
+        assert result.code == 1, args
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
