@@ -58,6 +58,9 @@ async def test_the_demo_plays_every_step_in_causal_order_and_loses_nothing(
         position(events, "escalation.opened", reason="spend", to="cto", kind="approval"),
         position(events, "escalation.decided", decided_by="cto", approved=True),
         position(events, "task.retrying", role="eng-be", attempt=1),
+        # Implementing needs more than eng-be's per-task budget: the CTO is asked first.
+        position(events, "escalation.opened", reason="budget", to="cto", kind="approval"),
+        position(events, "escalation.decided", decided_by="cto", approved=True, reason="budget"),
         position(events, "handoff.offered", role="eng-be", to="eng-fe", version="1.0.0"),
         position(events, "handoff.changes-requested", role="eng-fe", version="1.0.0"),
         position(events, "handoff.offered", role="eng-be", to="eng-fe", version="1.1.0"),

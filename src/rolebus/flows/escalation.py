@@ -267,6 +267,7 @@ def decision_effects(record: EscalationRecord, team: Team) -> list[Effect]:
             "approved": record.approved,
             "decided_by": record.decided_by,
             "kind": record.kind,
+            "reason": record.reason,
             "level": record.level,
         },
     )

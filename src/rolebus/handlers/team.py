@@ -24,6 +24,7 @@ from typing import Any
 
 from rolebus.handlers.base import Handler, HandlerContext
 from rolebus.handlers.scripted import scripted
+from rolebus.team.budget import breach_request
 from rolebus.wire.messages import (
     EscalationOption,
     EscalationRequest,
@@ -31,11 +32,19 @@ from rolebus.wire.messages import (
     HandoffRequest,
     Outcome,
     Task,
+    Usage,
 )
 
 __all__ = ["ORDERS_API", "TEAM_AGENTS", "orders_api"]
 
 _BUDGET_PER_MONTH = 500
+# eng-be's simulated model call when it implements (what a real agent would spend).
+_IMPLEMENT_TOKENS = 30_000
+_IMPLEMENT_USD = 0.45
+_IMPLEMENT_USAGE = Usage(
+    model="scripted", calls=1, prompt_tokens=18_000, completion_tokens=6_000, cost_usd=0.33
+)
+_IMPLEMENT_COST = 0.33
 
 
 def orders_api(version: str) -> dict[str, Any]:
@@ -148,10 +157,23 @@ async def eng_be(task: Task, context: HandlerContext) -> Outcome:
             ],
         )
     if task.kind == "implement":
-        if context.attempt == 1:
+        if context.attempt == 1 and not context.decisions:
             return Outcome.failed("migration lock timeout (transient)", retryable=True)
+        # Implementing takes a (simulated) model call bigger than the role's per-task
+        # budget: the first time, the bus makes it ask the CTO.
+        if context.budget is not None:
+            breach = await context.budget.reserve(_IMPLEMENT_TOKENS, _IMPLEMENT_USD)
+            if breach is not None:
+                request = breach_request(
+                    context.role.id, context.role.budget_approver, breach, usd=_IMPLEMENT_USD
+                )
+                return Outcome(status="escalate", escalation=request)
+            await context.budget.settle(
+                (_IMPLEMENT_TOKENS, _IMPLEMENT_USD), (_IMPLEMENT_USAGE.tokens, _IMPLEMENT_COST)
+            )
         return Outcome(
             status="handoff",
+            usage=_IMPLEMENT_USAGE,
             result={"implemented": "orders-api 1.0.0", "tests": "42 passed"},
             handoff=HandoffRequest(
                 to="eng-fe",
