@@ -107,14 +107,19 @@ def test_budget_shows_caps_and_set_changes_them_for_everyone_as_an_event(
     assert changed.code == 0, changed.stderr
     assert json.loads(changed.stdout)["caps"]["usd_per_day"] == 2.5
     [row] = json.loads(cli("budget", "eng-be", "--json", env=env).stdout)
-    assert row["caps"] == {"usd_per_day": 2.5, "tokens_per_day": None, "tokens_per_task": None}
+    # The role file's caps stay for what was not set.
+    assert row["caps"] == {
+        "usd_per_day": 2.5,
+        "tokens_per_day": 2_000_000,
+        "tokens_per_task": 20_000,
+    }
     assert row["approver"] == "cto"  # eng-be's spend rule names the CTO
     assert row["left_today"]["usd_per_day"] == 2.5
     assert "eng-be" in cli("budget", env=env).stdout
     events = cli("replay", "--subject", "event.budget.>", "--json", env=env).stdout.splitlines()
     [event] = [json.loads(line)["message"] for line in events]
     assert event["detail"]["after"]["usd_per_day"] == 2.5
-    assert event["detail"]["before"]["usd_per_day"] is None
+    assert event["detail"]["before"]["usd_per_day"] == 5.0
     for args, message in (
         (["set", "nobody", "--usd-per-day", "1"], "no role 'nobody'"),
         (["set", "eng-be", "--tokens-per-day", "-1"], "--tokens-per-day -1 is negative"),

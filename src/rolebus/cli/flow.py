@@ -21,6 +21,7 @@ from rolebus.cli.app import (
     team_for,
 )
 from rolebus.errors import ConfigError
+from rolebus.flows.cancels import cancel
 from rolebus.flows.contracts import ContractRegistry, diff, load_document
 from rolebus.flows.escalation import PERSON, EscalationStore, resolve
 
@@ -236,3 +237,36 @@ def resolve_command(
         f"{verdict} escalation {escalation_id}; {record['asking_role']} resumes "
         f"task {record['task_id']}."
     )
+
+
+@app.command("cancel")
+def cancel_command(
+    task_id: Annotated[str, typer.Argument(help="The task to cancel.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in its record).")] = "",
+    tree: Annotated[
+        bool, typer.Option("--tree", help="Cancel what it caused too (its follow-ups, ...).")
+    ] = False,
+    roles: RolesOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Cancel a task, from any machine: queued, it is skipped when delivered; running,
+    it is stopped (a command gets SIGTERM, then SIGKILL after a grace; a model call is
+    aborted). It ends `cancelled`, and none of its follow-ups are published."""
+    settings = settings_for(roles)
+    team = team_for(settings)
+
+    async def go() -> list[str]:
+        async with await Bus.connect(settings, name="rolebus-cancel") as bus:
+            return await cancel(
+                bus.connection,
+                task_id,
+                reason=reason or "cancelled by a person",
+                tree=tree,
+                team=team,
+            )
+
+    cancelled = run(go())
+    if as_json:
+        print_json({"cancelled": cancelled})
+        return
+    out.print(f"cancelled {', '.join(cancelled)}", highlight=False)

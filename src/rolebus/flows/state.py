@@ -10,6 +10,7 @@ instead of running the handler again.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,7 +25,7 @@ from rolebus.wire.subjects import TASKS_BUCKET
 __all__ = ["PARKED", "STATES", "TERMINAL_STATES", "StateStore", "StoredState", "TaskState"]
 
 #: States after which a task never runs again (unless redriven).
-TERMINAL_STATES = frozenset({"completed", "dead", "rejected", "handed-off"})
+TERMINAL_STATES = frozenset({"completed", "dead", "rejected", "handed-off", "cancelled"})
 #: Parked until a decision arrives: only that decision may run the task again.
 PARKED = "input-required"
 #: Every state a task record can be in.
@@ -180,6 +181,11 @@ class StateStore:
                 TASKS_BUCKET, updated.task_id, body, stored.revision
             )
         return None if revision is None else StoredState(updated, revision)
+
+    async def all(self) -> AsyncIterator[TaskState]:
+        """Every task's current record, streamed."""
+        async for _, value in self._connection.kv.items(TASKS_BUCKET):
+            yield codec.decode_as(TaskState, value)
 
     async def put(self, state: TaskState) -> None:
         """Overwrite (operator actions such as a redrive)."""

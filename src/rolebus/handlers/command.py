@@ -22,6 +22,7 @@ from rolebus.wire.messages import Outcome, Task
 __all__ = ["CommandRunner"]
 
 _STDERR_LIMIT = 4096
+_CANCEL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a running task is cancelled
 
 
 class CommandRunner:
@@ -96,8 +97,9 @@ class CommandRunner:
                 retryable=True,
             )
         except asyncio.CancelledError:
-            # The worker stops (or the task is cancelled): the command goes with it.
-            self._kill(process.pid)
+            # The task is cancelled (or the worker stops): the command goes with it,
+            # with a moment to clean up first.
+            await self._terminate(process)
             raise
         finally:
             if self.runs is not None:
@@ -119,6 +121,16 @@ class CommandRunner:
                 retryable=False,
             )
         return outcome_from_json(answer, source=repr(self.name))
+
+    async def _terminate(self, process: asyncio.subprocess.Process) -> None:
+        """SIGTERM the command's group; SIGKILL it if it is still there after the grace."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=_CANCEL_GRACE)
+        except TimeoutError:
+            self._kill(process.pid)
+            await process.wait()
 
     @staticmethod
     def _kill(pgid: int) -> None:

@@ -82,18 +82,20 @@ class KeyValue:
                 yield change.key, change.value
 
     async def changes(
-        self, bucket: str, *, from_seq: int | None = None, keys: str = ">"
+        self, bucket: str, *, from_seq: int | None = None, keys: str = ">", follow: bool = False
     ) -> AsyncIterator[KvChange]:
         """A bucket's writes in order: without ``from_seq`` the last one of each key
         (deleted keys included, as deletions), from ``from_seq`` every write still
         stored from that stream sequence on. Pass the last ``seq`` + 1 to read only
-        what changed since. ``keys``: a key pattern (``task1.>``: keys under task1)."""
+        what changed since. ``keys``: a key pattern (``task1.>``: keys under task1).
+        ``follow``: then go on with every write as it happens."""
         prefix = f"$KV.{bucket}."
         async for stored in self._streams.read(
             f"KV_{bucket}",
             filter_subjects=[f"{prefix}{keys}"],
             start_seq=from_seq,
             last_per_subject=from_seq is None,
+            follow=follow,
         ):
             deleted = stored.headers.get(Header.KV_OPERATION) in _DELETED
             yield KvChange(

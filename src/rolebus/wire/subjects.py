@@ -15,6 +15,7 @@ from rolebus.errors import SubjectError
 __all__ = [
     "BUDGETS_BUCKET",
     "CALLS_BUCKET",
+    "CANCELS_BUCKET",
     "CONTRACTS_BUCKET",
     "DLQ_STREAM",
     "ESCALATIONS_BUCKET",
@@ -98,7 +99,15 @@ CONTRACTS_BUCKET: Final = "rolebus_contracts"
 ESCALATIONS_BUCKET: Final = "rolebus_escalations"
 CALLS_BUCKET: Final = "rolebus_llm_calls"
 BUDGETS_BUCKET: Final = "rolebus_budgets"
-BUCKETS: Final = (TASKS_BUCKET, CONTRACTS_BUCKET, ESCALATIONS_BUCKET, CALLS_BUCKET, BUDGETS_BUCKET)
+CANCELS_BUCKET: Final = "rolebus_cancels"
+BUCKETS: Final = (
+    TASKS_BUCKET,
+    CONTRACTS_BUCKET,
+    ESCALATIONS_BUCKET,
+    CALLS_BUCKET,
+    BUDGETS_BUCKET,
+    CANCELS_BUCKET,
+)
 
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")

@@ -19,12 +19,14 @@ someone (escalations, boundaries) are :mod:`rolebus.worker.parking`.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import structlog
 
 from rolebus.errors import CodecError, RolebusError, RoleError
 from rolebus.flows.budgets import BudgetLedger, TaskBudget
 from rolebus.flows.calls import CallStore
+from rolebus.flows.cancels import CANCELLED
 from rolebus.flows.contracts import ContractError, ContractRegistry
 from rolebus.flows.effects import (
     follow_up_tasks,
@@ -85,6 +87,10 @@ class Dispatcher:
         self.contracts = ContractRegistry(connection)
         self.calls = CallStore(connection)
         self.budgets = BudgetLedger(connection)
+        #: Tasks ``rolebus cancel`` asked to stop (task id -> reason), and the ones
+        #: running now (task id -> the slot's asyncio task running its handler).
+        self.cancelled: dict[str, str] = {}
+        self._running: dict[str, asyncio.Task[Any]] = {}
         # Only roles that spend get a budget gate per task (none on the hot path).
         self._gated = role.budget.capped or isinstance(role.handler, LlmHandler)
         self.stats = DispatchStats()
@@ -267,7 +273,25 @@ class Dispatcher:
 
     # --- running the handler -------------------------------------------------------------
 
+    def cancel_requested(self, task_id: str, reason: str) -> None:
+        """``rolebus cancel`` asked: skip the task when it comes, stop it if it runs."""
+        self.cancelled[task_id] = reason
+        running = self._running.get(task_id)
+        if running is not None:
+            running.cancel()
+
+    async def _end_cancelled(
+        self, message: InboundMessage, item: Item, stored: StoredState
+    ) -> None:
+        reason = self.cancelled.get(item.task.id, "")
+        await self.settle.finish(
+            message, item, stored, state=CANCELLED, error=f"cancelled: {reason}"
+        )
+
     async def _run(self, message: InboundMessage, item: Item, stored: StoredState) -> None:
+        if item.task.id in self.cancelled:
+            await self._end_cancelled(message, item, stored)
+            return
         trace = message.headers.get(Header.TRACEPARENT)
         # The `claimed` event says "someone is on it": worth a write for the tasks
         # people wait on, not for the ones done before anyone could look. Published
@@ -302,19 +326,28 @@ class Dispatcher:
                 calls=self.calls,
                 budget=TaskBudget(self.budgets, self.role, item.task.id) if self._gated else None,
             )
+            if (running := asyncio.current_task()) is not None:
+                self._running[item.task.id] = running
             outcome = await self.handler(item.task, context)
         except asyncio.CancelledError:
-            raise
+            current = asyncio.current_task()
+            if item.task.id not in self.cancelled or current is None or current.uncancel():
+                raise  # the worker stops: not a cancel request
+            outcome = None
         except RolebusError as error:
             outcome = Outcome.failed(error.message, retryable=False)
         except Exception as error:  # a handler's bug is a retryable failure, not ours
             self._log.warning("handler raised", task_id=item.task.id, error=repr(error))
             outcome = Outcome.failed(f"handler raised {type(error).__name__}: {error}")
         finally:
+            self._running.pop(item.task.id, None)
             if timer is not None:
                 timer.cancel()
         if claimed is not None:
             await (await claimed).result()
+        if outcome is None:  # stopped by `rolebus cancel`
+            await self._end_cancelled(message, item, stored)
+            return
         try:
             await self._apply(message, item, stored, outcome)
         except (RoleError, ContractError) as error:

@@ -23,6 +23,7 @@ import structlog
 
 from rolebus.bus import Bus
 from rolebus.errors import CodecError, RolebusError
+from rolebus.flows.cancels import Cancellations
 from rolebus.flows.state import StateStore
 from rolebus.handlers.base import Handler
 from rolebus.handlers.command import CommandRunner
@@ -131,9 +132,13 @@ class Worker:
         self._advisories = await self._connection.subscribe_core(
             f"{_ADVISORY}.{WORK_STREAM}.{self._consumer}", self._on_max_deliveries
         )
+        # The requests made while no worker ran are known before the first delivery.
+        cancelled, follow_from = await Cancellations(self._connection).load()
+        self.dispatcher.cancelled.update(cancelled)
         self._slots.start()
         self._background = [
-            asyncio.create_task(self._heartbeat(), name=f"{self.role.id} heartbeat")
+            asyncio.create_task(self._heartbeat(), name=f"{self.role.id} heartbeat"),
+            asyncio.create_task(self._follow_cancels(follow_from), name=f"{self.role.id} cancels"),
         ]
         await self._puller.start()
         self._log.info("worker started", consumer=self._consumer, concurrency=len(self._slots))
@@ -202,6 +207,16 @@ class Worker:
                 self._idle.set()
             if self._puller is not None:
                 self._puller.release()
+
+    async def _follow_cancels(self, from_seq: int) -> None:
+        """Each new cancel request, from any machine, as it is made."""
+        while True:
+            try:
+                async for task_id, reason in Cancellations(self._connection).follow(from_seq):
+                    self.dispatcher.cancel_requested(task_id, reason)
+            except RolebusError as error:  # the server went away: follow again
+                self._log.warning("cannot follow cancel requests; retrying", error=str(error))
+                await asyncio.sleep(1.0)
 
     async def _heartbeat(self) -> None:
         period = max(0.1, self.role.ack_wait / 3)
