@@ -18,7 +18,14 @@ from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire.codec import validation_problems
 from rolebus.wire.messages import Decision, Outcome, Task
 
-__all__ = ["BudgetGate", "CallLog", "Handler", "HandlerContext", "outcome_from_json"]
+__all__ = [
+    "BudgetGate",
+    "CallLog",
+    "Handler",
+    "HandlerContext",
+    "ProgressSink",
+    "outcome_from_json",
+]
 
 
 class CallLog(Protocol):
@@ -39,6 +46,10 @@ class BudgetGate(Protocol):
     async def reserve(self, tokens: int, usd: float | None) -> Breach | None: ...
 
     async def settle(self, reserved: tuple[int, float], used: tuple[int, float]) -> None: ...
+
+
+class ProgressSink(Protocol):
+    async def __call__(self, text: str, fields: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,14 @@ class HandlerContext:
     calls: CallLog | None = None
     #: The role's budget for this task (None: the role has no caps).
     budget: BudgetGate | None = None
+    #: Where progress goes (the worker's: ``event.task.progress``).
+    progress_sink: ProgressSink | None = None
+
+    async def progress(self, text: str, **fields: Any) -> None:
+        """Say how a long task is getting on (throttled by the worker; a no-op when
+        nobody listens, as in a rerun)."""
+        if self.progress_sink is not None:
+            await self.progress_sink(text, fields)
 
     def as_json(self) -> dict[str, Any]:
         return {

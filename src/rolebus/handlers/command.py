@@ -13,6 +13,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from rolebus.handlers.base import HandlerContext, outcome_from_json
 from rolebus.handlers.processes import RunRecords, die_with_parent
@@ -87,7 +88,8 @@ class CommandRunner:
             self.runs.started(task.id, process.pid)
         try:
             stdout, stderr = await asyncio.wait_for(
-                process.communicate(json.dumps(request).encode()), timeout=self.spec.timeout
+                self._talk(process, json.dumps(request).encode(), context),
+                timeout=self.spec.timeout,
             )
         except TimeoutError:
             self._kill(process.pid)
@@ -122,6 +124,42 @@ class CommandRunner:
             )
         return outcome_from_json(answer, source=repr(self.name))
 
+    async def _talk(
+        self, process: asyncio.subprocess.Process, request: bytes, context: HandlerContext
+    ) -> tuple[bytes, bytes]:
+        """Send the request; read the answer, and stderr line by line as it comes: a
+        line that is a JSON object with "progress" is the command saying how it is
+        getting on (the rest is kept for the error message)."""
+        assert process.stdin is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            process.stdin.write(request)
+            await process.stdin.drain()
+        process.stdin.close()
+        stderr = bytearray()
+
+        async def read_stderr() -> None:
+            assert process.stderr is not None
+            while True:
+                try:
+                    line = await process.stderr.readline()
+                except ValueError:  # a line longer than the reader's limit: raw text
+                    line = await process.stderr.read(_STDERR_LIMIT)
+                if not line:
+                    return
+                report = _progress(line)
+                if report is not None:
+                    text, fields = report
+                    await context.progress(text, **fields)
+                else:
+                    stderr.extend(line)
+                    del stderr[: max(0, len(stderr) - _STDERR_LIMIT)]
+
+        stdout, _ = await asyncio.gather(process.stdout.read(), read_stderr())
+        await process.wait()
+        return stdout, bytes(stderr)
+
     async def _terminate(self, process: asyncio.subprocess.Process) -> None:
         """SIGTERM the command's group; SIGKILL it if it is still there after the grace."""
         with contextlib.suppress(ProcessLookupError):
@@ -136,3 +174,17 @@ class CommandRunner:
     def _kill(pgid: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+def _progress(line: bytes) -> tuple[str, dict[str, Any]] | None:
+    """``{"progress": "text", ...}`` on a line of its own, or None."""
+    if not line.lstrip().startswith(b"{"):
+        return None
+    try:
+        value = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(value, dict) or "progress" not in value:
+        return None
+    fields = {key: item for key, item in value.items() if key != "progress"}
+    return str(value["progress"]), fields

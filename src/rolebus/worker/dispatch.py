@@ -58,6 +58,7 @@ from rolebus.wire.messages import (
 )
 from rolebus.wire.subjects import WORK_STREAM
 from rolebus.worker.parking import Parking
+from rolebus.worker.progress import ProgressReporter
 from rolebus.worker.settle import DispatchStats, Item, Settling
 
 __all__ = ["DispatchStats", "Dispatcher"]
@@ -325,6 +326,7 @@ class Dispatcher:
                 generation=stored.state.failures,
                 calls=self.calls,
                 budget=TaskBudget(self.budgets, self.role, item.task.id) if self._gated else None,
+                progress_sink=ProgressReporter(self.connection, self.role.id, item.task, message),
             )
             if (running := asyncio.current_task()) is not None:
                 self._running[item.task.id] = running
