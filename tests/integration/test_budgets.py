@@ -130,3 +130,28 @@ def test_budget_shows_caps_and_set_changes_them_for_everyone_as_an_event(
         assert result.code == 1, args
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+async def test_ten_workers_share_one_rate_limit_and_a_429_slows_them_all(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    rpm = 600  # one call every 0.1 s for everyone together
+    await start_llm_team(replicas=10, extra=f", rpm = {rpm}")
+    llm_server.script(*[Reply.completed({"n": n}) for n in range(10)])
+    llm_server.script(Reply.failing(429, retry_after=1))
+    ids = [
+        (await rolebus_bus.publish_task("task.backend.x", title=f"t{n}"))[0].id for n in range(25)
+    ]
+    for task_id in ids:
+        await until(rolebus_bus, task_id, "completed", timeout=60)
+    arrivals = sorted(request.at for request in llm_server.requests)
+    # The calls are spaced 60 / rpm apart across all ten workers, so no one-second
+    # window of the server's own arrival times holds more than rpm / 60 of them (+1:
+    # a window's edges may catch a call early or late by the network's jitter).
+    assert arrivals[-1] - arrivals[0] >= (len(arrivals) - 2) * 60 / rpm
+    for start in arrivals:
+        assert sum(1 for at in arrivals if start <= at < start + 1.0) <= rpm // 60 + 1
+    # The 429 (the 11th call) made everyone wait its Retry-After, not only its caller.
+    refused = next(i for i, r in enumerate(llm_server.requests) if r.status == 429)
+    after = llm_server.requests[refused + 1].at - llm_server.requests[refused].at
+    assert after >= 0.95

@@ -24,6 +24,7 @@ __all__ = [
     "Handler",
     "HandlerContext",
     "ProgressSink",
+    "RateGate",
     "outcome_from_json",
 ]
 
@@ -46,6 +47,14 @@ class BudgetGate(Protocol):
     async def reserve(self, tokens: int, usd: float | None) -> Breach | None: ...
 
     async def settle(self, reserved: tuple[int, float], used: tuple[int, float]) -> None: ...
+
+
+class RateGate(Protocol):
+    """A model's shared rate limit: wait for a call's slot; slow everyone on a 429."""
+
+    async def acquire(self, tokens: int) -> float: ...
+
+    async def slow_down(self, seconds: float) -> None: ...
 
 
 class ProgressSink(Protocol):
@@ -73,6 +82,8 @@ class HandlerContext:
     calls: CallLog | None = None
     #: The role's budget for this task (None: the role has no caps).
     budget: BudgetGate | None = None
+    #: The model's shared rate limit (None: no limit).
+    limiter: RateGate | None = None
     #: Where progress goes (the worker's: ``event.task.progress``).
     progress_sink: ProgressSink | None = None
 

@@ -159,9 +159,13 @@ class LlmRunner:
                     )
                 )
         reserved = await self._reserve(messages, context)
+        if context.limiter is not None:
+            await context.limiter.acquire(self._tokens(messages))
         started = time.monotonic()
         try:
-            text, mode, prompt_tokens, completion_tokens = await self._call(client, messages, key)
+            text, mode, prompt_tokens, completion_tokens = await self._call(
+                client, messages, key, context
+            )
         except BaseException:
             if reserved is not None and context.budget is not None:
                 await context.budget.settle(reserved, (0, 0.0))  # a refused call costs nothing
@@ -209,8 +213,8 @@ class LlmRunner:
         call that would pass a cap does not happen: the task asks the approver."""
         if context.budget is None:
             return None
-        # A token is at least ~3 characters of English or JSON: a safe upper bound.
-        prompt = len(json.dumps(messages)) // 3 + 1
+        worst = self._tokens(messages)
+        prompt = worst - self.spec.max_tokens
         worst_usd = cost_usd(
             self.spec.llm,
             prompt,
@@ -218,13 +222,18 @@ class LlmRunner:
             base_url=self.base_url,
             prices=self.spec.prices,
         )
-        breach = await context.budget.reserve(prompt + self.spec.max_tokens, worst_usd)
+        breach = await context.budget.reserve(worst, worst_usd)
         if breach is not None:
             request = breach_request(
                 context.role.id, context.role.budget_approver, breach, usd=worst_usd
             )
             raise _AttemptEndedError(Outcome(status="escalate", escalation=request))
-        return prompt + self.spec.max_tokens, worst_usd or 0.0
+        return worst, worst_usd or 0.0
+
+    def _tokens(self, messages: list[dict[str, Any]]) -> int:
+        """A call's worst case: the prompt (~3 characters a token at least) and
+        ``max_tokens``."""
+        return len(json.dumps(messages)) // 3 + 1 + self.spec.max_tokens
 
     def _fingerprint(self, messages: list[dict[str, Any]]) -> str:
         request = {
@@ -236,13 +245,17 @@ class LlmRunner:
         return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
     async def _call(
-        self, client: openai.AsyncOpenAI, messages: list[dict[str, Any]], key: str
+        self,
+        client: openai.AsyncOpenAI,
+        messages: list[dict[str, Any]],
+        key: str,
+        context: HandlerContext,
     ) -> tuple[str, Mode, int, int]:
         """The model's answer text, the mode that got it, and the tokens."""
         modes = MODES[MODES.index(self._mode) :] if self._mode else MODES
         for mode in modes:
             try:
-                response = await self._with_retries(client, messages, mode, key)
+                response = await self._with_retries(client, messages, mode, key, context)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
                 if mode == MODES[-1]:
                     raise _AttemptEndedError(self._refused(error, key)) from error
@@ -291,7 +304,12 @@ class LlmRunner:
         return request
 
     async def _with_retries(
-        self, client: openai.AsyncOpenAI, messages: list[dict[str, Any]], mode: Mode, key: str
+        self,
+        client: openai.AsyncOpenAI,
+        messages: list[dict[str, Any]],
+        mode: Mode,
+        key: str,
+        context: HandlerContext,
     ) -> Any:
         """One request; 429 and 5xx are retried after Retry-After (or a backoff)."""
         request = self._request(messages, mode)
@@ -317,7 +335,12 @@ class LlmRunner:
                     status=error.status_code,
                     delay_s=delay,
                 )
-                await asyncio.sleep(delay)
+                if context.limiter is not None:
+                    # Every worker waits, not just this one; the retry takes its slot.
+                    await context.limiter.slow_down(delay)
+                    await context.limiter.acquire(self._tokens(messages))
+                else:
+                    await asyncio.sleep(delay)
             except (TimeoutError, openai.APITimeoutError) as error:
                 raise _AttemptEndedError(
                     Outcome.failed(

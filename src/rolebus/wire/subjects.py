@@ -20,6 +20,7 @@ __all__ = [
     "DLQ_STREAM",
     "ESCALATIONS_BUCKET",
     "EVENTS_STREAM",
+    "LIMITS_BUCKET",
     "STREAMS",
     "SUPERVISOR_CONSUMER",
     "TASKS_BUCKET",
@@ -100,6 +101,7 @@ ESCALATIONS_BUCKET: Final = "rolebus_escalations"
 CALLS_BUCKET: Final = "rolebus_llm_calls"
 BUDGETS_BUCKET: Final = "rolebus_budgets"
 CANCELS_BUCKET: Final = "rolebus_cancels"
+LIMITS_BUCKET: Final = "rolebus_limits"
 BUCKETS: Final = (
     TASKS_BUCKET,
     CONTRACTS_BUCKET,
@@ -107,6 +109,7 @@ BUCKETS: Final = (
     CALLS_BUCKET,
     BUDGETS_BUCKET,
     CANCELS_BUCKET,
+    LIMITS_BUCKET,
 )
 
 

@@ -40,6 +40,7 @@ from rolebus.flows.escalation import (
     record_for,
 )
 from rolebus.flows.handoffs import offer_effects, review_item
+from rolebus.flows.limits import RateLimiter
 from rolebus.flows.state import StateStore, StoredState
 from rolebus.handlers.base import Handler, HandlerContext
 from rolebus.nats.connection import Connection
@@ -94,6 +95,17 @@ class Dispatcher:
         self._running: dict[str, asyncio.Task[Any]] = {}
         # Only roles that spend get a budget gate per task (none on the hot path).
         self._gated = role.budget.capped or isinstance(role.handler, LlmHandler)
+        self.limiter = (
+            RateLimiter(
+                connection,
+                model=role.handler.llm,
+                base_url=role.handler.base_url,
+                rpm=role.handler.rpm,
+                tpm=role.handler.tpm,
+            )
+            if isinstance(role.handler, LlmHandler) and (role.handler.rpm or role.handler.tpm)
+            else None
+        )
         self.stats = DispatchStats()
         self._log = log.bind(role=role.id)
         self.settle = Settling(connection, role, self.states, self.stats, self._log)
@@ -327,6 +339,7 @@ class Dispatcher:
                 calls=self.calls,
                 budget=TaskBudget(self.budgets, self.role, item.task.id) if self._gated else None,
                 progress_sink=ProgressReporter(self.connection, self.role.id, item.task, message),
+                limiter=self.limiter,
             )
             if (running := asyncio.current_task()) is not None:
                 self._running[item.task.id] = running
