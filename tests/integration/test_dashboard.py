@@ -216,3 +216,37 @@ async def test_the_board_refreshes_once_per_burst_of_events_and_never_per_view()
         assert loads == 2
     finally:
         refresher.cancel()
+
+
+async def test_the_task_page_cancels_a_parked_task_with_its_csrf_token_only(
+    rolebus_settings: Settings, rolebus_bus: Bus
+) -> None:
+    crew = await start_workers(
+        rolebus_settings, TEAM, [TEAM.role("eng-be")], handlers={"eng-be": ambiguous}, grace=1
+    )
+    try:
+        async with serving(rolebus_settings) as base, httpx.AsyncClient(base_url=base) as web:
+            task, _ = await rolebus_bus.publish_task("task.backend.implement", title="parked")
+            reached = state_of(rolebus_bus, task.id)
+            await wait_for(lambda: reached("input-required"))  # type: ignore[arg-type, return-value]
+            page = (await web.get(f"/tasks/{task.id}")).text
+            assert f'action="/tasks/{task.id}/cancel"' in page
+            csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+            assert csrf is not None
+            forged = await web.post(f"/tasks/{task.id}/cancel", data={"reason": "x"})
+            assert forged.status_code == 403
+            states = StateStore(rolebus_bus.connection)
+            stored = await states.get(task.id)
+            assert stored is not None
+            assert stored.state.state == "input-required"
+            done = await web.post(
+                f"/tasks/{task.id}/cancel", data={"reason": "scope cut", "csrf": csrf.group(1)}
+            )
+            assert done.status_code == 303
+            stored = await states.get(task.id)
+            assert stored is not None
+            assert stored.state.state == "cancelled"
+            page = (await web.get(f"/tasks/{task.id}")).text
+            assert f'action="/tasks/{task.id}/cancel"' not in page  # nothing left to cancel
+    finally:
+        await crew.stop(grace=0)

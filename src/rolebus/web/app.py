@@ -36,6 +36,7 @@ from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.errors import RolebusError, SubjectError
 from rolebus.flows.calls import CallStore
+from rolebus.flows.cancels import cancel
 from rolebus.flows.contracts import ContractRegistry, ContractVersion, diff
 from rolebus.flows.escalation import EscalationStore, resolve
 from rolebus.flows.state import StateStore, TaskState
@@ -192,8 +193,17 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
         )
         items = "".join(f"<li>{task_card(s)}</li>" for s in flow)
         calls = await CallStore(connection()).for_task(root.task_id)
+        cancel_form = (
+            ""
+            if root.terminal
+            else f'<form method="post" action="/tasks/{_e(root.task_id)}/cancel">'
+            f'<input type="hidden" name="csrf" value="{csrf}">'
+            '<input name="reason" placeholder="why (optional)">'
+            '<button name="tree" value="">Cancel</button>'
+            '<button name="tree" value="1">Cancel with what it caused</button></form>'
+        )
         body = (
-            f"{task_card(root)}<p class='muted'>attempts: {root.attempt}; result: "
+            f"{task_card(root)}{cancel_form}<p class='muted'>attempts: {root.attempt}; result: "
             f"{_e(json.dumps(root.result, default=str))}</p><h2>Flow</h2><ul>{items}</ul>"
             + (f"<h2>Model calls</h2>{model_calls(calls)}" if calls else "")
             + f"<h2>Timeline</h2><table>{rows}</table>"
@@ -246,6 +256,24 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
         except RolebusError as error:
             return page("Could not resolve", f"<p>{_e(error.message)}</p><p>{_e(error.hint)}</p>")
         return RedirectResponse("/escalations", status_code=303)
+
+    async def cancel_task(request: Request) -> Response:
+        fields = urllib.parse.parse_qs((await request.body()).decode(errors="replace"))
+        form = {key: values[0] for key, values in fields.items()}
+        if not hmac.compare_digest(str(form.get("csrf", "")), csrf):
+            return Response("missing or wrong CSRF token", status_code=403)
+        task_id = request.path_params["task_id"]
+        try:
+            await cancel(
+                connection(),
+                validate_token(task_id, what="task id"),
+                reason=str(form.get("reason", "")) or "cancelled from the dashboard",
+                tree=bool(form.get("tree")),
+                team=team,
+            )
+        except RolebusError as error:
+            return page("Could not cancel", f"<p>{_e(error.message)}</p><p>{_e(error.hint)}</p>")
+        return RedirectResponse(f"/tasks/{task_id}", status_code=303)
 
     async def contracts_page(request: Request) -> Response:
         registry = ContractRegistry(connection())
@@ -338,6 +366,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
             Route("/tasks/{task_id}", task_page),
             Route("/escalations", escalations_page),
             Route("/escalations/{escalation_id}/resolve", resolve_escalation, methods=["POST"]),
+            Route("/tasks/{task_id}/cancel", cancel_task, methods=["POST"]),
             Route("/contracts", contracts_page),
             Route("/stream", stream_page),
             Route("/events", events),
