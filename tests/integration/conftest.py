@@ -33,6 +33,7 @@ async def start_llm_team(
         budget: str = "",
         replicas: int = 1,
         extra: str = "",
+        concurrency: int = 4,
     ) -> tuple[Team, Crew]:
         extra += f", prices = {prices}" if prices else ""
         team = write_llm_team(
@@ -41,6 +42,7 @@ async def start_llm_team(
             timeout=timeout,
             extra=extra,
             budget=budget,
+            concurrency=concurrency,
         )
         crew = await start_workers(
             rolebus_settings,

@@ -18,7 +18,13 @@ PERSONA = "You are the backend engineer. Reliability obsessed."
 
 
 def write_llm_team(
-    folder: Path, url: str, *, timeout: str = "5s", extra: str = "", budget: str = ""
+    folder: Path,
+    url: str,
+    *,
+    timeout: str = "5s",
+    extra: str = "",
+    budget: str = "",
+    concurrency: int = 4,
 ) -> Team:
     """eng-be thinks (an llm handler); the others are scripted."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,7 +59,8 @@ timeout = "1h"
         persona = PERSONA if role_id == "eng-be" else f"Persona of {role_id}."
         (folder / f"{role_id}.md").write_text(
             f'+++\nid = "{role_id}"\ntitle = "{role_id} title"\nhandler = {handler}\n'
-            f'ack_wait = "5s"\nmax_deliver = 3\nbackoff = ["100ms"]\n{head}\n{tail}\n+++\n'
+            f'ack_wait = "5s"\nmax_deliver = 3\nbackoff = ["100ms"]\nconcurrency = {concurrency}\n'
+            f"{head}\n{tail}\n+++\n"
             f"{persona}\n",
             encoding="utf-8",
         )

@@ -155,3 +155,22 @@ async def test_ten_workers_share_one_rate_limit_and_a_429_slows_them_all(
     refused = next(i for i, r in enumerate(llm_server.requests) if r.status == 429)
     after = llm_server.requests[refused + 1].at - llm_server.requests[refused].at
     assert after >= 0.95
+
+
+async def test_an_urgent_task_goes_before_background_work_when_the_limit_is_short(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    await start_llm_team(extra=", rpm = 120", concurrency=8)  # one call every 0.5 s
+    background = [
+        (await rolebus_bus.publish_task("task.backend.x", title=f"background {n}"))[0]
+        for n in range(5)
+    ]
+    urgent, _ = await rolebus_bus.publish_task("task.backend.x", title="urgent", priority=9)
+    for task in [*background, urgent]:
+        await until(rolebus_bus, task.id, "completed", timeout=30)
+    order = [
+        next(line for line in r.messages[1]["content"].splitlines() if line.startswith("title:"))
+        for r in sorted(llm_server.requests, key=lambda request: request.at)
+    ]
+    assert order.index("title: urgent") <= 2  # not behind the background work
+    assert order[-1] != "title: urgent"

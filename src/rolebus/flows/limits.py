@@ -4,12 +4,18 @@
 call takes the next free slot after the last one given out (a compare-and-set on the
 model's entry), so no minute ever sees more than the limit, however many replicas run.
 A 429 from the server moves every worker's next slot past its ``Retry-After``.
+
+When calls wait, the worker gives its next slot to its most urgent one (escalations and
+decisions first, then by task priority), not to the one that asked first: a process
+takes one slot at a time, so background work queued behind urgent work waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
+import itertools
 import json
 import time
 from typing import Any
@@ -37,9 +43,42 @@ class RateLimiter:
         self._tpm = tpm
         where = f"{base_url or 'default'}|{model}".encode()
         self._key = hashlib.sha256(where).hexdigest()[:32]
+        self._waiting: list[tuple[int, int, int, asyncio.Future[float]]] = []
+        self._order = itertools.count()
+        self._pump: asyncio.Task[None] | None = None
 
-    async def acquire(self, tokens: int) -> float:
-        """Wait for this call's slot; the seconds waited."""
+    async def acquire(self, tokens: int, priority: int = 0) -> float:
+        """Wait for this call's slot (the most urgent waiting call goes first); the
+        seconds waited."""
+        started = time.monotonic()
+        granted: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (-priority, next(self._order), tokens, granted))
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.create_task(self._give_out(), name="rate limit")
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if not granted.done():
+                granted.cancel()
+            raise
+        return time.monotonic() - started
+
+    async def _give_out(self) -> None:
+        """Hand out slots one at a time, to the most urgent waiter each time."""
+        while self._waiting:
+            _, _, tokens, granted = heapq.heappop(self._waiting)
+            if granted.done():  # given up (cancelled) meanwhile
+                continue
+            try:
+                await self._wait_for_slot(tokens)
+            except BaseException as error:
+                if not granted.done():
+                    granted.set_exception(error)
+                raise
+            if not granted.done():
+                granted.set_result(0.0)
+
+    async def _wait_for_slot(self, tokens: int) -> float:
         spacing = 0.0  # without limits of its own, a 429's pause still holds
         if self._rpm:
             spacing = max(spacing, 60.0 / self._rpm)
@@ -47,7 +86,6 @@ class RateLimiter:
             spacing = max(spacing, 60.0 * tokens / self._tpm)
         waited = 0.0
         while True:
-            paused = 0.0
             if spacing:
                 at = await self._take(spacing)
                 wait = max(0.0, at - time.time())

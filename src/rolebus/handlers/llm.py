@@ -160,7 +160,7 @@ class LlmRunner:
                 )
         reserved = await self._reserve(messages, context)
         if context.limiter is not None:
-            await context.limiter.acquire(self._tokens(messages))
+            await context.limiter.acquire(self._tokens(messages), _urgency(task, context))
         started = time.monotonic()
         try:
             text, mode, prompt_tokens, completion_tokens = await self._call(
@@ -412,6 +412,14 @@ class LlmRunner:
             return Outcome.model_validate(value), ""
         except ValidationError as error:
             return None, validation_problems(error)
+
+
+def _urgency(task: Task, context: HandlerContext) -> int:
+    """Who goes first when the rate limit is short: someone waiting on an answer
+    (an escalation to decide, a resumed task), then by the task's priority."""
+    if context.extra.get("input") == "escalation" or context.decisions:
+        return 1 << 40
+    return task.priority or 0
 
 
 def _retry_after(headers: Any) -> float | None:
