@@ -489,3 +489,25 @@ async def test_an_unreachable_model_server_is_a_retryable_failure_naming_its_url
         if e.task_id == task.id
     ]
     assert f"cannot reach the model server at {url}" in (event.error or "")
+
+
+async def test_a_streamed_answer_shows_as_progress_and_a_server_that_cannot_stream_still_works(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    llm_server.chunk_delay = 0.05  # a slow writer: several progress updates
+    llm_server.script(Reply.completed({"essay": "x" * 400}))
+    await start_llm_team()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="a long answer")
+    await until(rolebus_bus, task.id, "completed")
+    assert llm_server.requests[0].body["stream"] is True
+    progress = [e for e in await read_events(rolebus_bus.connection, states=["progress"])]
+    assert progress
+    assert all(e.task_id == task.id for e in progress)
+    assert progress[0].detail["text"] == "the model is answering"
+    [completed] = await read_events(rolebus_bus.connection, states=["completed"])
+    assert completed.detail["usage"]["completion_tokens"] > 0  # usage came with the stream
+
+    llm_server.streams = False
+    plain, _ = await rolebus_bus.publish_task("task.backend.x", title="no streaming here")
+    await until(rolebus_bus, plain.id, "completed")
+    assert [r.body.get("stream") for r in llm_server.requests[1:]] == [True, None]

@@ -70,6 +70,7 @@ class LlmRunner:
         self.spec = spec
         self.name = f"llm:{spec.llm}"
         self._mode: Mode | None = None  # the first mode this server accepted
+        self._streams = spec.stream  # until the server refuses to stream
         # One client (its connection pool) per URL and key: the key is still read at
         # every call, and a changed one gets a new client.
         self._clients: dict[tuple[str | None, str], openai.AsyncOpenAI] = {}
@@ -255,7 +256,9 @@ class LlmRunner:
         modes = MODES[MODES.index(self._mode) :] if self._mode else MODES
         for mode in modes:
             try:
-                response = await self._with_retries(client, messages, mode, key, context)
+                text, prompt_tokens, completion_tokens = await self._with_retries(
+                    client, messages, mode, key, context
+                )
             except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
                 if mode == MODES[-1]:
                     raise _AttemptEndedError(self._refused(error, key)) from error
@@ -267,14 +270,67 @@ class LlmRunner:
                 )
                 continue
             self._mode = mode
-            usage = response.usage
-            return (
-                self._text(response, mode),
-                mode,
-                int(getattr(usage, "prompt_tokens", 0) or 0),
-                int(getattr(usage, "completion_tokens", 0) or 0),
-            )
+            return text, mode, prompt_tokens, completion_tokens
         raise AssertionError("unreachable: the last mode raises")
+
+    async def _complete(
+        self,
+        client: openai.AsyncOpenAI,
+        request: dict[str, Any],
+        mode: Mode,
+        context: HandlerContext,
+    ) -> tuple[str, int, int]:
+        """One completion: its text and tokens. Streamed when the server allows it, so
+        that a long answer shows as progress (the reporter throttles it)."""
+        if self._streams:
+            try:
+                return await self._streamed(client, request, mode, context)
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
+                # Refused: the streaming (the server says so), or the answer mode?
+                if "stream" not in str(error.message).lower():
+                    raise
+                response = await client.chat.completions.create(**request)
+                self._streams = False
+                log.info("model server does not stream; asking without", model=self.spec.llm)
+        else:
+            response = await client.chat.completions.create(**request)
+        usage = response.usage
+        return (
+            self._text(response, mode),
+            int(getattr(usage, "prompt_tokens", 0) or 0),
+            int(getattr(usage, "completion_tokens", 0) or 0),
+        )
+
+    async def _streamed(
+        self,
+        client: openai.AsyncOpenAI,
+        request: dict[str, Any],
+        mode: Mode,
+        context: HandlerContext,
+    ) -> tuple[str, int, int]:
+        stream = await client.chat.completions.create(
+            **request, stream=True, stream_options={"include_usage": True}
+        )
+        parts: list[str] = []
+        prompt_tokens = completion_tokens = chunks = 0
+        async with stream:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    prompt_tokens = int(chunk.usage.prompt_tokens or 0)
+                    completion_tokens = int(chunk.usage.completion_tokens or 0)
+                if not chunk.choices:
+                    continue
+                delta = chunk.choices[0].delta
+                if mode == "tool" and delta.tool_calls:
+                    function = delta.tool_calls[0].function
+                    parts.append((function.arguments if function else None) or "")
+                elif delta.content:
+                    parts.append(delta.content)
+                else:
+                    continue
+                chunks += 1
+                await context.progress("the model is answering", chunks=chunks)
+        return "".join(parts), prompt_tokens, completion_tokens
 
     def _request(self, messages: list[dict[str, Any]], mode: Mode) -> dict[str, Any]:
         request: dict[str, Any] = {
@@ -310,14 +366,14 @@ class LlmRunner:
         mode: Mode,
         key: str,
         context: HandlerContext,
-    ) -> Any:
+    ) -> tuple[str, int, int]:
         """One request; 429 and 5xx are retried after Retry-After (or a backoff)."""
         request = self._request(messages, mode)
         for retry in range(self.spec.max_retries + 1):
             try:
                 # A server that trickles bytes must not hold the slot past the timeout.
                 return await asyncio.wait_for(
-                    client.chat.completions.create(**request), timeout=self.spec.timeout
+                    self._complete(client, request, mode, context), timeout=self.spec.timeout
                 )
             except (openai.RateLimitError, openai.InternalServerError) as error:
                 if retry == self.spec.max_retries:

@@ -106,6 +106,8 @@ class LlmHandler(_Strict):
     #: Retries of a call the server refused for now (429, 5xx), honouring Retry-After.
     max_retries: int = Field(default=3, ge=0, le=20)
     prices: ModelPrices | None = None
+    #: Stream the answer (shown as the task's progress) when the server allows it.
+    stream: bool = True
     #: Requests and tokens a minute for this model, shared by every worker that calls it.
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)

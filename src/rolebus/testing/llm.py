@@ -88,6 +88,9 @@ class LlmServer:
     #: The modes it accepts; a request in another mode gets a 400.
     supports: set[str] = field(default_factory=lambda: set(MODES))
     default: Reply = field(default_factory=lambda: Reply.completed({"done": True}))
+    #: Whether it answers ``stream: true`` (server-sent events), and how slowly.
+    streams: bool = True
+    chunk_delay: float = 0.0
     requests: list[Request] = field(default_factory=list)
     _replies: deque[Reply] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -137,6 +140,52 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (its timeout): nothing to answer
 
+        def _stream(
+            self,
+            body: dict[str, Any],
+            mode: str,
+            content: str,
+            as_tool: bool,
+            usage: dict[str, int],
+        ) -> None:
+            """The answer as server-sent events, a few characters a chunk."""
+
+            def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+                return {
+                    "id": f"chatcmpl-{len(server.requests)}",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": body.get("model", "test-model"),
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+
+            pieces = [content[i : i + 8] for i in range(0, len(content), 8)] or [""]
+            events = []
+            for number, piece in enumerate(pieces):
+                if mode == "tool" and as_tool:
+                    call: dict[str, Any] = {"index": 0, "function": {"arguments": piece}}
+                    if number == 0:
+                        call.update(id="call_0", type="function")
+                        call["function"]["name"] = "submit_outcome"
+                    events.append(chunk({"tool_calls": [call]}))
+                else:
+                    events.append(chunk({"content": piece}))
+            events.append(chunk({}, "stop"))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                events.append({**chunk({}), "choices": [], "usage": usage})
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for event in events:
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                    self.wfile.flush()
+                    if server.chunk_delay:
+                        time.sleep(server.chunk_delay)
+                self.wfile.write(b"data: [DONE]\n\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
         def do_POST(self) -> None:
             arrived = time.monotonic()
             length = int(self.headers.get("Content-Length", "0"))
@@ -175,6 +224,17 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
                 }
             prompt_tokens = len(json.dumps(body.get("messages", []))) // 4
             completion_tokens = max(1, len(content or "") // 4)
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+            if body.get("stream"):
+                if not server.streams:
+                    self._send(400, {"error": {"message": "stream is not supported"}}, {})
+                    return
+                self._stream(body, mode, content or "", reply.text is None, usage)
+                return
             self._send(
                 200,
                 {
