@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -152,6 +153,9 @@ class StreamReader:
         self, stream: str, filter_subjects: list[str] | None, where: dict[str, Any]
     ) -> Any:
         config = ConsumerConfig(
+            # Named, so that it is created on CONSUMER.CREATE.<stream>.<name>...: a role's
+            # user is allowed that (its permissions cannot match the unnamed form).
+            name=f"rolebus-read-{secrets.token_hex(8)}",
             ack_policy=AckPolicy.NONE,
             filter_subjects=filter_subjects or None,
             inactive_threshold=60.0,
