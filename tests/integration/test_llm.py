@@ -425,16 +425,28 @@ def test_prompt_prints_what_was_sent_and_rerun_reuses_calls_unless_live(
 
 
 def test_demo_llm_plays_the_example_team_against_the_server_or_says_what_to_set(
-    cli: CliRunner,
-    rolebus_server: EmbeddedServer,
-    llm_server: LlmServer,
-    monkeypatch: pytest.MonkeyPatch,
+    rolebus_server: EmbeddedServer, llm_server: LlmServer, tmp_path: Path
 ) -> None:
     from ..conftest import REPO
 
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    missing = cli("demo", "--llm")
-    assert missing.code == 1
+    rolebus = str(Path(sys.executable).parent / "rolebus")
+    base = {key: value for key, value in os.environ.items() if key != "OPENAI_BASE_URL"}
+    base.update(ROLEBUS_HOME=str(tmp_path / "home"), NATS_URL=rolebus_server.url)
+
+    def demo(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        # A process of its own, as a user runs it (the CLI configures logging).
+        return subprocess.run(
+            [rolebus, "demo", "--llm", *args],
+            env={**base, **env},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    missing = demo()
+    assert missing.returncode == 1
     assert "needs OPENAI_BASE_URL" in missing.stderr
     assert "export OPENAI_BASE_URL=" in missing.stderr
 
@@ -445,14 +457,16 @@ def test_demo_llm_plays_the_example_team_against_the_server_or_says_what_to_set(
         ),
         Reply.completed({"designed": "GET /orders with a cursor"}),
     )
-    env = {
-        "NATS_URL": rolebus_server.url,
-        "OPENAI_BASE_URL": llm_server.url,
-        "OPENAI_API_KEY": KEY,
-    }
     roles = str(REPO / "examples" / "llm-team" / "roles")
-    played = cli("demo", "--llm", "--roles", roles, "--model", "test-model", env=env)
-    assert played.code == 0, played.stdout + played.stderr
+    played = demo(
+        "--roles",
+        roles,
+        "--model",
+        "test-model",
+        OPENAI_BASE_URL=llm_server.url,
+        OPENAI_API_KEY=KEY,
+    )
+    assert played.returncode == 0, played.stdout + played.stderr
     assert "2 work items" in played.stdout
     pm, architect = llm_server.requests
     assert pm.body["model"] == "test-model"
