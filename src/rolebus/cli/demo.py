@@ -235,7 +235,9 @@ async def print_summary(console: Console, bus: Bus, result: DemoResult) -> None:
     console.print(contracts)
 
     p50, p99 = latency_ms(result.states)
-    retried = sum(1 for state in result.states if state.attempt > 1)
+    # Counted from the failed outcomes: a resumed task's last attempt is the
+    # decision's delivery, which says nothing of the retries before it.
+    retried = sum(1 for state in result.states if state.failures)
     console.print(
         f"{len(result.states)} work items in {result.seconds:.1f}s; "
         f"task latency p50 {p50:.0f} ms, p99 {p99:.0f} ms; {retried} retried; "

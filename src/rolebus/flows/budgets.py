@@ -90,18 +90,7 @@ class BudgetLedger:
     # --- writing (compare-and-set, retried) ------------------------------------------------
 
     async def _change(self, key: str, change: Any) -> dict[str, Any]:
-        """Apply ``change(value) -> value`` by compare-and-set; a RolebusError from it
-        (a breach) leaves the entry as it was."""
-        while True:
-            value, revision = await self._read(key)
-            updated = change(dict(value))
-            data = json.dumps(updated).encode()
-            if revision == 0:
-                written = await self._connection.kv.create(BUDGETS_BUCKET, key, data)
-            else:
-                written = await self._connection.kv.update(BUDGETS_BUCKET, key, data, revision)
-            if written is not None:
-                return dict(updated)
+        return await self._connection.kv.change_json(BUDGETS_BUCKET, key, change)
 
     async def set_caps(self, role_id: str, **caps: float | int | None) -> dict[str, Any]:
         """Change caps at run time (None: back to the role file's)."""

@@ -132,13 +132,4 @@ class RateLimiter:
         return taken[0]
 
     async def _change(self, change: Any) -> None:
-        while True:
-            found = await self._connection.kv.get(LIMITS_BUCKET, self._key)
-            value, revision = (json.loads(found[0]), found[1]) if found and found[0] else ({}, 0)
-            data = json.dumps(change(value)).encode()
-            if revision == 0:
-                written = await self._connection.kv.create(LIMITS_BUCKET, self._key, data)
-            else:
-                written = await self._connection.kv.update(LIMITS_BUCKET, self._key, data, revision)
-            if written is not None:
-                return
+        await self._connection.kv.change_json(LIMITS_BUCKET, self._key, change)

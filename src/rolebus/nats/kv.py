@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats.js.errors
@@ -68,6 +69,20 @@ class KeyValue:
             if error.err_code == ErrorCode.STREAM_WRONG_LAST_SEQUENCE:
                 return None
             raise
+
+    async def change_json(
+        self, bucket: str, key: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Read-modify-write a JSON object by compare-and-set, retried until it lands:
+        ``change`` gets the current value (``{}`` when absent) and returns the new one
+        (an exception from it leaves the entry as it was). The value written."""
+        while True:
+            found = await self.get(bucket, key)
+            value, revision = (json.loads(found[0]), found[1]) if found and found[0] else ({}, 0)
+            updated = change(dict(value) if isinstance(value, dict) else {})
+            written = await self._write(bucket, key, json.dumps(updated).encode(), revision)
+            if written is not None:
+                return updated
 
     async def put(self, bucket: str, key: str, value: bytes) -> int:
         kv = await self._bucket(bucket)
