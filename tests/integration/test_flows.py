@@ -539,3 +539,59 @@ async def test_a_timed_out_escalation_is_recorded_climbing_to_a_person_with_a_tr
     ]
     assert timers
     assert all(item.message is not None for item in timers), [item.error for item in timers]
+
+
+async def test_a_body_that_disagrees_with_its_subject_cannot_pass_a_boundary(
+    rolebus_bus: Bus, rolebus_server: EmbeddedServer, start_team: StartTeam
+) -> None:
+    import msgpack
+    import nats
+
+    from rolebus.flows import dlq
+
+    ran: list[str] = []
+
+    async def eng_be(task: Task, context: HandlerContext) -> Outcome:
+        ran.append(task.kind)
+        return Outcome.completed()
+
+    await start_team({"eng-be": eng_be})
+    client = await nats.connect(rolebus_server.url)
+    try:
+        # A spend task (the CTO must approve it) whose body claims to be something else.
+        body = msgpack.packb({"id": "sneaky", "kind": "implement", "title": "buy a database"})
+        await client.jetstream().publish("task.backend.spend", body)
+    finally:
+        await client.close()
+
+    async def dead() -> bool:
+        return any([e async for e in dlq.list_dead_letters(rolebus_bus.connection)])
+
+    await wait_for(dead, timeout=30)
+    [entry] = [e async for e in dlq.list_dead_letters(rolebus_bus.connection)]
+    assert entry.reason == "invalid"
+    assert "its kind is 'implement' but its subject 'task.backend.spend' says 'spend'" in (
+        entry.error
+    )
+    assert ran == []  # neither run nor read the other way
+    assert await EscalationStore(rolebus_bus.connection).all() == []
+
+
+async def test_a_follow_up_whose_kind_disagrees_with_its_subject_fails_with_the_reason(
+    rolebus_bus: Bus, start_team: StartTeam
+) -> None:
+    from rolebus.wire.messages import FollowUp
+
+    async def eng_be(task: Task, context: HandlerContext) -> Outcome:
+        return Outcome.completed(
+            tasks=[FollowUp(subject="task.frontend.page", title="p", kind="deploy")]
+        )
+
+    await start_team({"eng-be": eng_be})
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="parent")
+    await until_state(rolebus_bus, task.id, "dead")
+    stored = await StateStore(rolebus_bus.connection).get(task.id)
+    assert stored is not None
+    assert "kind 'deploy' disagrees with its subject 'task.frontend.page'" in (
+        stored.state.error or ""
+    )

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from rolebus.errors import CodecError
 from rolebus.wire import codec
-from rolebus.wire.messages import Decision, Escalation, Event, Handoff, Outcome, Task
+from rolebus.wire.messages import Decision, Envelope, Escalation, Event, Handoff, Outcome, Task
 
 
 def test_a_task_round_trips_through_msgpack_unchanged() -> None:
@@ -131,3 +131,38 @@ def test_outcome_helpers_build_the_same_outcome_as_the_command_protocol() -> Non
             },
         }
     )
+
+
+@pytest.mark.parametrize(
+    ("subject", "message", "problem"),
+    [
+        ("task.backend.spend", Task(kind="spend", title="t"), None),
+        ("task.backend.spend", Task(kind="implement", title="t"), "its kind is 'implement'"),
+        (
+            "handoff.eng-fe.orders-api",
+            Handoff(to_role="eng-be", contract="orders-api", version="1.0.0"),
+            "its to_role is 'eng-be'",
+        ),
+        (
+            "escalation.cto.spend",
+            Escalation(to_role="cto", reason="budget", question="q"),
+            "its reason is 'budget'",
+        ),
+        (
+            "decision.eng-be.e1",
+            Decision(to_role="eng-be", escalation_id="e2", decision="ok"),
+            "its escalation_id is 'e2'",
+        ),
+        ("decision.eng-be.e1", Decision(to_role="eng-be", escalation_id="e1", decision="ok"), None),
+    ],
+)
+def test_a_body_that_disagrees_with_its_subject_is_named(
+    subject: str, message: Envelope, problem: str | None
+) -> None:
+    found = codec.disagreement(subject, message)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert problem in found
+        assert subject in found

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from rolebus.errors import RoleError
 from rolebus.flows.state import TaskState
 from rolebus.nats.connection import Connection
 from rolebus.nats.publish import PendingPublish, wait_all
@@ -57,9 +58,15 @@ def follow_up_tasks(
     effects = []
     for number, follow_up in enumerate(follow_ups, start=first):
         parsed = parse_subject(follow_up.subject)
+        if follow_up.kind is not None and follow_up.kind != parsed.third:
+            raise RoleError(
+                f"follow-up {follow_up.title!r}: kind {follow_up.kind!r} disagrees with its "
+                f"subject {follow_up.subject!r}",
+                hint="leave kind out (the subject's last token is the kind), or make them agree",
+            )
         child = Task(
             id=f"{task.id}-{number}",
-            kind=follow_up.kind or parsed.third,
+            kind=parsed.third,
             title=follow_up.title,
             payload=follow_up.payload,
             from_role=role,

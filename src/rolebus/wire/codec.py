@@ -30,6 +30,7 @@ __all__ = [
     "decode",
     "decode_as",
     "decode_map",
+    "disagreement",
     "encode",
     "encode_map",
     "message_type_for",
@@ -143,6 +144,36 @@ def decode_as(
             subject=subject,
             hint=f"see the {model.__name__} fields in subjects.md",
         ) from error
+
+
+def disagreement(subject: str, message: Envelope) -> str | None:
+    """What a message's body says that its subject does not (None when they agree).
+
+    The subject is what permissions and consumers route on, so a body that names
+    another kind, role or escalation would let a message past a boundary: such a
+    message is refused, never read one way or the other."""
+    tokens = subject.split(".")
+    if len(tokens) < 3:
+        return None
+    checks: list[tuple[str, object, str]] = []
+    if isinstance(message, Task) and tokens[0] == "task":
+        checks = [("kind", message.kind, tokens[2])]
+    elif isinstance(message, Handoff) and tokens[0] == "handoff":
+        checks = [
+            ("to_role", message.to_role, tokens[1]),
+            ("contract", message.contract, tokens[2]),
+        ]
+    elif isinstance(message, Escalation) and tokens[0] == "escalation":
+        checks = [("to_role", message.to_role, tokens[1]), ("reason", message.reason, tokens[2])]
+    elif isinstance(message, Decision) and tokens[0] == "decision":
+        checks = [
+            ("to_role", message.to_role, tokens[1]),
+            ("escalation_id", message.escalation_id, tokens[2]),
+        ]
+    for field, said, routed in checks:
+        if said != routed:
+            return f"its {field} is {said!r} but its subject {subject!r} says {routed!r}"
+    return None
 
 
 def decode(subject: str, data: bytes, *, origin: Origin | None = None) -> Envelope:

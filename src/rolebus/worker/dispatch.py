@@ -120,6 +120,14 @@ class Dispatcher:
             reason = "invalid" if "not a valid" in error.message else "undecodable"
             await self.settle.dead_letter(message, reason=reason, error=error.message)
             return
+        mismatch = codec.disagreement(message.subject, decoded)
+        if mismatch is not None:
+            await self.settle.dead_letter(
+                message,
+                reason="invalid",
+                error=f"refused: the body disagrees with the subject: {mismatch}",
+            )
+            return
         if isinstance(decoded, Task):
             await self._on_task(message, decoded)
         elif isinstance(decoded, Handoff):
