@@ -341,3 +341,44 @@ async def test_a_creds_file_user_of_a_jetstream_account_runs_the_bus(tmp_path: P
             await Bus.connect(Settings(nats_url=server.url, creds_file=forged))
     finally:
         server.stop()
+
+
+async def test_an_approval_and_a_retry_complete_with_each_worker_on_its_own_user(
+    secured: SecuredServer, admin: Bus
+) -> None:
+    """The CTO approves eng-be's spend, eng-be resumes (reading the escalation's record)
+    and retries a transient failure (reading the task's record): all under the
+    generated least-privilege permissions."""
+    crews = [
+        await start_workers(
+            secured.settings(role), TEAM, [TEAM.role(role)], grace=1, supervise=False
+        )
+        for role in ("eng-be", "cto")
+    ]
+    try:
+        spend, _ = await admin.publish_task(
+            "task.backend.spend", title="Managed Postgres for order history ($50/month)"
+        )
+        implement, _ = await admin.publish_task(
+            "task.backend.implement",
+            title="Implement it",
+            payload={"contracts": []},
+        )
+
+        async def done(task_id: str) -> bool:
+            stored = await StateStore(admin.connection).get(task_id)
+            return stored is not None and stored.state.state == "completed"
+
+        await wait_for(lambda: done(spend.id), timeout=30)
+        # eng-be's implement fails once (transient), then asks the CTO about its budget.
+        await wait_for(lambda: done(implement.id), timeout=60)
+    finally:
+        for crew in crews:
+            await crew.stop(grace=0)
+    stored = await StateStore(admin.connection).get(spend.id)
+    assert stored is not None
+    assert stored.state.detail["approved_by"] == "cto"
+    stored = await StateStore(admin.connection).get(implement.id)
+    assert stored is not None
+    assert stored.state.failures == 1
+    assert stored.state.detail["approved_by"] == "cto"  # the budget approval

@@ -152,9 +152,12 @@ class Admin:
                     history=64,
                     storage=StorageType.FILE,
                     replicas=limits.replicas,
+                    # Reads by direct get: what a role's generated permissions allow.
+                    direct=True,
                 )
             )
             log.info("bucket created", bucket=bucket)
+            return
         except TIMEOUTS as error:
             raise self._denials.no_jetstream(error, self._url) from error
 

@@ -31,6 +31,7 @@ from rolebus.wire.subjects import (
     TIMERS_STREAM,
     WORK_STREAM,
     consumer_name,
+    reader_api_subjects,
 )
 
 __all__ = ["ADMIN", "Credentials", "askers_of", "inbox_prefix", "permissions", "render_config"]
@@ -80,11 +81,7 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         "timer.schedule.>",
         # buckets: state, contracts, escalations (read, write, list)
         *[f"$KV.{bucket}.>" for bucket in BUCKETS],
-        *[f"{_API}.STREAM.INFO.{stream}" for stream in reads],
-        *[f"{_API}.DIRECT.GET.{stream}.>" for stream in reads],
-        *[f"{_API}.CONSUMER.CREATE.{stream}.>" for stream in reads],
-        *[f"{_API}.CONSUMER.MSG.NEXT.{stream}.>" for stream in reads],
-        *[f"{_API}.CONSUMER.DELETE.{stream}.>" for stream in reads],
+        *[subject for stream in reads for subject in reader_api_subjects(stream)],
         # resuming a parked task reads its original message
         f"{_API}.DIRECT.GET.{WORK_STREAM}",
         f"{_API}.STREAM.MSG.GET.{WORK_STREAM}",

@@ -36,6 +36,7 @@ __all__ = [
     "group_commit_stream",
     "handoff_subject",
     "parse_subject",
+    "reader_api_subjects",
     "role_filter_subjects",
     "stream_for_subject",
     "stream_holding",
@@ -147,6 +148,23 @@ def validate_pattern(pattern: str) -> str:
             continue
         validate_token(token, what=f"token {index + 1} of pattern {pattern!r}:")
     return pattern
+
+
+def reader_api_subjects(stream: str) -> list[str]:
+    """The JetStream API subjects a reader of ``stream`` needs, the one list both the
+    code (which reads through them) and ``rolebus auth`` (which grants them) follow:
+    its info, a message by sequence or subject (direct get, and the plain get for a
+    stream made without direct get), and the named ephemeral consumers of a scan."""
+    api = "$JS.API"
+    return [
+        f"{api}.STREAM.INFO.{stream}",
+        f"{api}.DIRECT.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}.>",
+        f"{api}.STREAM.MSG.GET.{stream}",
+        f"{api}.CONSUMER.CREATE.{stream}.>",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
+        f"{api}.CONSUMER.DELETE.{stream}.>",
+    ]
 
 
 def stream_holding(pattern: str) -> str | None:
