@@ -57,6 +57,11 @@ async def serving(settings: Settings, token: str | None = None) -> AsyncIterator
         await task
 
 
+def browser(base: str) -> httpx.AsyncClient:
+    """What a browser sends from the dashboard's own pages: its cookies and Origin."""
+    return httpx.AsyncClient(base_url=base, headers={"Origin": base})
+
+
 async def ambiguous(task: Task, context: HandlerContext) -> Outcome:
     if not context.decisions:
         return Outcome(
@@ -81,7 +86,7 @@ async def test_board_escapes_titles_and_the_inbox_resumes_a_parked_task(
         rolebus_settings, TEAM, [TEAM.role("eng-be")], handlers={"eng-be": ambiguous}, grace=1
     )
     try:
-        async with serving(rolebus_settings) as base, httpx.AsyncClient(base_url=base) as web:
+        async with serving(rolebus_settings) as base, browser(base) as web:
             board = await web.get("/")
             assert board.status_code == 200
             for role in TEAM:
@@ -225,7 +230,7 @@ async def test_the_task_page_cancels_a_parked_task_with_its_csrf_token_only(
         rolebus_settings, TEAM, [TEAM.role("eng-be")], handlers={"eng-be": ambiguous}, grace=1
     )
     try:
-        async with serving(rolebus_settings) as base, httpx.AsyncClient(base_url=base) as web:
+        async with serving(rolebus_settings) as base, browser(base) as web:
             task, _ = await rolebus_bus.publish_task("task.backend.implement", title="parked")
             reached = state_of(rolebus_bus, task.id)
             await wait_for(lambda: reached("input-required"))  # type: ignore[arg-type, return-value]
@@ -250,3 +255,52 @@ async def test_the_task_page_cancels_a_parked_task_with_its_csrf_token_only(
             assert f'action="/tasks/{task.id}/cancel"' not in page  # nothing left to cancel
     finally:
         await crew.stop(grace=0)
+
+
+async def test_the_dashboard_refuses_other_origins_other_hosts_and_other_browsers_tokens(
+    rolebus_settings: Settings, rolebus_bus: Bus
+) -> None:
+    async with serving(rolebus_settings) as base:
+        async with browser(base) as web:
+            page = await web.get("/escalations")
+            assert page.status_code == 200
+            assert page.headers["x-frame-options"] == "DENY"
+            assert "script-src 'self'" in page.headers["content-security-policy"]
+            assert (
+                "'unsafe-inline'"
+                not in page.headers["content-security-policy"].split("script-src")[1].split(";")[0]
+            )
+            assert page.headers["referrer-policy"] == "same-origin"
+            assert "<script>" not in page.text  # no inline script
+            assert web.cookies.get("rolebus_csrf")
+            token = web.cookies["rolebus_csrf"]
+
+            # Another site's page posting here: refused, whatever it sends.
+            evil = await web.post(
+                "/escalations/e1/resolve",
+                data={"decision": "approved", "csrf": token},
+                headers={"Origin": "http://evil.example"},
+            )
+            assert evil.status_code == 403
+            assert "cross-origin" in evil.text
+            async with httpx.AsyncClient(base_url=base) as bare:
+                no_origin = await bare.post(
+                    "/escalations/e1/resolve", data={"decision": "x", "csrf": token}
+                )
+            assert no_origin.status_code == 403
+
+        # Another browser (its own cookie) cannot use this one's token.
+        async with browser(base) as other:
+            await other.get("/")
+            stolen = await other.post(
+                "/escalations/e1/resolve", data={"decision": "approved", "csrf": token}
+            )
+            assert stolen.status_code == 403
+            assert "CSRF" in stolen.text
+
+        # A name that is not this host's (DNS rebinding): no page, no token.
+        async with httpx.AsyncClient(base_url=base) as rebinding:
+            foreign = await rebinding.get("/", headers={"Host": "attacker.example"})
+            assert foreign.status_code == 400
+            assert "unknown host" in foreign.text
+            assert "csrf" not in foreign.text

@@ -53,7 +53,10 @@ async def test_the_board_updates_live_and_the_inbox_resumes_a_parked_task(
                 await dialog.dismiss()
 
             board.on("dialog", on_dialog)
-            await board.goto(base + "/")
+            answer = await board.goto(base + "/")
+            assert answer is not None
+            assert answer.headers["x-frame-options"] == "DENY"  # and its script runs under
+            assert "script-src 'self'" in answer.headers["content-security-policy"]  # the CSP
             await board.wait_for_selector('[data-role="eng-be"]')
 
             task, _ = await rolebus_bus.publish_task("task.backend.implement", title=SCRIPT)

@@ -128,6 +128,14 @@ def dashboard_command(
     token: Annotated[
         str | None, typer.Option(help="Required on every request; made up when --host is public.")
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="Another host name it may be reached by (repeat it); loopback names and "
+            "--host are allowed already. Any other Host header is refused.",
+        ),
+    ] = None,
     roles: RolesOption = None,
 ) -> None:
     """Serve the web dashboard: the team board, task pages, the escalation inbox,
@@ -135,13 +143,17 @@ def dashboard_command(
     import uvicorn
 
     from rolebus.web.app import create_app
+    from rolebus.web.guard import LOOPBACK
 
     settings = settings_for(roles)
     team = team_for(settings)
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         token = secrets.token_urlsafe(16)
     run(_check_server(settings))  # a clear error now, not a traceback from uvicorn's startup
-    app_ = create_app(settings, team, token=token)
+    hosts = {*LOOPBACK, *(name.lower() for name in allow_host or [])}
+    if host not in ("0.0.0.0", "::"):
+        hosts.add(host.lower())
+    app_ = create_app(settings, team, token=token, hosts=hosts)
     suffix = f"/?token={token}" if token else "/"
     out.print(f"rolebus dashboard on http://{host}:{port}{suffix} (Ctrl-C to stop)")
     uvicorn.run(app_, host=host, port=port, log_level="warning")

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import itertools
 import json
-import secrets
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
@@ -45,8 +43,9 @@ from rolebus.history.replay import ReplayFilter, flow_states, replay
 from rolebus.history.status import AttemptCounts, collect
 from rolebus.nats.delivery import StoredMessage
 from rolebus.team.roles import Team
+from rolebus.web.guard import LOOPBACK, BrowserGuard, csrf_of, csrf_ok
+from rolebus.web.pages import LIVE_JS, model_calls, page, slo_cell, task_card, version_row
 from rolebus.web.pages import escape as _e  # short: it wraps every value in the templates
-from rolebus.web.pages import model_calls, page, slo_cell, task_card, version_row
 from rolebus.wire.messages import Event
 from rolebus.wire.subjects import EVENTS_STREAM, validate_token
 
@@ -106,10 +105,15 @@ def _changes(old: ContractVersion, new: ContractVersion) -> list[str]:
     return [*breaking, *compatible]
 
 
-def create_app(settings: Settings, team: Team, *, token: str | None = None) -> Starlette:
-    """The dashboard app. ``token``: required on every request when set."""
-    secret = secrets.token_bytes(32)
-    csrf = hmac.new(secret, b"csrf", hashlib.sha256).hexdigest()
+def create_app(
+    settings: Settings,
+    team: Team,
+    *,
+    token: str | None = None,
+    hosts: Iterable[str] = LOOPBACK,
+) -> Starlette:
+    """The dashboard app. ``token``: required on every request when set; ``hosts``:
+    the host names it answers to (see :mod:`rolebus.web.guard`)."""
     state: dict[str, Any] = {}
 
     def connection() -> Any:
@@ -197,7 +201,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
             ""
             if root.terminal
             else f'<form method="post" action="/tasks/{_e(root.task_id)}/cancel">'
-            f'<input type="hidden" name="csrf" value="{csrf}">'
+            f'<input type="hidden" name="csrf" value="{csrf_of(request)}">'
             '<input name="reason" placeholder="why (optional)">'
             '<button name="tree" value="">Cancel</button>'
             '<button name="tree" value="1">Cancel with what it caused</button></form>'
@@ -228,7 +232,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
                 f"<b>{_e(record.asking_role)} asks {_e(record.current_holder(team))}</b> "
                 f"({_e(record.reason)}): {_e(record.question)}<ul>{options}</ul>"
                 f'<form method="post" action="/escalations/{_e(record.id)}/resolve">'
-                f'<input type="hidden" name="csrf" value="{csrf}">'
+                f'<input type="hidden" name="csrf" value="{csrf_of(request)}">'
                 f'<input name="decision" required placeholder="your decision"> {buttons}'
                 "</form></div>"
             )
@@ -241,7 +245,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
         # The inbox form is urlencoded; parsed here rather than pulling in multipart.
         fields = urllib.parse.parse_qs((await request.body()).decode(errors="replace"))
         form = {key: values[0] for key, values in fields.items()}
-        if not hmac.compare_digest(str(form.get("csrf", "")), csrf):
+        if not csrf_ok(request, str(form.get("csrf", ""))):
             return Response("missing or wrong CSRF token", status_code=403)
         verdict = str(form.get("verdict", "answer"))
         approved = {"approve": True, "reject": False}.get(verdict)
@@ -260,7 +264,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
     async def cancel_task(request: Request) -> Response:
         fields = urllib.parse.parse_qs((await request.body()).decode(errors="replace"))
         form = {key: values[0] for key, values in fields.items()}
-        if not hmac.compare_digest(str(form.get("csrf", "")), csrf):
+        if not csrf_ok(request, str(form.get("csrf", ""))):
             return Response("missing or wrong CSRF token", status_code=403)
         task_id = request.path_params["task_id"]
         try:
@@ -274,6 +278,9 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
         except RolebusError as error:
             return page("Could not cancel", f"<p>{_e(error.message)}</p><p>{_e(error.hint)}</p>")
         return RedirectResponse(f"/tasks/{task_id}", status_code=303)
+
+    async def script(request: Request) -> Response:
+        return Response(LIVE_JS, media_type="text/javascript")
 
     async def contracts_page(request: Request) -> Response:
         registry = ContractRegistry(connection())
@@ -335,8 +342,7 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
             f'<input name="subject" placeholder="subject" value="{_e(subject or "")}">'
             f'<input name="correlation" placeholder="correlation" value="{_e(correlation or "")}">'
             f"<button>Filter</button></form><p><code id='command'>{_e(command)}</code> "
-            '<button onclick="navigator.clipboard.writeText('
-            "document.getElementById('command').textContent)\">Copy</button></p>"
+            '<button type="button" data-copy="command">Copy</button></p>'
             f"<table><tr><th>seq</th><th>subject</th><th>role</th><th>task</th></tr>{rows}</table>"
         )
         if request.query_params.get("fragment"):
@@ -370,9 +376,13 @@ def create_app(settings: Settings, team: Team, *, token: str | None = None) -> S
             Route("/contracts", contracts_page),
             Route("/stream", stream_page),
             Route("/events", events),
+            Route("/static/live.js", script),
         ],
         lifespan=lifespan,
-        middleware=[Middleware(TokenGuard, token=token)] if token is not None else [],
+        middleware=[
+            Middleware(BrowserGuard, hosts=hosts),
+            *([Middleware(TokenGuard, token=token)] if token is not None else []),
+        ],
     )
 
 

@@ -28,8 +28,9 @@ main{padding:16px}.board{display:flex;gap:12px;align-items:flex-start;overflow-x
 table{border-collapse:collapse}td,th{border:1px solid #dde1e7;padding:4px 8px;text-align:left}
 """
 
-_LIVE = """
-<script>
+#: The dashboard's one script, served as /static/live.js (no inline script: the
+#: Content-Security-Policy allows scripts from the dashboard only).
+LIVE_JS = """
 const source = new EventSource("/events");
 let pending = false;
 source.onmessage = () => {
@@ -38,13 +39,18 @@ source.onmessage = () => {
   setTimeout(async () => {
     pending = false;
     const target = document.getElementById("live");
-    if (!target) return;
+    if (!target || !document.body.dataset.live) return;
     const query = location.search.replace("?", "&");
     const response = await fetch(location.pathname + "?fragment=1" + query);
     if (response.ok) target.innerHTML = await response.text();
   }, 250);
 };
-</script>
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("[data-copy]");
+  if (!button) return;
+  const source = document.getElementById(button.dataset.copy);
+  if (source) navigator.clipboard.writeText(source.textContent);
+});
 """
 
 
@@ -67,9 +73,9 @@ def page(title: str, body: str, *, live: bool = False) -> HTMLResponse:
     )
     document = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)} - rolebus"
-        f"</title><style>{_STYLE}</style></head><body><nav>{nav}</nav><main>"
-        f"<h1>{escape(title)}</h1><div id='live'>{body}</div></main>"
-        f"{_LIVE if live else ''}</body></html>"
+        f"</title><style>{_STYLE}</style><script src='/static/live.js' defer></script></head>"
+        f"<body{' data-live=1' if live else ''}><nav>{nav}</nav><main>"
+        f"<h1>{escape(title)}</h1><div id='live'>{body}</div></main></body></html>"
     )
     return HTMLResponse(document)
 
