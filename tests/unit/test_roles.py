@@ -171,3 +171,29 @@ def test_roles_check_refuses_what_would_fail_later(
     assert message in result.stderr
     assert "eng-be.md" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_auth_writes_its_secrets_readable_by_their_owner_only(
+    cli: CliRunner, tmp_path: Path
+) -> None:
+    import stat
+
+    secrets = tmp_path / "secrets"
+    done = cli("auth", "--secrets", str(secrets), "--output", str(tmp_path / "deploy"))
+    assert done.code == 0, done.stderr
+    config = tmp_path / "deploy" / "nats-auth.conf"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert "authorization {" in config.read_text()
+    assert done.stdout == ""  # no password on the screen
+    for password in secrets.glob("*.password"):
+        assert stat.S_IMODE(password.stat().st_mode) == 0o600
+        assert password.read_text().strip() not in done.stderr
+
+
+def test_roles_lists_a_team_of_llm_roles(cli: CliRunner) -> None:
+    listed = cli("roles", "--roles", str(REPO / "examples" / "llm-team" / "roles"), "--json")
+    assert listed.code == 0, listed.stderr
+    import json
+
+    rows = json.loads(listed.stdout)
+    assert {row["handler"] for row in rows} == {"llm:llama3.2"}

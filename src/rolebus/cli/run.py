@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import os
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -28,11 +31,11 @@ from rolebus.cli.app import (
     team_for,
 )
 from rolebus.config import Settings
-from rolebus.errors import RolebusError
+from rolebus.errors import ConfigError, RolebusError
 from rolebus.handlers.loader import check_team_handlers
 from rolebus.nats.server import serve
 from rolebus.team.auth import ADMIN, Credentials, render_config
-from rolebus.team.roles import RoleSpec, Team
+from rolebus.team.roles import LlmHandler, RoleSpec, Team
 from rolebus.wire import subjects as names
 from rolebus.worker.runner import provision_team, start_workers, stop_on_signals
 
@@ -101,24 +104,62 @@ def auth_command(
     secrets: Annotated[
         Path, typer.Option(help="Folder for the users' password files (created, 0600).")
     ] = Path(".rolebus/secrets"),
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="Write the config as nats-auth.conf in this folder (mode 0600), "
+            "instead of to stdout.",
+        ),
+    ] = None,
     roles: RolesOption = None,
 ) -> None:
-    """Print a nats-server authorization config for the team (least privilege).
+    """Write a nats-server authorization config for the team (least privilege).
 
-    `rolebus auth > nats-auth.conf`, then `include nats-auth.conf` in the server
+    `rolebus auth --output deploy/`, then `include nats-auth.conf` in the server
     config. Workers connect as their role: `rolebus --user eng-be --password-file
-    .rolebus/secrets/eng-be.password worker eng-be`.
+    .rolebus/secrets/eng-be.password worker eng-be`. The config holds passwords: it
+    is never printed to a terminal, and a file it goes into is made readable by its
+    owner only (`> file` too).
     """
     team = team_for(settings_for(roles))
+    if output is None and sys.stdout.isatty():
+        raise ConfigError(
+            "the config holds the users' passwords: it is not printed to a terminal",
+            hint="rolebus auth --output DIR (writes DIR/nats-auth.conf, mode 0600), "
+            "or redirect it: rolebus auth > nats-auth.conf",
+        )
     credentials = Credentials.load_or_create(secrets, [ADMIN, *(role.id for role in team)])
-    sys.stdout.write(render_config(team, credentials))
+    config = render_config(team, credentials)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        path = output / "nats-auth.conf"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(descriptor, 0o600)  # an existing file keeps its mode otherwise
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(config)
+        err.print(f"wrote {path} (mode 0600); the passwords are in {secrets}")
+        return
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.fstat(sys.stdout.fileno()).st_mode):
+            os.fchmod(sys.stdout.fileno(), 0o600)  # `> file`: not readable by others
+    sys.stdout.write(config)
 
 
 # --- the team ----------------------------------------------------------------------------
 
 
-def _role_row(role: Any) -> dict[str, Any]:
-    handler = role.handler if isinstance(role.handler, str) else " ".join(role.handler.command)
+def _handler_label(role: RoleSpec) -> str:
+    handler = role.handler
+    if isinstance(handler, str):
+        return handler
+    if isinstance(handler, LlmHandler):
+        return f"llm:{handler.llm}" + (f" at {handler.base_url}" if handler.base_url else "")
+    return " ".join(handler.command)
+
+
+def _role_row(role: RoleSpec) -> dict[str, Any]:
+    handler = _handler_label(role)
     return {
         "id": role.id,
         "title": role.title,
