@@ -32,7 +32,7 @@ from rolebus.wire.messages import Decision
 from rolebus.worker.loop import Worker
 from rolebus.worker.runner import provision_team, start_workers
 
-from ..conftest import REPO
+from ..conftest import REPO, CliRunner
 
 TEAM = load_team(REPO / "roles")
 
@@ -382,3 +382,28 @@ async def test_an_approval_and_a_retry_complete_with_each_worker_on_its_own_user
     assert stored is not None
     assert stored.state.failures == 1
     assert stored.state.detail["approved_by"] == "cto"  # the budget approval
+
+
+def test_a_roles_user_publishes_from_the_cli_and_a_denied_read_is_named(
+    cli: CliRunner, secured: SecuredServer
+) -> None:
+    import asyncio
+
+    async def provision() -> None:
+        async with await Bus.connect(secured.settings(ADMIN), name="admin") as bus:
+            await provision_team(bus, TEAM)
+
+    asyncio.run(provision())
+    env = {
+        "NATS_URL": secured.server.url,
+        "NATS_USER": "eng-be",
+        "NATS_PASSWORD": secured.credentials.passwords["eng-be"],
+    }
+    published = cli("publish", "task.frontend.page", "-t", "a page, from eng-be", env=env)
+    assert published.code == 0, published.stderr  # its inbox prefix, no provisioning
+    assert "published task" in published.stdout
+    denied = cli("replay", env=env)  # the history is not eng-be's to read
+    assert denied.code == 1
+    assert "permission denied" in denied.stderr
+    assert "CONSUMER.CREATE.ROLEBUS_EVENTS" in denied.stderr
+    assert "unreachable" not in denied.stderr

@@ -73,7 +73,7 @@ class Connection:
         self._reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
         self._closing = False
         self.publisher = Publisher(client, self._js, self._denials)
-        self.streams = StreamReader(self, self._js)
+        self.streams = StreamReader(self, self._js, self._denials)
         self.kv = KeyValue(self._js, self.streams)
         self.admin = Admin(self._js, self._denials, url)
         #: Where the server may have moved to (the embedded server's state file):

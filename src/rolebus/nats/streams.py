@@ -16,9 +16,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from rolebus.errors import TransportError
 from rolebus.nats.delivery import InboundMessage, StoredMessage
-from rolebus.nats.protocol import parse_time_stamp
+from rolebus.nats.protocol import API, parse_time_stamp
 from rolebus.nats.puller import CoreNats, Puller
-from rolebus.nats.translate import translated
+from rolebus.nats.translate import TIMEOUTS, Denials, translated
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import from_nanoseconds
 
@@ -47,9 +47,12 @@ def _where(
 class StreamReader:
     """Reads the streams of one connection without disturbing any worker."""
 
-    def __init__(self, connection: CoreNats, js: JetStreamContext) -> None:
+    def __init__(
+        self, connection: CoreNats, js: JetStreamContext, denials: Denials | None = None
+    ) -> None:
         self._connection = connection
         self._js = js
+        self._denials = denials or Denials()
 
     async def get(self, stream: str, seq: int) -> StoredMessage | None:
         """The message at ``seq`` (a direct get), or None when there is none."""
@@ -164,7 +167,12 @@ class StreamReader:
         )
         try:
             with translated(f"read {stream}"):
-                return await self._js.add_consumer(stream, config)
+                try:
+                    return await self._js.add_consumer(stream, config)
+                except TIMEOUTS as error:
+                    # A denial shows only as a timeout: say which it was.
+                    subject = f"{API}.CONSUMER.CREATE.{stream}.{config.name}"
+                    raise self._denials.explain_timeout(subject, error, "read") from error
         except nats.js.errors.NotFoundError:
             raise TransportError(f"stream {stream!r} does not exist", hint=_STREAMS_HINT) from None
 
