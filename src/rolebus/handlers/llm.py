@@ -17,21 +17,19 @@ import asyncio
 import hashlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import openai
 import structlog
-from pydantic import ValidationError
 
 from rolebus.handlers.base import HandlerContext
+from rolebus.handlers.completion import parse_answer, retry_after, scrub, urgency
 from rolebus.handlers.pricing import cost_usd
 from rolebus.handlers.prompt import OUTCOME_SCHEMA, prompt_messages
 from rolebus.team.budget import breach_request
 from rolebus.team.roles import LlmHandler
-from rolebus.wire.codec import validation_problems
 from rolebus.wire.messages import Outcome, Task, Usage
 
 __all__ = ["MODES", "LlmRunner", "call_key"]
@@ -41,7 +39,6 @@ log = structlog.get_logger("rolebus.handlers.llm")
 Mode = Literal["json_schema", "tool", "prompt"]
 MODES: tuple[Mode, ...] = ("json_schema", "tool", "prompt")
 _TOOL = "submit_outcome"
-_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
 
 
 def call_key(task_id: str, generation: int, number: int) -> str:
@@ -111,7 +108,7 @@ class LlmRunner:
             for number in range(1, self.spec.max_repairs + 2):
                 answer = await self._answer(client, messages, task, context, number, key)
                 usage = usage.plus(answer.usage)
-                outcome, problem = self._parse(answer.text)
+                outcome, problem = parse_answer(answer.text)
                 if outcome is not None:
                     return outcome.model_copy(update={"usage": usage})
                 messages += [
@@ -161,7 +158,7 @@ class LlmRunner:
                 )
         reserved = await self._reserve(messages, context)
         if context.limiter is not None:
-            await context.limiter.acquire(self._tokens(messages), _urgency(task, context))
+            await context.limiter.acquire(self._tokens(messages), urgency(task, context))
         started = time.monotonic()
         try:
             text, mode, prompt_tokens, completion_tokens = await self._call(
@@ -380,11 +377,11 @@ class LlmRunner:
                     raise _AttemptEndedError(
                         Outcome.failed(
                             f"the model server at {self._where} answered {error.status_code} "
-                            f"{retry + 1} time(s): {_scrub(error.message, key)}",
+                            f"{retry + 1} time(s): {scrub(error.message, key)}",
                             retryable=True,
                         )
                     ) from error
-                delay = _retry_after(error.response.headers) or min(30.0, 2.0**retry)
+                delay = retry_after(error.response.headers) or min(30.0, 2.0**retry)
                 log.info(
                     "model server busy; retrying",
                     model=self.spec.llm,
@@ -409,7 +406,7 @@ class LlmRunner:
                 raise _AttemptEndedError(
                     Outcome.failed(
                         f"cannot reach the model server at {self._where}: "
-                        f"{_scrub(str(error.__cause__ or error), key)}",
+                        f"{scrub(str(error.__cause__ or error), key)}",
                         retryable=True,
                     )
                 ) from error
@@ -441,7 +438,7 @@ class LlmRunner:
     def _refused(self, error: openai.APIStatusError, key: str) -> Outcome:
         return Outcome.failed(
             f"the model server at {self._where} refused the request "
-            f"({error.status_code}): {_scrub(error.message, key)}",
+            f"({error.status_code}): {scrub(error.message, key)}",
             retryable=False,
         )
 
@@ -451,44 +448,3 @@ class LlmRunner:
         if mode == "tool" and message.tool_calls:
             return str(message.tool_calls[0].function.arguments or "")
         return str(message.content or "")
-
-    @staticmethod
-    def _parse(text: str) -> tuple[Outcome | None, str]:
-        """The outcome in a model's answer, or None and what is wrong with it."""
-        fenced = _FENCE.match(text)
-        body = fenced.group(1) if fenced else text.strip()
-        try:
-            value = json.loads(body)
-        except (ValueError, RecursionError) as error:
-            return None, f"it is not JSON ({error})"
-        if not isinstance(value, dict):
-            return None, f"it is a JSON {type(value).__name__}, not an object with 'status'"
-        value.pop("usage", None)  # the bus's to fill
-        try:
-            return Outcome.model_validate(value), ""
-        except ValidationError as error:
-            return None, validation_problems(error)
-
-
-def _urgency(task: Task, context: HandlerContext) -> int:
-    """Who goes first when the rate limit is short: someone waiting on an answer
-    (an escalation to decide, a resumed task), then by the task's priority."""
-    if context.extra.get("input") == "escalation" or context.decisions:
-        return 1 << 40
-    return task.priority or 0
-
-
-def _retry_after(headers: Any) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name) if headers is not None else None
-        if value:
-            try:
-                return max(0.0, float(value) * scale)
-            except ValueError:
-                continue
-    return None
-
-
-def _scrub(text: str, key: str) -> str:
-    """Never let a key into an error (and so an event, a log or a page)."""
-    return text.replace(key, "***") if key and len(key) >= 4 else text
