@@ -9,8 +9,9 @@ either way it ends ``cancelled`` and none of its follow-ups are published. With
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from rolebus.errors import CodecError, NotFoundError
 from rolebus.flows.effects import publish_event, state_event
@@ -46,13 +47,13 @@ class Cancellations:
                 requests[change.key] = _reason(change.value)
         return requests, last + 1
 
-    async def follow(self, from_seq: int) -> AsyncIterator[tuple[str, str]]:
+    async def follow(self, from_seq: int) -> AsyncGenerator[tuple[str, str], None]:
         """Each request made from ``from_seq`` on, as it is made (for ever)."""
-        async for change in self._connection.kv.changes(
-            CANCELS_BUCKET, from_seq=from_seq, follow=True
-        ):
-            if change.value:
-                yield change.key, _reason(change.value)
+        changes = self._connection.kv.changes(CANCELS_BUCKET, from_seq=from_seq, follow=True)
+        async with contextlib.aclosing(changes) as followed:
+            async for change in followed:
+                if change.value:
+                    yield change.key, _reason(change.value)
 
 
 async def _published(

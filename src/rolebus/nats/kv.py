@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import nats.js.errors
@@ -98,23 +99,27 @@ class KeyValue:
 
     async def changes(
         self, bucket: str, *, from_seq: int | None = None, keys: str = ">", follow: bool = False
-    ) -> AsyncIterator[KvChange]:
+    ) -> AsyncGenerator[KvChange, None]:
         """A bucket's writes in order: without ``from_seq`` the last one of each key
         (deleted keys included, as deletions), from ``from_seq`` every write still
         stored from that stream sequence on. Pass the last ``seq`` + 1 to read only
         what changed since. ``keys``: a key pattern (``task1.>``: keys under task1).
         ``follow``: then go on with every write as it happens."""
         prefix = f"$KV.{bucket}."
-        async for stored in self._streams.read(
+        reading = self._streams.read(
             f"KV_{bucket}",
             filter_subjects=[f"{prefix}{keys}"],
             start_seq=from_seq,
             last_per_subject=from_seq is None,
             follow=follow,
-        ):
-            deleted = stored.headers.get(Header.KV_OPERATION) in _DELETED
-            yield KvChange(
-                seq=stored.seq,
-                key=stored.subject.removeprefix(prefix),
-                value=None if deleted else stored.data,
-            )
+        )
+        # Closed with this generator (not left to the garbage collector), so that its
+        # consumer and subscription go while the connection is still there.
+        async with contextlib.aclosing(reading) as stored_messages:
+            async for stored in stored_messages:
+                deleted = stored.headers.get(Header.KV_OPERATION) in _DELETED
+                yield KvChange(
+                    seq=stored.seq,
+                    key=stored.subject.removeprefix(prefix),
+                    value=None if deleted else stored.data,
+                )

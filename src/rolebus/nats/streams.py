@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,7 +83,7 @@ class StreamReader:
         follow: bool = False,
         batch: int = 1000,
         last_per_subject: bool = False,
-    ) -> AsyncIterator[StoredMessage]:
+    ) -> AsyncGenerator[StoredMessage, None]:
         """Read a stream in order through an ephemeral no-ack consumer, which no
         worker's durable consumer notices. Stops at the end unless ``follow``.
 
@@ -99,22 +99,25 @@ class StreamReader:
             try:
                 if not follow and not info.num_pending:
                     return
-                async for message in self._pull(stream, info.name, batch):
-                    last_seq = message.stream_seq
-                    yield StoredMessage(
-                        stream=stream,
-                        seq=message.stream_seq,
-                        subject=message.subject,
-                        time=from_nanoseconds(message.time_ns),
-                        headers=message.headers,
-                        data=message.data,
-                    )
-                    if message.pending == 0 and not follow:
-                        return
+                async with contextlib.aclosing(self._pull(stream, info.name, batch)) as pulled:
+                    async for message in pulled:
+                        last_seq = message.stream_seq
+                        yield StoredMessage(
+                            stream=stream,
+                            seq=message.stream_seq,
+                            subject=message.subject,
+                            time=from_nanoseconds(message.time_ns),
+                            headers=message.headers,
+                            data=message.data,
+                        )
+                        if message.pending == 0 and not follow:
+                            return
             finally:
                 await self._delete_consumer(stream, info.name)
 
-    async def _pull(self, stream: str, consumer: str, batch: int) -> AsyncIterator[InboundMessage]:
+    async def _pull(
+        self, stream: str, consumer: str, batch: int
+    ) -> AsyncGenerator[InboundMessage, None]:
         """The consumer's messages until it goes quiet (then the caller makes it again)."""
         queue: asyncio.Queue[InboundMessage | None] = asyncio.Queue()
 

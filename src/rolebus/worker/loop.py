@@ -158,8 +158,9 @@ class Worker:
         for task in self._background:
             task.cancel()
         for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a background reader must not hold the worker's stop.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, timeout=5.0)
         for message, _ in list(self._in_flight.values()):
             with contextlib.suppress(Exception):
                 await message.nak()
@@ -212,8 +213,10 @@ class Worker:
         """Each new cancel request, from any machine, as it is made."""
         while True:
             try:
-                async for task_id, reason in Cancellations(self._connection).follow(from_seq):
-                    self.dispatcher.cancel_requested(task_id, reason)
+                requests = Cancellations(self._connection).follow(from_seq)
+                async with contextlib.aclosing(requests) as followed:
+                    async for task_id, reason in followed:
+                        self.dispatcher.cancel_requested(task_id, reason)
             except RolebusError as error:  # the server went away: follow again
                 self._log.warning("cannot follow cancel requests; retrying", error=str(error))
                 await asyncio.sleep(1.0)
