@@ -29,7 +29,7 @@ from rolebus.cli.app import (
 from rolebus.cli.demo import play
 from rolebus.errors import ConfigError, NotFoundError
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
-from rolebus.flows.state import STATES, StateStore, TaskState
+from rolebus.flows.state import STATES, StateStore, TaskState, published_tasks
 from rolebus.history.replay import (
     Replayed,
     ReplayFilter,
@@ -259,15 +259,13 @@ def _tree_label(state: TaskState) -> str:
 
 async def _explain_missing(bus: Bus, task_id: str) -> NoReturn:
     """No record: a task gets one when a worker picks it up. Say whether it waits."""
-    wanted = ReplayFilter(stream=WORK_STREAM, subject="task.>")
-    async for item in replay(bus.connection, wanted):
-        if item.message is not None and item.message.id == task_id:
-            raise NotFoundError(
-                f"task {task_id!r} is published ({item.stored.subject}, {WORK_STREAM} seq "
-                f"{item.stored.seq}) but no worker has picked it up yet",
-                hint="start its role's worker (`rolebus worker ROLE`, or `rolebus up`); "
-                "`rolebus status` shows each role's backlog",
-            )
+    async for _, stored in published_tasks(bus.connection, task_id):
+        raise NotFoundError(
+            f"task {task_id!r} is published ({stored.subject}, {WORK_STREAM} seq "
+            f"{stored.seq}) but no worker has picked it up yet",
+            hint="start its role's worker (`rolebus worker ROLE`, or `rolebus up`); "
+            "`rolebus status` shows each role's backlog",
+        )
     raise NotFoundError(
         f"no task {task_id!r}", hint="`rolebus tasks` lists them; ids are case-sensitive"
     )

@@ -21,11 +21,11 @@ from rolebus.cli.app import (
 )
 from rolebus.errors import NotFoundError
 from rolebus.flows.contracts import ContractRegistry
-from rolebus.flows.state import StateStore, TaskState
+from rolebus.flows.state import StateStore, TaskState, published_tasks
 from rolebus.handlers.llm import LlmRunner
 from rolebus.handlers.loader import load_handler
 from rolebus.handlers.prompt import prompt_messages
-from rolebus.history.replay import ReplayFilter, parse_since, replay
+from rolebus.history.replay import parse_since
 from rolebus.history.rerun import RerunResult, context_for, rerun, work_item
 from rolebus.team.roles import CommandHandler
 from rolebus.wire.messages import Task
@@ -159,10 +159,8 @@ def prompt_command(
 
 async def _published_task(bus: Bus, task_id: str) -> tuple[Task, str]:
     """A task no worker has picked up yet, and its subject."""
-    wanted = ReplayFilter(stream=WORK_STREAM, subject="task.>")
-    async for item in replay(bus.connection, wanted):
-        if isinstance(item.message, Task) and item.message.id == task_id:
-            return item.message, item.stored.subject
+    async for task, stored in published_tasks(bus.connection, task_id):
+        return task, stored.subject
     raise NotFoundError(
         f"no task {task_id!r}", hint="`rolebus tasks` lists them; ids are case-sensitive"
     )

@@ -13,14 +13,13 @@ import contextlib
 import json
 from collections.abc import AsyncGenerator
 
-from rolebus.errors import CodecError, NotFoundError
+from rolebus.errors import NotFoundError
 from rolebus.flows.effects import publish_event, state_event
-from rolebus.flows.state import StateStore, StoredState, TaskState
+from rolebus.flows.state import StateStore, StoredState, TaskState, published_tasks
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import Team
-from rolebus.wire import codec
-from rolebus.wire.messages import Task, utc_now
-from rolebus.wire.subjects import CANCELS_BUCKET, TASK, WORK_STREAM
+from rolebus.wire.messages import utc_now
+from rolebus.wire.subjects import CANCELS_BUCKET, TASK
 
 __all__ = ["CANCELLED", "Cancellations", "cancel"]
 
@@ -62,15 +61,7 @@ async def _published(
     """Records for ``task_id`` and its descendants as published (no worker has
     recorded them yet)."""
     found: dict[str, TaskState] = {}
-    async for stored in connection.streams.read(WORK_STREAM, filter_subjects=[f"{TASK}.>"]):
-        try:
-            task = codec.decode_as(
-                Task, stored.data, subject=stored.subject, origin=stored.origin()
-            )
-        except CodecError:
-            continue
-        if task.id != task_id and not task.id.startswith(f"{task_id}-"):
-            continue
+    async for task, stored in published_tasks(connection, task_id, descendants=True):
         domain = stored.subject.split(".")[1]
         owner = team.domain_owner.get(domain, "?") if team is not None else "?"
         found[task.id] = TaskState(

@@ -17,10 +17,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rolebus.errors import CodecError
 from rolebus.nats.connection import Connection
+from rolebus.nats.delivery import StoredMessage
 from rolebus.wire import codec
 from rolebus.wire.messages import Task, utc_now
-from rolebus.wire.subjects import TASKS_BUCKET
+from rolebus.wire.subjects import TASK, TASKS_BUCKET, WORK_STREAM
 
 __all__ = ["PARKED", "STATES", "TERMINAL_STATES", "StateStore", "StoredState", "TaskState"]
 
@@ -190,3 +192,19 @@ class StateStore:
     async def put(self, state: TaskState) -> None:
         """Overwrite (operator actions such as a redrive)."""
         await self._connection.kv.put(TASKS_BUCKET, state.task_id, codec.encode(state))
+
+
+async def published_tasks(
+    connection: Connection, task_id: str, *, descendants: bool = False
+) -> AsyncIterator[tuple[Task, StoredMessage]]:
+    """``task_id`` as published in the work stream (with ``descendants``, also the
+    tasks it caused, ``<task_id>-<n>``): for a task no worker has recorded yet."""
+    async for stored in connection.streams.read(WORK_STREAM, filter_subjects=[f"{TASK}.>"]):
+        try:
+            task = codec.decode_as(
+                Task, stored.data, subject=stored.subject, origin=stored.origin()
+            )
+        except CodecError:
+            continue
+        if task.id == task_id or (descendants and task.id.startswith(f"{task_id}-")):
+            yield task, stored
