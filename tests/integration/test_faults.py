@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.errors import RoleError, StreamFullError
+from rolebus.flows.state import StateStore
+from rolebus.history.replay import read_events
 from rolebus.nats.admin import StreamLimits
 from rolebus.nats.server import EmbeddedServer
 from rolebus.team.roles import load_team, parse_role
@@ -81,10 +83,29 @@ async def settled(bus: Bus, ids: list[str], timeout: float = 90) -> HistoryRepor
     async def done() -> bool:
         return not (await check_history(bus.connection, ids)).lost
 
-    await wait_for(done, timeout=timeout)
+    try:
+        await wait_for(done, timeout=timeout)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{await why_lost(bus, ids)}") from None
     report = await check_history(bus.connection, ids)
     report.assert_ok()
     return report
+
+
+async def why_lost(bus: Bus, ids: list[str]) -> str:
+    """What the bus knows of the tasks not yet ended: their records, their events,
+    and the work consumer (a failed fault test must say where a task stopped)."""
+    lost = (await check_history(bus.connection, ids)).lost
+    lines = [f"not ended: {lost}"]
+    states = StateStore(bus.connection)
+    for task_id in lost:
+        stored = await states.get(task_id)
+        lines.append(f"record {task_id}: {stored.state if stored else None}")
+        events = [e for e in await read_events(bus.connection) if e.task_id == task_id]
+        lines.append(f"events {task_id}: {[(e.state, e.attempt) for e in events]}")
+    consumer = await bus.connection.admin.consumer_state(WORK_STREAM, "worker-eng-be")
+    lines.append(f"consumer: {consumer}")
+    return "\n".join(lines)
 
 
 async def event_count(bus: Bus) -> int:

@@ -30,6 +30,7 @@ from rolebus.cli.demo import play
 from rolebus.errors import ConfigError, NotFoundError
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
 from rolebus.flows.state import STATES, StateStore, TaskState, published_tasks
+from rolebus.history.flow import Flow, read_flow
 from rolebus.history.replay import (
     Replayed,
     ReplayFilter,
@@ -41,6 +42,7 @@ from rolebus.history.replay import (
     stream_named,
 )
 from rolebus.team.roles import with_model
+from rolebus.web.flowsvg import render_flow
 from rolebus.wire.messages import Event
 from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, stream_holding
 
@@ -274,13 +276,25 @@ async def _explain_missing(bus: Bus, task_id: str) -> NoReturn:
 @app.command("show")
 def show_command(
     task_id: Annotated[str, typer.Argument(help="A task id (the root of a flow shows it all).")],
+    svg: Annotated[
+        Path | None,
+        typer.Option(
+            "--svg",
+            metavar="FILE",
+            help="Also write the flow as a picture to FILE (SVG: a lane per role, a box "
+            "per message, arrows from cause to effect, bars where work waited).",
+        ),
+    ] = None,
+    roles: RolesOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """A task, its state and attempts, and its causal tree across roles: follow-ups,
     handoffs, escalations and decisions."""
+    settings = settings_for(roles)
+    team = team_for(settings) if svg is not None else None
 
-    async def go() -> tuple[TaskState, list[TaskState], list[EscalationRecord]]:
-        async with await Bus.connect(settings_for(), name="rolebus-show") as bus:
+    async def go() -> tuple[TaskState, list[TaskState], list[EscalationRecord], Flow | None]:
+        async with await Bus.connect(settings, name="rolebus-show") as bus:
             found = await StateStore(bus.connection).get(task_id)
             if found is None:
                 await _explain_missing(bus, task_id)
@@ -289,9 +303,23 @@ def show_command(
             records = [
                 r for r in await EscalationStore(bus.connection).all() if r.correlation_id == flow
             ]
-            return found.state, states, records
+            picture = None if team is None else await read_flow(bus.connection, team, flow)
+            return found.state, states, records, picture
 
-    state, states, records = run(go())
+    state, states, records, picture = run(go())
+    if svg is not None and picture is not None:
+        try:
+            svg.write_text(render_flow(picture, standalone=True), encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(
+                f"cannot write {svg}: {error.strerror}",
+                hint="give a file in a folder you can write",
+            ) from None
+        err.print(
+            f"wrote {svg}: {len(picture.lanes)} lanes, {len(picture.boxes)} boxes "
+            f"(open it in a browser; hover a box for its details)",
+            highlight=False,
+        )
     if as_json:
         print_json(
             {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
@@ -26,11 +27,12 @@ from rolebus.nats.connection import Connection
 from rolebus.wire import codec
 from rolebus.wire.subjects import TASKS_BUCKET
 
-__all__ = ["LatencyHistogram", "TaskProjection"]
+__all__ = ["SLICE_SECONDS", "LatencyHistogram", "Slice", "TaskProjection"]
 
 log = structlog.get_logger(__name__)
 
 _SLICE = 10  # seconds of completions per histogram
+SLICE_SECONDS = _SLICE
 _FLOOR_MS = 0.01  # latencies below this share the first bin
 _GROWTH = 1.01  # each bin is 1 % wider than the one before: its middle is within 0.5 %
 _LOG_GROWTH = math.log(_GROWTH)
@@ -80,21 +82,55 @@ class LatencyHistogram:
     def percentiles(self, *fractions: float) -> tuple[int, list[float | None]]:
         """How many latencies the window holds, and the value at each fraction
         (nearest rank, like ``rolebus status`` always reported), None when empty."""
-        merged = self._merged()
-        total = sum(merged.values())
-        if not total:
-            return 0, [None for _ in fractions]
-        ordered = sorted(merged.items())
-        values: list[float | None] = []
-        for fraction in fractions:
-            rank = min(total - 1, round(fraction * (total - 1)))
-            seen = 0
-            for index, count in ordered:
-                seen += count
-                if seen > rank:
-                    values.append(_middle(index))
-                    break
-        return total, values
+        return _percentiles(self._merged(), fractions)
+
+    def series(self) -> list[Slice]:
+        """Each 10-second slice of the window that holds completions, oldest first:
+        what the dashboard's charts draw (and ``rolebus status --json`` reports)."""
+        self.expire()
+        slices = []
+        for slot in sorted(self._slices):
+            count, (p50, p99) = _percentiles(self._slices[slot], (0.5, 0.99))
+            at = datetime.fromtimestamp(slot * _SLICE, UTC)
+            slices.append(Slice(at=at, completed=count, p50_ms=p50, p99_ms=p99))
+        return slices
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Ten seconds of one role's completions."""
+
+    at: datetime  # the slice's start
+    completed: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "at": self.at.isoformat(),
+            "completed": self.completed,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+        }
+
+
+def _percentiles(
+    counts: Counter[int], fractions: Iterable[float]
+) -> tuple[int, list[float | None]]:
+    total = sum(counts.values())
+    if not total:
+        return 0, [None for _ in fractions]
+    ordered = sorted(counts.items())
+    values: list[float | None] = []
+    for fraction in fractions:
+        rank = min(total - 1, round(fraction * (total - 1)))
+        seen = 0
+        for index, count in ordered:
+            seen += count
+            if seen > rank:
+                values.append(_middle(index))
+                break
+    return total, values
 
 
 class TaskProjection:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rolebus.flows import dlq
+from rolebus.flows.budgets import BudgetLedger
 from rolebus.flows.escalation import EscalationStore
 from rolebus.history.projection import TaskProjection
 from rolebus.history.replay import ReplayFilter, replay
@@ -44,6 +45,14 @@ class RoleStatus:
     #: Model calls, tokens and cost: {"today": ..., "total": ..., "models": {model: ...}}.
     usage: dict[str, Any] = field(default_factory=dict)
     slo: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Each 10-second slice of the window with completions: at, completed, p50_ms, p99_ms.
+    series: list[dict[str, Any]] = field(default_factory=list)
+    #: Dead letters and escalations the role raised in the window: at, kind, id.
+    marks: list[dict[str, Any]] = field(default_factory=list)
+    #: Model spend per hour over the last day: hour, tokens, cost_usd.
+    spend_hours: list[dict[str, Any]] = field(default_factory=list)
+    #: The caps in force (after `rolebus budget set`): tokens_per_day, usd_per_day.
+    budget: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,20 +138,34 @@ async def collect(
     await records.update(connection)
     ledger = ledger or UsageLedger()
     await ledger.update(connection)
+    since = datetime.now(UTC) - timedelta(seconds=window)
     dead: dict[str, int] = {}
+    marks: dict[str, list[dict[str, Any]]] = {}
     async for entry in dlq.list_dead_letters(connection):
         dead[entry.role] = dead.get(entry.role, 0) + 1
+        if entry.time >= since:
+            marks.setdefault(entry.role, []).append(
+                {"at": entry.time.isoformat(), "kind": "dead-letter", "id": str(entry.seq)}
+            )
     holders: dict[str, int] = {}
     for record in await EscalationStore(connection).all():
         if record.status == "open":
             holder = record.current_holder(team)
             holders[holder] = holders.get(holder, 0) + 1
+        if record.opened_at >= since:
+            marks.setdefault(record.asking_role, []).append(
+                {"at": record.opened_at.isoformat(), "kind": "escalation", "id": record.id}
+            )
+    budgets = BudgetLedger(connection)
+    day_ago = datetime.now(UTC) - timedelta(days=1)
     statuses = []
     for role in team:
         consumer = await connection.admin.consumer_state(
             WORK_STREAM, consumer_name(role.id), filter_subjects=tuple(role.filter_subjects)
         )
-        completed, (p50, p99) = records.latencies(role.id).percentiles(0.5, 0.99)
+        latencies = records.latencies(role.id)
+        completed, (p50, p99) = latencies.percentiles(0.5, 0.99)
+        caps = await budgets.caps(role) if role.budget.capped else role.budget
         tried, failed = counts.totals(role.id)
         error_rate = failed / tried if tried else None
         statuses.append(
@@ -176,6 +199,17 @@ async def collect(
                     # Uptime needs a history of worker liveness rolebus does not keep yet.
                     "uptime": {"target": role.slo.uptime, "value": None, "met": None},
                 },
+                series=[piece.as_json() for piece in latencies.series()],
+                marks=sorted(marks.get(role.id, []), key=lambda mark: str(mark["at"])),
+                spend_hours=[
+                    {
+                        "hour": hour.isoformat(),
+                        "tokens": spent.tokens,
+                        "cost_usd": round(spent.cost_usd, 6) if spent.priced else None,
+                    }
+                    for hour, spent in ledger.hours(role.id, day_ago)
+                ],
+                budget={"tokens_per_day": caps.tokens_per_day, "usd_per_day": caps.usd_per_day},
             )
         )
     return statuses

@@ -54,6 +54,7 @@ class UsageLedger:
         self._next_seq: int | None = None
         self._total: dict[tuple[str, str], Spent] = {}  # (role, model)
         self._by_day: dict[tuple[str, str, str], Spent] = {}  # (role, model, day)
+        self._by_hour: dict[tuple[str, int], Spent] = {}  # (role, hour's start in epoch s)
 
     async def update(self, connection: Connection) -> None:
         wanted = ReplayFilter(stream=EVENTS_STREAM, subject="event.task.*", from_seq=self._next_seq)
@@ -72,6 +73,8 @@ class UsageLedger:
             day = item.stored.time.astimezone(UTC).date().isoformat()
             self._total.setdefault((event.role, usage.model), Spent()).add(usage)
             self._by_day.setdefault((event.role, usage.model, day), Spent()).add(usage)
+            hour = int(item.stored.time.timestamp()) // 3600 * 3600
+            self._by_hour.setdefault((event.role, hour), Spent()).add(usage)
 
     def spent(self, role: str, *, today: bool = False, model: str | None = None) -> Spent:
         """What ``role`` spent (on ``model``, or all of them), today (UTC) or in all."""
@@ -98,6 +101,16 @@ class UsageLedger:
             total.cost_usd += spent.cost_usd
             total.priced = total.priced and spent.priced
         return total
+
+    def hours(self, role: str, since: datetime) -> list[tuple[datetime, Spent]]:
+        """What ``role`` spent in each hour from ``since`` on (hours without calls
+        left out), oldest first: the dashboard's spend chart."""
+        oldest = int(since.timestamp()) // 3600 * 3600
+        return [
+            (datetime.fromtimestamp(hour, UTC), spent)
+            for (who, hour), spent in sorted(self._by_hour.items(), key=lambda item: item[0][1])
+            if who == role and hour >= oldest
+        ]
 
     def models(self, role: str) -> list[str]:
         return sorted({model for (who, model) in self._total if who == role})

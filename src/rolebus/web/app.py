@@ -20,6 +20,7 @@ import json
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -38,11 +39,15 @@ from rolebus.flows.cancels import cancel
 from rolebus.flows.contracts import ContractRegistry, ContractVersion, diff
 from rolebus.flows.escalation import EscalationStore, resolve
 from rolebus.flows.state import StateStore, TaskState
+from rolebus.history.flow import read_flow
 from rolebus.history.projection import TaskProjection
 from rolebus.history.replay import ReplayFilter, flow_states, replay
 from rolebus.history.status import AttemptCounts, collect
+from rolebus.history.usage import UsageLedger
 from rolebus.nats.delivery import StoredMessage
-from rolebus.team.roles import Team
+from rolebus.team.roles import LlmHandler, RoleSpec, Team
+from rolebus.web.charts import role_charts
+from rolebus.web.flowsvg import render_flow
 from rolebus.web.guard import LOOPBACK, BrowserGuard, csrf_of, csrf_ok
 from rolebus.web.pages import LIVE_JS, model_calls, page, slo_cell, task_card, version_row
 from rolebus.web.pages import escape as _e  # short: it wraps every value in the templates
@@ -54,6 +59,12 @@ __all__ = ["Board", "create_app"]
 log = structlog.get_logger(__name__)
 
 _CARDS = 50  # per role on the board, newest first
+_WINDOW = 3600.0  # seconds the board's counts and charts look back
+
+
+def _spends(role: RoleSpec) -> bool:
+    """Whether a role's charts include model spend."""
+    return isinstance(role.handler, LlmHandler) or role.budget.capped
 
 
 class Board:
@@ -121,12 +132,15 @@ def create_app(
 
     async def load_board() -> tuple[dict[str, list[TaskState]], dict[str, Any]]:
         # Both read only what was written since the last refresh.
-        found = await collect(connection(), team, counts=counts, records=records)
+        found = await collect(
+            connection(), team, counts=counts, records=records, ledger=ledger, window=_WINDOW
+        )
         cards = {role.id: records.cards(role.id) for role in team}
         return cards, {status.role: status for status in found}
 
-    counts = AttemptCounts(window=3600)
-    records = TaskProjection((role.id for role in team), cards=_CARDS, window=3600)
+    counts = AttemptCounts(window=_WINDOW)
+    records = TaskProjection((role.id for role in team), cards=_CARDS, window=_WINDOW)
+    ledger = UsageLedger()
     live = Board(load_board)
 
     @contextlib.asynccontextmanager
@@ -150,6 +164,7 @@ def create_app(
         except TimeoutError:
             return HTMLResponse("the board is still loading: reload in a moment", 503)
         columns = []
+        now = datetime.now(UTC)
         for role in team:
             status = statuses[role.id]
             cards = cards_by_role[role.id]
@@ -158,11 +173,15 @@ def create_app(
                 for name, check in status.slo.items()
                 if check["target"] is not None
             )
+            charts = role_charts(
+                status, now=now, window=_WINDOW, spends=_spends(role), size=(200, 72)
+            )
             columns.append(
-                f'<section class="column" data-role="{_e(role.id)}"><h3>{_e(role.id)}</h3>'
+                f'<section class="column" data-role="{_e(role.id)}"><h3>'
+                f'<a href="/roles/{_e(role.id)}">{_e(role.id)}</a></h3>'
                 f'<div class="muted">{_e(role.title)}</div>'
                 f"<div>backlog {status.backlog} · in flight {status.in_flight} · "
-                f"dead {status.dead_letters}</div>{slo}"
+                f"dead {status.dead_letters}</div>{slo}{charts}"
                 + "".join(task_card(card) for card in cards)
                 + "</section>"
             )
@@ -170,6 +189,35 @@ def create_app(
         if request.query_params.get("fragment"):
             return HTMLResponse(body)
         return page("Team board", body, live=True)
+
+    async def role_page(request: Request) -> Response:
+        role = team.roles.get(request.path_params["role"])
+        if role is None:
+            return page("Not found", f"<p>No role {_e(request.path_params['role'])}.</p>")
+        try:
+            _, statuses = await live.current()
+        except TimeoutError:
+            return HTMLResponse("the board is still loading: reload in a moment", 503)
+        status = statuses[role.id]
+        slo = "".join(
+            f"<li>{_e(name)}: {slo_cell(check)}</li>"
+            for name, check in status.slo.items()
+            if check["target"] is not None
+        )
+        charts = role_charts(
+            status, now=datetime.now(UTC), window=_WINDOW, spends=_spends(role), size=(1200, 150)
+        )
+        body = (
+            f'<div class="card" data-role="{_e(role.id)}"><b>{_e(role.title)}</b> · reports to '
+            f"{_e(role.reports_to or 'nobody')} · backlog {status.backlog} · in flight "
+            f"{status.in_flight} · completed in the last hour {status.completed} · dead letters "
+            f"{status.dead_letters} · open escalations {status.open_escalations}"
+            f"<ul>{slo}</ul></div>{charts}<p class='muted'>The same points: "
+            f"<code>rolebus status --json</code> (series, marks, spend_hours).</p>"
+        )
+        if request.query_params.get("fragment"):
+            return HTMLResponse(body)
+        return page(f"Role {role.id}", body, live=True)
 
     async def task_page(request: Request) -> Response:
         task_id = request.path_params["task_id"]
@@ -196,6 +244,9 @@ def create_app(
             for e in events
         )
         items = "".join(f"<li>{task_card(s)}</li>" for s in flow)
+        picture = render_flow(
+            await read_flow(connection(), team, root.correlation_id or root.task_id)
+        )
         calls = await CallStore(connection()).for_task(root.task_id)
         cancel_form = (
             ""
@@ -208,7 +259,10 @@ def create_app(
         )
         body = (
             f"{task_card(root)}{cancel_form}<p class='muted'>attempts: {root.attempt}; result: "
-            f"{_e(json.dumps(root.result, default=str))}</p><h2>Flow</h2><ul>{items}</ul>"
+            f"{_e(json.dumps(root.result, default=str))}</p><h2>Flow</h2>"
+            f'<div class="flow-wrap">{picture}</div><div id="detail" class="card muted">'
+            "Click a box for its details.</div>"
+            f"<details><summary>Work items ({len(flow)})</summary><ul>{items}</ul></details>"
             + (f"<h2>Model calls</h2>{model_calls(calls)}" if calls else "")
             + f"<h2>Timeline</h2><table>{rows}</table>"
         )
@@ -220,21 +274,34 @@ def create_app(
         records = [r for r in await EscalationStore(connection()).all() if r.status == "open"]
         forms = []
         for record in sorted(records, key=lambda r: r.opened_at):
-            options = "".join(f"<li>{_e(o.name)}: {_e(o.tradeoffs)}</li>" for o in record.options)
-            buttons = (
+            action = f"/escalations/{_e(record.id)}/resolve"
+            csrf = f'<input type="hidden" name="csrf" value="{csrf_of(request)}">'
+            verdict = "approve" if record.kind == "approval" else "answer"
+            # Each option is one click: its name is the decision (approved, for an approval).
+            options = "".join(
+                f'<form method="post" action="{action}">{csrf}'
+                f'<input type="hidden" name="verdict" value="{verdict}">'
+                f'<button class="option" name="decision" value="{_e(o.name)}">'
+                f"<b>{_e(o.name)}</b><br><span class='muted'>{_e(o.tradeoffs)}</span>"
+                "</button></form>"
+                for o in record.options
+            )
+            verdicts = (
+                f'<form method="post" action="{action}">{csrf}'
+                '<input name="decision" placeholder="why (optional)"> '
                 '<button name="verdict" value="approve">Approve</button>'
-                '<button name="verdict" value="reject">Reject</button>'
+                '<button name="verdict" value="reject">Reject</button></form>'
                 if record.kind == "approval"
-                else '<button name="verdict" value="answer">Answer</button>'
+                else f'<form method="post" action="{action}">{csrf}'
+                '<input name="decision" required placeholder="or answer in words"> '
+                '<button name="verdict" value="answer">Answer</button></form>'
             )
             forms.append(
                 f'<div class="card" data-escalation="{_e(record.id)}">'
                 f"<b>{_e(record.asking_role)} asks {_e(record.current_holder(team))}</b> "
-                f"({_e(record.reason)}): {_e(record.question)}<ul>{options}</ul>"
-                f'<form method="post" action="/escalations/{_e(record.id)}/resolve">'
-                f'<input type="hidden" name="csrf" value="{csrf_of(request)}">'
-                f'<input name="decision" required placeholder="your decision"> {buttons}'
-                "</form></div>"
+                f"({_e(record.reason)}): {_e(record.question)}"
+                + (f'<div class="options">{options}</div>' if options else "")
+                + f"{verdicts}</div>"
             )
         body = "".join(forms) or "<p>No open escalations.</p>"
         if request.query_params.get("fragment"):
@@ -249,12 +316,15 @@ def create_app(
             return Response("missing or wrong CSRF token", status_code=403)
         verdict = str(form.get("verdict", "answer"))
         approved = {"approve": True, "reject": False}.get(verdict)
+        decision = str(form.get("decision", "")).strip()
+        if not decision and approved is not None:
+            decision = "approved" if approved else "rejected"
         try:
             await resolve(
                 connection(),
                 team,
                 request.path_params["escalation_id"],
-                decision=str(form.get("decision", "")),
+                decision=decision,
                 approved=approved,
             )
         except RolebusError as error:
@@ -370,6 +440,7 @@ def create_app(
         routes=[
             Route("/", board),
             Route("/tasks/{task_id}", task_page),
+            Route("/roles/{role}", role_page),
             Route("/escalations", escalations_page),
             Route("/escalations/{escalation_id}/resolve", resolve_escalation, methods=["POST"]),
             Route("/tasks/{task_id}/cancel", cancel_task, methods=["POST"]),

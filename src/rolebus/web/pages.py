@@ -17,8 +17,13 @@ __all__ = ["escape", "page", "slo_cell", "task_card", "version_row"]
 _STYLE = """
 body{font:14px system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
 nav{background:#1d2330;padding:8px 16px}nav a{color:#fff;margin-right:16px;text-decoration:none}
-main{padding:16px}.board{display:flex;gap:12px;align-items:flex-start;overflow-x:auto}
-.column{background:#fff;border:1px solid #dde1e7;border-radius:6px;min-width:220px;padding:8px}
+main{padding:16px}.board{display:grid;gap:12px;align-items:start;
+grid-template-columns:repeat(auto-fill,minmax(190px,1fr))}
+.column{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:8px;min-width:0;
+overflow-wrap:anywhere}.flow-wrap{overflow-x:auto;border:1px solid #dde1e7;background:#fff}
+#detail{white-space:pre-wrap;margin:8px 0}.box:focus rect{stroke-width:4}
+.options{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0}.options button{text-align:left}
+.chart{display:block;margin:4px 0}
 .card{border:1px solid #e4e7ec;border-radius:4px;padding:6px;margin:6px 0;background:#fbfcfd}
 .state-completed{border-left:4px solid #2f9e44}
 .state-dead,.state-rejected{border-left:4px solid #e03131}
@@ -46,6 +51,24 @@ source.onmessage = () => {
   }, 250);
 };
 document.addEventListener("click", (event) => {
+  const box = event.target.closest("[data-detail]");
+  const panel = document.getElementById("detail");
+  if (box && panel) {
+    panel.replaceChildren();
+    for (const line of box.dataset.detail.split("\\n")) {
+      const row = document.createElement("div");
+      row.textContent = line;
+      panel.appendChild(row);
+    }
+    if (box.dataset.task) {
+      const link = document.createElement("a");
+      link.href = "/tasks/" + encodeURIComponent(box.dataset.task);
+      link.textContent = "open " + box.dataset.task;
+      panel.appendChild(link);
+    }
+    panel.dataset.shown = box.dataset.id;
+    return;
+  }
   const button = event.target.closest("[data-copy]");
   if (!button) return;
   const source = document.getElementById(button.dataset.copy);
