@@ -18,7 +18,7 @@ from rolebus.handlers.base import HandlerContext
 from rolebus.team.roles import load_team
 from rolebus.testing import wait_for
 from rolebus.web.app import Board, create_app
-from rolebus.wire.messages import EscalationRequest, Outcome, Task
+from rolebus.wire.messages import EscalationOption, EscalationRequest, Outcome, Task
 from rolebus.worker.runner import start_workers
 
 from ..conftest import REPO
@@ -66,7 +66,14 @@ async def ambiguous(task: Task, context: HandlerContext) -> Outcome:
     if not context.decisions:
         return Outcome(
             status="escalate",
-            escalation=EscalationRequest(reason="ambiguous-spec", question="offset or cursor?"),
+            escalation=EscalationRequest(
+                reason="ambiguous-spec",
+                question="offset or cursor?",
+                options=[
+                    EscalationOption(name="offset", tradeoffs="simple; pages shift on inserts"),
+                    EscalationOption(name="cursor", tradeoffs="stable; no page numbers"),
+                ],
+            ),
         )
     return Outcome.completed({"used": context.decisions[-1].decision})
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rolebus.bus import Bus
 from rolebus.cli.demo import play
 from rolebus.config import Settings
+from rolebus.flows.state import StateStore
 from rolebus.history.flow import addressee
 from rolebus.history.replay import ReplayFilter, replay
 from rolebus.wire.messages import Event
@@ -78,17 +79,23 @@ async def test_the_board_updates_live_and_the_inbox_resumes_a_parked_task(
             # No reload: the card appears through the live updates.
             await board.wait_for_selector(f".state-input-required{card}", timeout=20_000)
             assert await board.inner_text(f"{card} a") == SCRIPT  # shown as text
-            await board.screenshot(path=str(shots / "board.png"))
+            await board.screenshot(path=str(shots / "board-parked.png"))
 
             inbox = await browser.new_page(viewport={"width": 1280, "height": 800})
             await inbox.goto(base + "/escalations")
             form = f'[data-escalation="{task.id}-1"]'
+            # The escalation's options are buttons, each with its trade-offs: one click.
+            assert "stable; no page numbers" in await inbox.inner_text(
+                f"{form} button.option[value=cursor]"
+            )
             await inbox.screenshot(path=str(shots / "escalations.png"))
-            await inbox.fill(f"{form} input[name=decision]", "cursor pagination")
-            await inbox.click(f"{form} button[value=answer]")
+            await inbox.click(f"{form} button.option[value=cursor]")
             await inbox.wait_for_url(base + "/escalations")
 
             await board.wait_for_selector(f".state-completed{card}", timeout=20_000)
+            stored = await StateStore(rolebus_bus.connection).get(task.id)
+            assert stored is not None
+            assert stored.state.result == {"used": "cursor"}  # the option picked
             await board.screenshot(path=str(shots / "board-resumed.png"))
 
             await inbox.goto(base + f"/tasks/{task.id}")

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 from rich.console import Console
 
@@ -128,6 +129,33 @@ def test_make_demo_runs_twice_and_its_replay_command_reproduces_the_flow(tmp_pat
                 check=False,
             )
             assert f"{len(lines)} message(s) from ROLEBUS_EVENTS" in timeline.stdout
+        # The picture a person pastes into a review: a box per message of the flow
+        # (the work stream's, and the retry), a lane per role that took part.
+        picture = tmp_path / "flow.svg"
+        shown = subprocess.run(
+            [binary, "show", roots[-1], "--svg", str(picture)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stderr
+        work = subprocess.run(
+            [binary, "replay", "--stream", "work", "--correlation", roots[-1], "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.splitlines()
+        svg = ElementTree.parse(picture).getroot()
+        ns = "{http://www.w3.org/2000/svg}"
+        boxes = [g for g in svg.iter(f"{ns}g") if g.get("data-kind")]
+        lanes = {g.get("data-role") for g in svg.iter(f"{ns}g") if g.get("class") == "lane"}
+        assert len(boxes) == len(work) + 1  # and the one retry
+        assert lanes == {"pm", "architect", "eng-be", "eng-fe", "cto", "perf-eng"}
+        assert f"{len(boxes)} boxes" in shown.stderr
     finally:
         server.terminate()
         server.communicate(timeout=30)
