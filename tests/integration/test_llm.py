@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +351,7 @@ async def test_status_and_metrics_show_tokens_and_cost_per_role(
     rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam, tmp_path: Path
 ) -> None:
     from rolebus.history.status import collect, prometheus_text
+    from rolebus.web.charts import spend_chart
 
     team, _ = await start_llm_team(prices="{ input_per_mtok = 1.0, output_per_mtok = 4.0 }")
     tasks = [(await rolebus_bus.publish_task("task.backend.x", title=f"t{n}"))[0] for n in range(2)]
@@ -365,6 +367,12 @@ async def test_status_and_metrics_show_tokens_and_cost_per_role(
     completion = spent["total"]["completion_tokens"]
     assert spent["total"]["cost_usd"] == pytest.approx((prompt * 1.0 + completion * 4.0) / 1e6)
     assert statuses["cto"].usage["total"]["calls"] == 0
+    # The spend chart's points: the hours' tokens and dollars add up to the same totals.
+    hours = statuses["eng-be"].spend_hours
+    assert sum(hour["tokens"] for hour in hours) == spent["total"]["tokens"]
+    assert sum(hour["cost_usd"] for hour in hours) == pytest.approx(spent["total"]["cost_usd"])
+    chart = spend_chart(statuses["eng-be"], now=datetime.now(UTC), unit="tokens")
+    assert all(f'data-value="{hour["tokens"]}"' in chart for hour in hours)
     text = prometheus_text(list(statuses.values()))
     assert 'rolebus_llm_calls_total{role="eng-be",model="test-model"} 2' in text
     assert (
