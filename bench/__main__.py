@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from bench import cases
+from bench.guarantee import bench_layout
 from bench.harness import Results, start_server
 from bench.llm import bench_llm
 
@@ -95,6 +96,7 @@ async def main(
                 ),
             ),
             ("replay", lambda run: cases.bench_replay(url, results, count=size["replay"])),
+            ("layout", lambda run: bench_layout(url, results, count=size["consume"], run=run)),
             ("llm", lambda run: bench_llm(url, results, count=size["llm"], run=run)),
         ]
         for name, case in plan:
