@@ -3,7 +3,10 @@
     python -m bench.rawworker URL CONSUMER MODE
 
 MODE ``follow-up``: decode and validate each task, publish its follow-up
-(awaiting the PubAck), ack. MODE ``consume``: decode, validate, ack.
+(awaiting the PubAck), ack. MODE ``guaranteed``: the same with effects once, the
+least code that gives it: first the task's record (one conditional append on its own
+subject, which fails if the task was done already), then the follow-up, then the
+ack. MODE ``consume``: decode, validate, ack.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import msgpack
 import nats
 from nats.aio.msg import Msg
 
+from bench.guarantee import history_stream, record
 from bench.harness import RawPuller
 from rolebus.wire.messages import Task
 
@@ -29,7 +33,13 @@ async def main(url: str, consumer: str, mode: str) -> None:
 
     async def work(msg: Msg) -> None:
         task = Task.model_validate(msgpack.unpackb(msg.data))
-        if mode == "follow-up":
+        if mode == "guaranteed":
+            await js.publish(
+                f"rawhist.{task.id}",
+                record(task, "completed", {"ok": True}),
+                headers={"Nats-Expected-Last-Subject-Sequence": "0"},
+            )
+        if mode in ("follow-up", "guaranteed"):
             child = Task(id=f"{task.id}-1", kind="done", title="done", causation_id=task.id)
             await js.publish(
                 "task.frontend.done",
@@ -47,6 +57,8 @@ async def main(url: str, consumer: str, mode: str) -> None:
         pending.add(job)
         job.add_done_callback(pending.discard)
 
+    if mode == "guaranteed":
+        await history_stream(client)
     puller = RawPuller(client, "ROLEBUS_WORK", consumer, 128, handle)
     await puller.start()
     print("ready", flush=True)
