@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from bench.guarantee import faststream_guaranteed, raw_guaranteed, rolebus_writes, writes_per_task
+from bench.guarantee import faststream_drain, raw_guaranteed, rolebus_writes, writes_per_task
 from bench.harness import RawPuller, Results, connect, percentile, perf, wait_until
 from rolebus.bus import Bus
 from rolebus.config import Settings
@@ -209,7 +208,7 @@ async def bench_consume(url: str, results: Results, *, count: int, run: int) -> 
             baseline_name="FastStream + append",
         )
         fair.rolebus.append(rate)
-        fair.baseline.append(await faststream_guaranteed(url, client, count, run))
+        fair.baseline.append(await faststream_drain(url, client, count, run, append=True))
 
         await reset(client)
         await prefill(url, count, f"c{run}w")
@@ -250,7 +249,7 @@ async def bench_consume(url: str, results: Results, *, count: int, run: int) -> 
             baseline_name="FastStream pull",
         )
         fast.rolebus.append(rate)
-        fast.baseline.append(await _faststream_consume(url, client, count, run))
+        fast.baseline.append(await faststream_drain(url, client, count, run, append=False))
     finally:
         await client.close()
 
@@ -308,45 +307,6 @@ async def _noop(task: Task, context: Any) -> Any:
     from bench.handlers import noop
 
     return await noop(task, context)
-
-
-async def _faststream_consume(url: str, client: Client, count: int, run: int) -> float:
-    from faststream.nats import JStream, NatsBroker, PullSub
-
-    js = client.jetstream()
-    stream = f"FS_BENCH_{run}"
-    await js.add_stream(name=stream, subjects=[f"fsbench{run}.>"])
-    for offset in range(0, count, 500):
-        futures = [
-            await js.publish_async(f"fsbench{run}.task", task.model_dump_json().encode())
-            for task in make_tasks(min(500, count - offset), f"fs{run}-{offset}-")
-        ]
-        await asyncio.gather(*futures)
-    broker = NatsBroker(url, logger=None, graceful_timeout=2)
-    seen = 0
-    finished = asyncio.Event()
-
-    @broker.subscriber(
-        f"fsbench{run}.task",
-        stream=JStream(name=stream, declare=False),
-        durable=f"fs{run}",
-        pull_sub=PullSub(batch_size=100, timeout=1.0),
-    )
-    async def handler(body: Task) -> None:
-        nonlocal seen
-        seen += 1
-        if seen >= count:
-            finished.set()
-
-    start = perf()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        await broker.start()
-    await asyncio.wait_for(finished.wait(), 600)
-    rate = count / (perf() - start)
-    await broker.stop()
-    await js.delete_stream(stream)
-    return rate
 
 
 # --- 3. end to end, worker in a second process -----------------------------------------------

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -42,6 +43,7 @@ from rolebus.wire.subjects import EVENTS_STREAM, TASKS_BUCKET, WORK_STREAM
 #: The rolebus worker's concurrency in bench/roles: the baselines overlap as many.
 CONCURRENCY = 64
 HISTORY = "RAW_HISTORY"
+WRONG_LAST_SEQUENCE = 10071
 
 
 async def stored(client: Client, streams: list[str]) -> dict[str, int]:
@@ -116,11 +118,7 @@ async def raw_guaranteed(
     async def work(msg: Msg) -> None:
         nonlocal done
         task = Task.model_validate(msgpack.unpackb(msg.data))
-        await js.publish(
-            f"rawhist.{task.id}",
-            record(task, "completed", {"ok": True}),
-            headers={"Nats-Expected-Last-Subject-Sequence": "0"},
-        )
+        await append_record(js, task)
         if follow_up:
             child = Task(id=f"{task.id}-1", kind="page", title="page", causation_id=task.id)
             await js.publish(
@@ -146,18 +144,21 @@ async def raw_guaranteed(
     return rate, writes_per_task(before, await stored(client, streams), count), cpu_us
 
 
-async def faststream_guaranteed(url: str, client: Client, count: int, run: int) -> float:
-    """A FastStream pull subscriber that appends the task's record before its ack."""
+async def faststream_drain(
+    url: str, client: Client, count: int, run: int, *, append: bool
+) -> float:
+    """Tasks/s of a FastStream pull subscriber (pydantic model) over ``count`` tasks;
+    with ``append``, it stores each task's record (conditional append) before its ack."""
     from faststream.nats import JStream, NatsBroker, PullSub
 
     js = client.jetstream()
-    stream = f"FS_GUARANTEE_{run}"
-    await js.add_stream(name=stream, subjects=[f"fsg{run}.>"])
+    stream, prefix = f"FS_BENCH_{run}_{int(append)}", f"fs{run}{int(append)}"
+    await js.add_stream(name=stream, subjects=[f"{prefix}.>"])
     await history_stream(client)
     for offset in range(0, count, 500):
         futures = [
-            await js.publish_async(f"fsg{run}.task", task.model_dump_json().encode())
-            for task in _tasks(min(500, count - offset), f"fsg{run}-{offset}-")
+            await js.publish_async(f"{prefix}.task", task.model_dump_json().encode())
+            for task in _tasks(min(500, count - offset), f"{prefix}-{offset}-")
         ]
         await asyncio.gather(*futures)
     broker = NatsBroker(url, logger=None, graceful_timeout=2)
@@ -165,19 +166,16 @@ async def faststream_guaranteed(url: str, client: Client, count: int, run: int) 
     finished = asyncio.Event()
 
     @broker.subscriber(
-        f"fsg{run}.task",
+        f"{prefix}.task",
         stream=JStream(name=stream, declare=False),
-        durable=f"fsg{run}",
+        durable=prefix,
         pull_sub=PullSub(batch_size=100, timeout=1.0),
-        max_workers=CONCURRENCY,
+        max_workers=CONCURRENCY if append else 1,
     )
     async def handler(body: Task) -> None:
         nonlocal seen
-        await js.publish(
-            f"rawhist.{body.id}",
-            record(body, "completed", {"ok": True}),
-            headers={"Nats-Expected-Last-Subject-Sequence": "0"},
-        )
+        if append:
+            await append_record(js, body)
         seen += 1
         if seen >= count:
             finished.set()
@@ -191,6 +189,21 @@ async def faststream_guaranteed(url: str, client: Client, count: int, run: int) 
     await broker.stop()
     await js.delete_stream(stream)
     return rate
+
+
+async def append_record(js: Any, task: Task) -> None:
+    """The task's record, stored only if it has none (the once-only fence). A record
+    already there means a redelivery of a task that is done: nothing to do but ack
+    (a publish whose answer timed out may well have been stored)."""
+    try:
+        await js.publish(
+            f"rawhist.{task.id}",
+            record(task, "completed", {"ok": True}),
+            headers={"Nats-Expected-Last-Subject-Sequence": "0"},
+        )
+    except nats.js.errors.APIError as error:
+        if error.err_code != WRONG_LAST_SEQUENCE:
+            raise
 
 
 def _tasks(count: int, prefix: str) -> list[Task]:

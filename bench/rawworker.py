@@ -19,7 +19,7 @@ import msgpack
 import nats
 from nats.aio.msg import Msg
 
-from bench.guarantee import history_stream, record
+from bench.guarantee import append_record, history_stream
 from bench.harness import RawPuller
 from rolebus.wire.messages import Task
 
@@ -34,11 +34,7 @@ async def main(url: str, consumer: str, mode: str) -> None:
     async def work(msg: Msg) -> None:
         task = Task.model_validate(msgpack.unpackb(msg.data))
         if mode == "guaranteed":
-            await js.publish(
-                f"rawhist.{task.id}",
-                record(task, "completed", {"ok": True}),
-                headers={"Nats-Expected-Last-Subject-Sequence": "0"},
-            )
+            await append_record(js, task)
         if mode in ("follow-up", "guaranteed"):
             child = Task(id=f"{task.id}-1", kind="done", title="done", causation_id=task.id)
             await js.publish(
