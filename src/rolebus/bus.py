@@ -19,7 +19,6 @@ from rolebus.nats.admin import StreamLimits
 from rolebus.nats.connection import Connection
 from rolebus.nats.protocol import PubAck
 from rolebus.nats.server import running_server_url
-from rolebus.team.auth import ADMIN
 from rolebus.team.auth import inbox_prefix as role_inbox_prefix
 from rolebus.team.roles import Team
 from rolebus.wire import codec
@@ -68,9 +67,9 @@ class Bus:
     ) -> Bus:
         # A role's user (rolebus auth) may listen only on its own inbox prefix, and
         # provisioning is the admin's: the streams exist already for it.
-        role_user = settings.user is not None and settings.user != ADMIN
+        role_user = settings.role_user
         if role_user and inbox_prefix is None:
-            inbox_prefix = role_inbox_prefix(str(settings.user))
+            inbox_prefix = role_inbox_prefix(role_user)
         provision = provision and not role_user
         # Without NATS_URL the server is this state folder's embedded one: if it is
         # restarted on another port, the connection follows it there.

@@ -74,6 +74,10 @@ def _replicas(value: str) -> int:
     return int(value)
 
 
+#: The user that provisions streams and consumers (``rolebus auth`` makes it).
+ADMIN_USER = "admin"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """Where the bus runs and how to reach it. Build with :meth:`from_env`."""
@@ -83,6 +87,9 @@ class Settings:
     user: str | None = None
     password: str | None = None
     nkey_seed_file: Path | None = None
+    #: The role a connection acts as when its credentials do not name it (an nkey or a
+    #: creds file): it listens on that role's inbox prefix and does not provision.
+    acting_as: str | None = None
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -92,6 +99,13 @@ class Settings:
     sync_interval: str = "always"
     replicas: int = 1
     claimed_after: float = 0.25
+
+    @property
+    def role_user(self) -> str | None:
+        """The role whose user this connection is (None: the admin, or no auth)."""
+        if self.acting_as:
+            return self.acting_as
+        return self.user if self.user and self.user != ADMIN_USER else None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -103,6 +117,7 @@ class Settings:
             "user": env.get("NATS_USER") or None,
             "password": env.get("NATS_PASSWORD") or None,
             "nkey_seed_file": _optional_path(env.get("NATS_NKEY")),
+            "acting_as": env.get("ROLEBUS_AS") or None,
             "tls_ca": _optional_path(env.get("NATS_CA")),
             "tls_cert": _optional_path(env.get("NATS_CERT")),
             "tls_key": _optional_path(env.get("NATS_KEY")),

@@ -139,7 +139,7 @@ async def test_the_demo_flow_is_a_picture_and_the_charts_are_the_status_points(
     lanes = {addressee(item.stored.subject, TEAM) for item in messages}
     status = subprocess.run(
         [ROLEBUS, "status", "--json"],
-        env={**os.environ, "NATS_URL": rolebus_settings.nats_url, "ROLEBUS_ROLES": str(ROLES)},
+        env={**os.environ, "NATS_URL": str(rolebus_settings.nats_url), "ROLEBUS_ROLES": str(ROLES)},
         capture_output=True,
         text=True,
         timeout=60,

@@ -407,3 +407,139 @@ def test_a_roles_user_publishes_from_the_cli_and_a_denied_read_is_named(
     assert "permission denied" in denied.stderr
     assert "CONSUMER.CREATE.ROLEBUS_EVENTS" in denied.stderr
     assert "unreachable" not in denied.stderr
+
+
+def test_nkey_users_from_rolebus_auth_run_the_team_and_the_config_holds_no_secret(
+    cli: CliRunner, tmp_path: Path
+) -> None:
+    """The recommended path: `rolebus auth --nkeys`, the server with that config, the
+    admin provisions, a role's worker and `rolebus publish --as` use their seeds."""
+    import asyncio
+
+    secrets, deploy = tmp_path / "secrets", tmp_path / "deploy"
+    made = cli("auth", "--nkeys", "--secrets", str(secrets), "--output", str(deploy))
+    assert made.code == 0, made.stderr
+    config = (deploy / "nats-auth.conf").read_text()
+    seeds = sorted(path.name for path in secrets.glob("*.nk"))
+    assert seeds == sorted(f"{user}.nk" for user in [ADMIN, *(role.id for role in TEAM)])
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in secrets.glob("*.nk"))
+    for path in secrets.glob("*.nk"):  # the seeds stay in their files
+        assert path.read_text().strip() not in config
+    assert '"nkey": "U' in config
+    assert "password" not in config
+    again = cli("auth", "--nkeys", "--secrets", str(secrets))  # the same users, kept
+    assert again.stdout == config
+
+    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=config).start()
+    try:
+
+        async def scenario() -> str:
+            admin = Settings(nats_url=server.url, nkey_seed_file=secrets / "admin.nk")
+            async with await Bus.connect(admin, name="admin") as bus:
+                await provision_team(bus, TEAM)
+                role = Settings(nats_url=server.url, nkey_seed_file=secrets / "eng-be.nk")
+                crew = await start_workers(
+                    role, TEAM, [TEAM.role("eng-be")], grace=1, supervise=False
+                )
+                try:
+                    task, _ = await bus.publish_task("task.backend.build", title="signed")
+
+                    async def done() -> bool:
+                        stored = await StateStore(bus.connection).get(task.id)
+                        return stored is not None and stored.state.state == "completed"
+
+                    await wait_for(done)
+                finally:
+                    await crew.stop(grace=0)
+                return task.id
+
+        asyncio.run(scenario())
+        env = {"NATS_URL": server.url, "NATS_NKEY": str(secrets / "eng-fe.nk")}
+        published = cli("--as", "eng-fe", "publish", "task.backend.x", "-t", "from eng-fe", env=env)
+        assert published.code == 0, published.stderr
+        stranger = cli("publish", "task.backend.x", "-t", "no role named", env=env)
+        assert stranger.code == 1  # eng-fe's user may not listen on the default inbox
+        assert "permission denied" in stranger.stderr
+    finally:
+        server.stop()
+
+
+async def test_a_denial_is_named_as_soon_as_the_server_says_it(tmp_path: Path) -> None:
+    """A KV write, a KV read and a stream read the user may not make fail with the
+    subject named when the server's refusal arrives, well before the JetStream API's
+    3 s timeout (the bound below is under it: a timeout cannot pass it)."""
+    import asyncio
+
+    from rolebus.wire.subjects import EVENTS_STREAM, TASKS_BUCKET
+
+    narrow = {
+        "publish": {"allow": ["$JS.API.INFO", "$JS.API.STREAM.INFO.KV_rolebus_tasks"]},
+        "subscribe": {"allow": ["_INBOX_narrow.>"]},
+    }
+    users = [
+        {"user": ADMIN, "password": "admin-pw"},
+        {"user": "narrow", "password": "narrow-pw", "permissions": narrow},
+    ]
+    config = "authorization {\n  users = " + json.dumps(users) + "\n}\n"
+    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=config).start()
+    try:
+        admin = Settings(nats_url=server.url, user=ADMIN, password="admin-pw")
+        await (await Bus.connect(admin)).close()  # provisions
+        role = Settings(nats_url=server.url, user="narrow", password="narrow-pw")
+        async with await Bus.connect(role) as bus:
+            with pytest.raises(PermissionDeniedError) as wrote:
+                await asyncio.wait_for(bus.connection.kv.put(TASKS_BUCKET, "t1", b"x"), 2.0)
+            assert "$KV.rolebus_tasks.t1" in wrote.value.message
+            with pytest.raises(PermissionDeniedError) as read:
+                await asyncio.wait_for(bus.connection.kv.get(TASKS_BUCKET, "t1"), 2.0)
+            assert "DIRECT.GET.KV_rolebus_tasks" in read.value.message
+            with pytest.raises(PermissionDeniedError) as scanned:
+                await asyncio.wait_for(anext(bus.connection.streams.read(EVENTS_STREAM)), 2.0)
+            assert "CONSUMER.CREATE.ROLEBUS_EVENTS" in scanned.value.message
+            # The connection is fine afterwards: what it may do still works.
+            assert await bus.connection.admin.stream_state("KV_rolebus_tasks") is not None
+    finally:
+        server.stop()
+
+
+async def test_a_worker_denied_its_record_dead_letters_the_task_naming_the_denial(
+    tmp_path: Path,
+) -> None:
+    """A role's user without the right to write task records: its worker logs the
+    denial, retries, and when the server gives up the dead letter says why, not only
+    "no ack"."""
+    from rolebus.flows import dlq
+
+    from ..team import write_team
+
+    team = load_team(write_team(tmp_path / "roles", ack_wait="1s", max_deliver=2))
+    crippled = permissions(team, team.role("eng-be"))
+    crippled["publish"]["allow"].remove("$KV.rolebus_tasks.>")
+    users = [
+        {"user": ADMIN, "password": "admin-pw"},
+        {"user": "eng-be", "password": "be-pw", "permissions": crippled},
+    ]
+    config = "authorization {\n  users = " + json.dumps(users) + "\n}\n"
+    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=config).start()
+    try:
+        admin_settings = Settings(nats_url=server.url, user=ADMIN, password="admin-pw")
+        async with await Bus.connect(admin_settings, name="admin") as admin:
+            await provision_team(admin, team)
+            role = Settings(nats_url=server.url, user="eng-be", password="be-pw")
+            crew = await start_workers(role, team, [team.role("eng-be")], grace=1, supervise=False)
+            try:
+                task, _ = await admin.publish_task("task.backend.build", title="denied record")
+
+                async def buried() -> bool:
+                    entries = [e async for e in dlq.list_dead_letters(admin.connection)]
+                    return any(entry.task_id == task.id for entry in entries)
+
+                await wait_for(buried, timeout=30)
+            finally:
+                await crew.stop(grace=0)
+            [entry] = [e async for e in dlq.list_dead_letters(admin.connection)]
+            assert entry.reason == "max-deliver"
+            assert "permission denied" in entry.error
+            assert f"$KV.rolebus_tasks.{task.id}" in entry.error
+    finally:
+        server.stop()

@@ -68,6 +68,15 @@ def _configure(
     nkey: Annotated[
         Path | None, typer.Option("--nkey", help="nkey seed file (or NATS_NKEY).")
     ] = None,
+    acting_as: Annotated[
+        str | None,
+        typer.Option(
+            "--as",
+            metavar="ROLE",
+            help="The role whose nkey or creds these are (or ROLEBUS_AS): its inbox, no "
+            "provisioning. `worker ROLE` knows it.",
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "warning",
@@ -82,7 +91,7 @@ def _configure(
             _CONNECTION["password"] = password_file.read_text().strip()
         except OSError as error:
             raise ConfigError(f"cannot read --password-file {password_file}: {error}") from error
-    _CONNECTION.update(creds_file=creds, user=user, nkey_seed_file=nkey)
+    _CONNECTION.update(creds_file=creds, user=user, nkey_seed_file=nkey, acting_as=acting_as)
 
 
 def configure_logging(*, level: str = "warning", fmt: str = "console") -> None:

@@ -102,8 +102,17 @@ def provision(roles: RolesOption = None) -> None:
 @app.command("auth")
 def auth_command(
     secrets: Annotated[
-        Path, typer.Option(help="Folder for the users' password files (created, 0600).")
+        Path,
+        typer.Option(help="Folder for the users' password or nkey seed files (created, 0600)."),
     ] = Path(".rolebus/secrets"),
+    nkeys: Annotated[
+        bool,
+        typer.Option(
+            "--nkeys",
+            help="Users by nkey instead of password (recommended): each role's seed is "
+            "SECRETS/<role>.nk and the config holds only public keys.",
+        ),
+    ] = False,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -116,20 +125,37 @@ def auth_command(
 ) -> None:
     """Write a nats-server authorization config for the team (least privilege).
 
-    `rolebus auth --output deploy/`, then `include nats-auth.conf` in the server
-    config. Workers connect as their role: `rolebus --user eng-be --password-file
-    .rolebus/secrets/eng-be.password worker eng-be`. The config holds passwords: it
+    `rolebus auth --nkeys --output deploy/`, then `include nats-auth.conf` in the
+    server config. Workers connect as their role: `rolebus --nkey
+    .rolebus/secrets/eng-be.nk worker eng-be` (other commands: add `--as eng-be`).
+    Without --nkeys the users have passwords (`rolebus --user eng-be --password-file
+    .rolebus/secrets/eng-be.password worker eng-be`); that config holds them, so it
     is never printed to a terminal, and a file it goes into is made readable by its
     owner only (`> file` too).
     """
     team = team_for(settings_for(roles))
+    users = [ADMIN, *(role.id for role in team)]
+    if nkeys:
+        credentials = Credentials.load_or_create(secrets, users, nkeys=True)
+        config = render_config(team, credentials)
+        if output is None:
+            sys.stdout.write(config)  # public keys only: safe anywhere
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "nats-auth.conf").write_text(config, encoding="utf-8")
+        err.print(
+            f"wrote {output / 'nats-auth.conf'} (public keys only); each user's seed is "
+            f"{secrets}/<user>.nk (mode 0600): rolebus --nkey {secrets}/eng-be.nk worker eng-be",
+            highlight=False,
+        )
+        return
     if output is None and sys.stdout.isatty():
         raise ConfigError(
             "the config holds the users' passwords: it is not printed to a terminal",
             hint="rolebus auth --output DIR (writes DIR/nats-auth.conf, mode 0600), "
             "or redirect it: rolebus auth > nats-auth.conf",
         )
-    credentials = Credentials.load_or_create(secrets, [ADMIN, *(role.id for role in team)])
+    credentials = Credentials.load_or_create(secrets, users)
     config = render_config(team, credentials)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ class Connection:
         self._closing = False
         self.publisher = Publisher(client, self._js, self._denials)
         self.streams = StreamReader(self, self._js, self._denials)
-        self.kv = KeyValue(self._js, self.streams)
+        self.kv = KeyValue(self._js, self.streams, self._denials)
         self.admin = Admin(self._js, self._denials, url)
         #: Where the server may have moved to (the embedded server's state file):
         #: read again while disconnected. None: the URL is fixed (NATS_URL).

@@ -11,9 +11,9 @@ import nats.js.errors
 from nats.js import JetStreamContext
 
 from rolebus.nats.delivery import KvChange
-from rolebus.nats.protocol import ErrorCode
+from rolebus.nats.protocol import API, ErrorCode
 from rolebus.nats.streams import StreamReader
-from rolebus.nats.translate import translated
+from rolebus.nats.translate import Denials, translated
 from rolebus.wire.headers import Header
 
 __all__ = ["KeyValue"]
@@ -24,16 +24,22 @@ _DELETED = ("DEL", "PURGE")
 class KeyValue:
     """The buckets of one connection, looked up once each."""
 
-    def __init__(self, js: JetStreamContext, streams: StreamReader) -> None:
+    def __init__(
+        self, js: JetStreamContext, streams: StreamReader, denials: Denials | None = None
+    ) -> None:
         self._js = js
         self._streams = streams
+        self._denials = denials if denials is not None else Denials()
         self._buckets: dict[str, Any] = {}
 
     async def _bucket(self, bucket: str) -> Any:
         # Looking a bucket up costs a round trip (stream info): do it once.
         handle = self._buckets.get(bucket)
         if handle is None:
-            with translated(f"open bucket {bucket}"):
+            with (
+                translated(f"open bucket {bucket}"),
+                self._denials.guard("look up", f"{API}.STREAM.INFO.KV_{bucket}"),
+            ):
                 handle = self._buckets[bucket] = await self._js.key_value(bucket)
         return handle
 
@@ -41,7 +47,15 @@ class KeyValue:
         """The value and revision of ``key``, or None when absent or deleted."""
         kv = await self._bucket(bucket)
         try:
-            with translated(f"read {bucket}/{key}"):
+            with (
+                translated(f"read {bucket}/{key}"),
+                self._denials.guard(
+                    "read",
+                    f"{API}.DIRECT.GET.KV_{bucket}.>",
+                    f"{API}.DIRECT.GET.KV_{bucket}",
+                    f"{API}.STREAM.MSG.GET.KV_{bucket}",
+                ),
+            ):
                 entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
@@ -60,7 +74,10 @@ class KeyValue:
         key moved on."""
         kv = await self._bucket(bucket)
         try:
-            with translated(f"write {bucket}/{key}"):
+            with (
+                translated(f"write {bucket}/{key}"),
+                self._denials.guard("write", f"$KV.{bucket}.{key}"),
+            ):
                 if revision == 0:
                     return int(await kv.create(key, value))
                 return int(await kv.update(key, value, last=revision))
@@ -87,7 +104,10 @@ class KeyValue:
 
     async def put(self, bucket: str, key: str, value: bytes) -> int:
         kv = await self._bucket(bucket)
-        with translated(f"write {bucket}/{key}"):
+        with (
+            translated(f"write {bucket}/{key}"),
+            self._denials.guard("write", f"$KV.{bucket}.{key}"),
+        ):
             return int(await kv.put(key, value))
 
     async def items(self, bucket: str) -> AsyncIterator[tuple[str, bytes]]:

@@ -53,6 +53,10 @@ class Publisher:
         self._group_commit = GroupCommit(self._send_batch)
 
     @property
+    def denials(self) -> Denials:
+        return self._denials
+
+    @property
     def group_commit(self) -> GroupCommitStats:
         return self._group_commit.stats
 
@@ -83,9 +87,10 @@ class Publisher:
         delay = 0.05
         while True:
             try:
-                reply = await self._client.request(
-                    subject, data, timeout=timeout, headers=all_headers
-                )
+                with self._denials.guard("publish to", subject):
+                    reply = await self._client.request(
+                        subject, data, timeout=timeout, headers=all_headers
+                    )
                 return parse_pub_ack(subject, reply.data)
             except nats.errors.NoRespondersError:
                 failure: TransportError = UnavailableError(
@@ -212,7 +217,11 @@ class PendingPublish:
         elif future is not None:
             try:
                 # Usually the ack is already here: skip wait_for and its timer.
-                ack = future.result() if future.done() else await asyncio.wait_for(future, timeout)
+                if future.done():
+                    ack = future.result()
+                else:
+                    with self._publisher.denials.guard("publish to", self._subject):
+                        ack = await asyncio.wait_for(future, timeout)
                 return PubAck(str(ack.stream), int(ack.seq), bool(ack.duplicate))
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as error:
                 if isinstance(error, nats.js.errors.APIError) and error.code != 503:

@@ -52,12 +52,15 @@ class StreamReader:
     ) -> None:
         self._connection = connection
         self._js = js
-        self._denials = denials or Denials()
+        self._denials = denials if denials is not None else Denials()
 
     async def get(self, stream: str, seq: int) -> StoredMessage | None:
         """The message at ``seq`` (a direct get), or None when there is none."""
         try:
-            raw = await self._js.get_msg(stream, seq=seq, direct=True)
+            with self._denials.guard(
+                "read", f"{API}.DIRECT.GET.{stream}", f"{API}.DIRECT.GET.{stream}.>"
+            ):
+                raw = await self._js.get_msg(stream, seq=seq, direct=True)
         except nats.js.errors.NotFoundError:
             return None
         return StoredMessage(
@@ -169,12 +172,12 @@ class StreamReader:
             **where,
         )
         try:
-            with translated(f"read {stream}"):
+            subject = f"{API}.CONSUMER.CREATE.{stream}.{config.name}"
+            with translated(f"read {stream}"), self._denials.guard("read", subject, f"{subject}.>"):
                 try:
                     return await self._js.add_consumer(stream, config)
                 except TIMEOUTS as error:
-                    # A denial shows only as a timeout: say which it was.
-                    subject = f"{API}.CONSUMER.CREATE.{stream}.{config.name}"
+                    # A denial the guard missed shows only as a timeout: say which it was.
                     raise self._denials.explain_timeout(subject, error, "read") from error
         except nats.js.errors.NotFoundError:
             raise TransportError(f"stream {stream!r} does not exist", hint=_STREAMS_HINT) from None

@@ -1,15 +1,19 @@
 """nats-py's exceptions as rolebus errors, and the permission denials behind timeouts.
 
 A denial reaches only the connection's error callback; the operation that was
-denied then times out. :class:`Denials` remembers the callback's reports so the
-timeout can say what really happened.
+denied would then wait for its timeout. :class:`Denials` remembers the callback's
+reports so that a timeout can say what really happened, and an operation under
+:meth:`Denials.guard` fails as soon as the server's refusal of its subject arrives
+(at once, not after the timeout).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -28,15 +32,61 @@ class Denials:
 
     def __init__(self) -> None:
         self._when: dict[str, float] = {}  # subject (lower case) -> when the server said no
+        #: Operations waiting on the server now: (the subjects they may be refused,
+        #: in lower case, and their task).
+        self._waiting: set[tuple[tuple[str, ...], asyncio.Task[Any]]] = set()
+        #: A refused task -> the subject it was refused (as the operation named it).
+        self._refused: dict[asyncio.Task[Any], str] = {}
 
     def record(self, text: str) -> str | None:
-        """Remember the denial in an error text; the subject, or None if it is not one."""
+        """Remember the denial in an error text; the subject, or None if it is not one.
+        An operation guarded on that subject stops waiting now."""
         if "permissions violation" not in text.lower():
             return None
         # nats-py lowercases the server's message: compare subjects in lower case.
         subject = text.rsplit(" ", 1)[-1].strip("\"'").lower()
         self._when[subject] = time.monotonic()
+        for patterns, task in list(self._waiting):
+            if task.done():
+                continue
+            for pattern in patterns:
+                if pattern.lower() == subject or subject_matches(pattern.lower(), subject):
+                    self._refused[task] = pattern
+                    task.cancel()
+                    break
         return subject
+
+    @contextlib.contextmanager
+    def guard(self, what: str, *subjects: str) -> Iterator[None]:
+        """Around one request: if the server refuses one of ``subjects`` (patterns may
+        have wildcards) while it waits, a :class:`PermissionDeniedError` naming the
+        refused subject at once, instead of a timeout. It costs no task and no timer:
+        :meth:`record` cancels the waiting task."""
+        task = asyncio.current_task()
+        if task is None:
+            yield
+            return
+        entry = (subjects, task)
+        self._waiting.add(entry)
+        try:
+            yield
+        except asyncio.CancelledError:
+            refused = self._refused.pop(task, None)
+            if refused is None:
+                raise  # cancelled by someone else
+            task.uncancel()
+            raise self.denied(refused, what) from None
+        finally:
+            self._waiting.discard(entry)
+            self._refused.pop(task, None)
+
+    @staticmethod
+    def denied(subject: str, what: str) -> PermissionDeniedError:
+        return PermissionDeniedError(
+            f"permission denied: this user may not {what} {subject!r}",
+            subject=subject,
+            hint="the role's NATS user lacks this permission; see `rolebus auth`",
+        )
 
     def __bool__(self) -> bool:
         return bool(self._when)
@@ -50,11 +100,7 @@ class Denials:
     def explain_timeout(self, subject: str, error: Exception, what: str) -> TransportError:
         """The error for an operation on ``subject`` that got no answer."""
         if self.covers(subject):
-            return PermissionDeniedError(
-                f"permission denied: this user may not {what} {subject!r}",
-                subject=subject,
-                hint="the role's NATS user lacks this permission; see `rolebus auth`",
-            )
+            return self.denied(subject, what)
         return UnavailableError(
             f"JetStream did not answer in time to {what} {subject!r} ({type(error).__name__})",
             subject=subject,

@@ -17,11 +17,14 @@ role that never asks this one, any stream or consumer deletion or purge.
 from __future__ import annotations
 
 import json
+import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rolebus.config import ADMIN_USER
+from rolebus.errors import ConfigError
 from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire.subjects import (
     BUCKETS,
@@ -36,7 +39,7 @@ from rolebus.wire.subjects import (
 
 __all__ = ["ADMIN", "Credentials", "askers_of", "inbox_prefix", "permissions", "render_config"]
 
-ADMIN = "admin"
+ADMIN = ADMIN_USER
 _API = "$JS.API"
 
 
@@ -103,29 +106,64 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Credentials:
-    """Passwords for the admin and each role, kept in a secrets folder (0600 files)."""
+    """For the admin and each role, in a secrets folder (0600 files): a password
+    (``<user>.password``), or with ``nkeys`` an nkey seed (``<user>.nk``), of which
+    the config holds only the public key."""
 
     passwords: dict[str, str]
+    #: user -> nkey public key (then ``passwords`` is empty).
+    nkeys: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def load_or_create(cls, folder: Path, users: list[str]) -> Credentials:
+    def load_or_create(cls, folder: Path, users: list[str], *, nkeys: bool = False) -> Credentials:
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o700)
+        if nkeys:
+            return cls({}, {user: _nkey_public(folder / f"{user}.nk") for user in users})
         passwords = {}
         for user in users:
             path = folder / f"{user}.password"
             if not path.exists():
-                path.write_text(secrets.token_urlsafe(24) + "\n")
-                path.chmod(0o600)
+                _write_secret(path, secrets.token_urlsafe(24))
             passwords[user] = path.read_text().strip()
         return cls(passwords)
+
+    @property
+    def secret(self) -> bool:
+        """Whether the config made from these holds secrets (passwords do; nkeys do not)."""
+        return not self.nkeys
+
+
+def _write_secret(path: Path, text: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+
+
+def _nkey_public(path: Path) -> str:
+    """The public key of the user nkey seed at ``path``, made first if it is missing."""
+    import nkeys  # nats-py's own dependency for nkey and creds authentication
+
+    if not path.exists():
+        _write_secret(path, nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode())
+    try:
+        return str(nkeys.from_seed(path.read_bytes().strip()).public_key.decode())
+    except (nkeys.NkeysError, ValueError) as error:
+        raise ConfigError(
+            f"{path} is not a user nkey seed ({error})",
+            hint="delete it and run `rolebus auth --nkeys` again to make a new one",
+        ) from None
 
 
 def render_config(team: Team, credentials: Credentials) -> str:
     """An ``authorization { users = [...] }`` block for nats-server."""
 
     def entry(user: str, perms: dict[str, Any] | None) -> str:
-        document: dict[str, Any] = {"user": user, "password": credentials.passwords[user]}
+        document: dict[str, Any] = (
+            {"nkey": credentials.nkeys[user]}
+            if credentials.nkeys
+            else {"user": user, "password": credentials.passwords[user]}
+        )
         if perms is not None:
             document["permissions"] = perms
         return "    " + json.dumps(document)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import OrderedDict
 from typing import Any
 
 import structlog
@@ -40,6 +41,8 @@ from rolebus.worker.dispatch import Dispatcher, DispatchStats
 from rolebus.worker.slots import Slots
 
 __all__ = ["Worker", "consumer_spec_for"]
+
+_FAILURES_KEPT = 1000  # deliveries whose last failure is remembered
 
 log = structlog.get_logger("rolebus.worker.loop")
 
@@ -91,6 +94,9 @@ class Worker:
         self._consumer = consumer_name(role.id)
         self._slots = Slots(role.id, role.concurrency, self._process)
         self._in_flight: dict[int, tuple[InboundMessage, float]] = {}
+        #: Why the bus failed a delivery (stream seq -> error), for the dead letter's
+        #: reason if the server gives up on it: a denial is named there, not "no ack".
+        self._failures: OrderedDict[int, str] = OrderedDict()
         self._idle = asyncio.Event()  # set whenever nothing is in flight
         self._idle.set()
         self._puller: Puller | None = None
@@ -186,6 +192,7 @@ class Worker:
         self._idle.clear()
         try:
             await self.dispatcher.handle(message)
+            self._failures.pop(message.stream_seq, None)
         except asyncio.CancelledError:
             raise
         except RolebusError as error:
@@ -196,6 +203,9 @@ class Worker:
                 subject=message.subject,
                 seq=message.stream_seq,
             )
+            self._failures[message.stream_seq] = error.message
+            while len(self._failures) > _FAILURES_KEPT:
+                self._failures.popitem(last=False)
             with contextlib.suppress(Exception):
                 await message.nak(delay=self.role.retry_delay(message.delivered))
         except Exception:
@@ -248,10 +258,12 @@ class Worker:
             task = codec.decode_as(
                 Task, original.data, subject=original.subject, origin=original.origin()
             )
+        last = self._failures.pop(seq, None)
         await self.dispatcher.settle.bury(
             original,
             reason="max-deliver",
-            error=f"no ack after {deliveries} deliveries (max_deliver {self.role.max_deliver})",
+            error=f"no ack after {deliveries} deliveries (max_deliver {self.role.max_deliver})"
+            + (f"; the last attempt failed: {last}" if last else ""),
             attempts=deliveries,
             task=task,
             stored=await self.states.get(task.id) if task is not None else None,

@@ -66,7 +66,7 @@ async def start_workers(
                 bus = await Bus.connect(
                     settings,
                     name=f"rolebus-worker-{role.id}-{replica}",
-                    provision=not settings.user and not settings.creds_file,
+                    provision=not (settings.user or settings.creds_file or settings.nkey_seed_file),
                     inbox_prefix=inbox_prefix(role.id),
                 )
                 handler = (handlers or {}).get(role.id)
