@@ -163,3 +163,33 @@ def test_the_spend_chart_draws_the_hours_and_the_daily_cap() -> None:
     assert [line.get("data-cap") for line in caps] == ["1000"]
     today = next(p for p in chart.iter("polyline") if p.get("class") == "today")
     assert "400" in "".join(today.itertext())
+
+
+def test_a_task_s_time_is_split_where_its_events_say_it_started_waited_and_ended() -> None:
+    from rolebus.history.flow import _spans
+    from rolebus.wire.messages import Event
+
+    box = Box("t", "task", "eng-be", at(0), "t", task_id="t")
+
+    def event(state: str, ms: float, started_ms: float | None = None) -> Event:
+        detail = {} if started_ms is None else {"started_at": at(started_ms).isoformat()}
+        return Event(state=state, task_id="t", role="eng-be", at=at(ms), detail=detail)
+
+    history = [
+        event("retrying", 30, started_ms=20),  # 20 ms in the backlog, 10 ms of work
+        event("input-required", 1100, started_ms=1090),  # the retry's wait, then work
+        event("resumed", 1500),
+        event("completed", 1600, started_ms=1500),
+    ]
+    spans = [
+        (s.kind, round((s.end - s.start).total_seconds() * 1000))
+        for s in _spans({"t": box}, history)
+    ]
+    assert spans == [
+        ("queued", 20),
+        ("working", 10),
+        ("queued", 1060),
+        ("working", 10),
+        ("waiting", 400),
+        ("working", 100),
+    ]

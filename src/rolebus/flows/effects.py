@@ -31,6 +31,7 @@ __all__ = [
     "follow_up_tasks",
     "publish_effects",
     "publish_event",
+    "started",
     "state_event",
 ]
 
@@ -178,5 +179,12 @@ def state_event(state: TaskState, role: str) -> Event:
                 for entry in state.effects
                 if not entry["subject"].startswith(("event.", "timer."))
             ],
+            **started(state),
         },
     )
+
+
+def started(state: TaskState) -> dict[str, str]:
+    """When the attempt's handler started, for an event's detail: the time before it
+    is the time the task waited (the flow picture draws it)."""
+    return {"started_at": state.started_at.isoformat()} if state.started_at else {}

@@ -51,6 +51,8 @@ class TaskState(BaseModel):
     causation_id: str | None = None
     created_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utc_now)
+    #: When this attempt's handler started (after the task waited in the backlog).
+    started_at: datetime | None = None
     result: Any = None
     error: str | None = None
     #: The handler's last answer (an Outcome as a map), for ``rolebus rerun``.
@@ -128,6 +130,7 @@ class StateStore:
         """Mark the task ``claimed`` by ``role``, unless it is terminal, or parked
         waiting for an escalation other than ``resume`` (then the stored state is
         returned unchanged, and the caller must not run the handler)."""
+        now = utc_now()
         claimed = TaskState(
             task_id=task.id,
             state="claimed",
@@ -140,6 +143,8 @@ class StateStore:
             correlation_id=task.correlation_id,
             causation_id=task.causation_id,
             created_at=task.created_at,
+            updated_at=now,
+            started_at=now,
         )
         if attempt == 1 and resume is None:
             # A first delivery: almost always a task never seen before, so neither

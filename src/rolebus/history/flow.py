@@ -164,45 +164,60 @@ async def read_flow(connection: Connection, team: Team, correlation: str) -> Flo
 
 
 def _spans(boxes: dict[str, Box], events: list[Event]) -> list[Span]:
-    """Each work item's time: queued until claimed (when a claim was recorded), then
-    handled until its attempt ended, with the time it waited for an answer apart."""
-    spans: list[Span] = []
+    """Each work item's time: queued in the backlog until its handler started (the
+    events say when), handled until the attempt ended, waiting for a decision while
+    parked, waiting again before a retry."""
     by_task: dict[str, list[Event]] = {}
     for event in events:
         if event.entity == "task":
             by_task.setdefault(event.task_id, []).append(event)
+    spans: list[Span] = []
     for task_id, history in by_task.items():
         box = boxes.get(task_id)
-        if box is None or box.task_id is None:
-            continue
-        start = box.at
-        waiting_since: datetime | None = None
-        for event in sorted(history, key=lambda e: e.at):
-            if event.state == "claimed" and start == box.at and event.at > start:
-                spans.append(Span(box.lane, start, event.at, "queued", box.id, "in the backlog"))
-                start = event.at
-            elif event.state == "input-required":
-                if event.at > start:
-                    spans.append(Span(box.lane, start, event.at, "working", box.id))
-                waiting_since = event.at
-            elif event.state == "resumed" and waiting_since is not None:
-                spans.append(
-                    Span(
-                        box.lane,
-                        waiting_since,
-                        event.at,
-                        "waiting",
-                        box.id,
-                        "waiting for a decision",
-                    )
-                )
-                waiting_since, start = None, event.at
-            elif event.state in _ENDS:
-                if event.at > start:
-                    spans.append(Span(box.lane, start, event.at, "working", box.id))
-                break
-        else:
-            if waiting_since is not None:
-                end = max(waiting_since, *(e.at for e in history))
-                spans.append(Span(box.lane, waiting_since, end, "waiting", box.id, _WAIT))
+        if box is not None and box.task_id is not None:
+            spans.extend(_task_spans(box, sorted(history, key=lambda e: e.at)))
     return spans
+
+
+def _task_spans(box: Box, history: list[Event]) -> list[Span]:
+    spans: list[Span] = []
+    start, queued_label = box.at, "in the backlog"
+    waiting_since: datetime | None = None
+
+    def handled(until: datetime, event: Event) -> None:
+        nonlocal start
+        began = _started(event)
+        if queued_label and began is not None and start < began < until:
+            spans.append(Span(box.lane, start, began, "queued", box.id, queued_label))
+            start = began
+        if until > start:
+            spans.append(Span(box.lane, start, until, "working", box.id))
+
+    for event in history:
+        if event.state == "claimed" and event.at > start:
+            spans.append(Span(box.lane, start, event.at, "queued", box.id, queued_label))
+            start, queued_label = event.at, ""
+        elif event.state == "retrying":
+            handled(event.at, event)
+            start, queued_label = event.at, "waiting to retry"
+        elif event.state == "input-required":
+            handled(event.at, event)
+            waiting_since = event.at
+        elif event.state == "resumed" and waiting_since is not None:
+            spans.append(Span(box.lane, waiting_since, event.at, "waiting", box.id, _WAIT))
+            waiting_since, start, queued_label = None, event.at, ""
+        elif event.state in _ENDS:
+            handled(event.at, event)
+            return spans
+    if waiting_since is not None:
+        end = max(waiting_since, *(e.at for e in history))
+        spans.append(Span(box.lane, waiting_since, end, "waiting", box.id, _WAIT))
+    return spans
+
+
+def _started(event: Event) -> datetime | None:
+    value = event.detail.get("started_at")
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None

@@ -20,6 +20,7 @@ from rolebus.flows.effects import (
     effect,
     publish_effects,
     publish_event,
+    started,
     state_event,
 )
 from rolebus.flows.state import PARKED, StateStore, StoredState
@@ -113,7 +114,7 @@ class Settling:
             if changed is None:
                 await message.ack()
                 return
-            retry_detail: dict[str, Any] = {"delay_s": delay}
+            retry_detail: dict[str, Any] = {"delay_s": delay, **started(stored.state)}
             if outcome.usage is not None:
                 retry_detail["usage"] = outcome.usage.model_dump(mode="json")
             event = self.task_event(item, message, "retrying", error=error, detail=retry_detail)
