@@ -543,3 +543,152 @@ async def test_a_worker_denied_its_record_dead_letters_the_task_naming_the_denia
             assert f"$KV.rolebus_tasks.{task.id}" in entry.error
     finally:
         server.stop()
+
+
+async def test_the_demo_flow_ends_as_without_auth_with_every_worker_on_its_own_user(
+    secured: SecuredServer, admin: Bus
+) -> None:
+    """The whole demo (handoffs, a contract revision, three escalations answered, a
+    retry, the performance report) with each of the six workers on its own role's
+    user under the generated permissions; the demo itself watches as the operator."""
+    import io
+
+    from rich.console import Console
+
+    from rolebus.cli.demo import play
+    from rolebus.flows import dlq
+
+    result = await play(
+        secured.settings(ADMIN),
+        TEAM,
+        console=Console(file=io.StringIO()),
+        timeout=60,
+        worker_settings=lambda role: secured.settings(role.id),
+    )
+    assert result.states
+    assert all(state.state == "completed" for state in result.states), [
+        (state.role, state.title, state.state, state.error) for state in result.states
+    ]
+    assert sorted(r.decided_by or "" for r in result.escalations) == ["architect", "cto", "cto"]
+    assert [entry async for entry in dlq.list_dead_letters(admin.connection)] == []
+    retried = [state for state in result.states if state.failures]
+    assert retried  # the transient failure was retried under eng-be's own user
+
+
+async def test_a_climb_and_a_redrive_work_with_each_worker_on_its_own_user(
+    tmp_path: Path,
+) -> None:
+    """An unanswered escalation climbs (the supervisor runs on eng-be's user) to the
+    CTO, who answers on its own; a dead letter the operator redrives runs again."""
+    from typing import Any as AnyType
+
+    from rolebus.flows import dlq
+    from rolebus.flows.escalation import EscalationStore
+    from rolebus.handlers.base import HandlerContext
+    from rolebus.wire.messages import Outcome, Task
+
+    from .test_flows import ambiguous_be, decide_cursor, write_org
+
+    org = write_org(tmp_path / "roles")
+    credentials = Credentials.load_or_create(
+        tmp_path / "secrets", [ADMIN, *(role.id for role in org)]
+    )
+    server = EmbeddedServer(
+        store_dir=tmp_path / "nats", port=0, config_extra=render_config(org, credentials)
+    ).start()
+    secured = SecuredServer(server, credentials)
+    results: list[AnyType] = []
+    tries: list[str] = []
+    ambiguous = ambiguous_be(results)
+
+    async def eng_be(task: Task, context: HandlerContext) -> Outcome:
+        if task.kind != "flaky":
+            return await ambiguous(task, context)
+        tries.append(task.id)
+        if len(tries) == 1:
+            return Outcome(status="failed", error="broken the first time", retryable=False)
+        return Outcome.completed({"tries": len(tries)})
+
+    async def state(bus: Bus, task_id: str) -> str | None:
+        stored = await StateStore(bus.connection).get(task_id)
+        return None if stored is None else stored.state.state
+
+    try:
+        async with await Bus.connect(secured.settings(ADMIN), name="admin") as admin:
+            await provision_team(admin, org)
+            crew = await start_workers(
+                lambda role: secured.settings(role.id),
+                org,
+                [org.role("eng-be"), org.role("cto")],
+                handlers={"eng-be": eng_be, "cto": decide_cursor},
+                grace=1,
+            )
+            try:
+                # The architect is away: eng-be's rule gives it 2 s, then the CTO.
+                asked, _ = await admin.publish_task(
+                    "task.backend.implement", title="partition", payload={"reason": "unknown"}
+                )
+                await wait_for(lambda: _is(state(admin, asked.id), "completed"), timeout=30)
+                assert results == [["cursor (decided by cto)"]]
+                [record] = await EscalationStore(admin.connection).all()
+                assert (record.holder, record.trail) == ("cto", ["architect", "cto"])
+
+                flaky, _ = await admin.publish_task("task.backend.flaky", title="flaky")
+                await wait_for(lambda: _is(state(admin, flaky.id), "dead"), timeout=30)
+                entry = await dlq.find(admin.connection, flaky.id)
+                await dlq.redrive(admin.connection, entry)  # the operator's
+                await wait_for(lambda: _is(state(admin, flaky.id), "completed"), timeout=30)
+                assert tries == [flaky.id, flaky.id]
+            finally:
+                await crew.stop(grace=0)
+    finally:
+        server.stop()
+
+
+async def _is(value: Any, expected: object) -> bool:
+    return bool(await value == expected)
+
+
+async def test_the_dashboard_inbox_resumes_a_task_whose_worker_runs_on_its_own_user(
+    secured: SecuredServer, admin: Bus
+) -> None:
+    import re
+
+    from .test_dashboard import ambiguous, browser, serving
+
+    crew = await start_workers(
+        secured.settings("eng-be"),
+        TEAM,
+        [TEAM.role("eng-be")],
+        handlers={"eng-be": ambiguous},
+        grace=1,
+        supervise=False,
+    )
+    try:
+        task, _ = await admin.publish_task("task.backend.implement", title="paginate")
+
+        async def parked() -> bool:
+            stored = await StateStore(admin.connection).get(task.id)
+            return stored is not None and stored.state.state == "input-required"
+
+        await wait_for(parked)
+        async with serving(secured.settings(ADMIN)) as base, browser(base) as web:
+            inbox = (await web.get("/escalations")).text
+            csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', inbox)
+            assert csrf is not None
+            answered = await web.post(
+                f"/escalations/{task.id}-1/resolve",
+                data={"decision": "cursor", "verdict": "answer", "csrf": csrf.group(1)},
+            )
+            assert answered.status_code == 303
+
+            async def completed() -> bool:
+                stored = await StateStore(admin.connection).get(task.id)
+                return stored is not None and stored.state.state == "completed"
+
+            await wait_for(completed)
+    finally:
+        await crew.stop(grace=0)
+    stored = await StateStore(admin.connection).get(task.id)
+    assert stored is not None
+    assert stored.state.result == {"used": "cursor"}

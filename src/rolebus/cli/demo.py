@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from rolebus.flows.escalation import EscalationRecord, EscalationStore
 from rolebus.flows.state import TaskState
 from rolebus.history.replay import flow_states
 from rolebus.nats.delivery import StoredMessage, Subscription
-from rolebus.team.roles import Team
+from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire import codec
 from rolebus.wire.messages import Decision, Escalation, Event, Handoff, Task
 from rolebus.wire.subjects import WORK_STREAM, consumer_name
@@ -138,9 +139,12 @@ async def play(
     console: Console,
     timeout: float = 90.0,
     parked_is_quiet: bool = False,
+    worker_settings: Callable[[RoleSpec], Settings] | None = None,
 ) -> DemoResult:
-    """Run the team, publish the feature, print the flow until it is done."""
-    crew: Crew = await start_workers(settings, team, list(team), grace=2)
+    """Run the team, publish the feature, print the flow until it is done
+    (``worker_settings``: each role's worker on its own user; the demo watches with
+    ``settings``)."""
+    crew: Crew = await start_workers(worker_settings or settings, team, list(team), grace=2)
     bus = await Bus.connect(settings, name="rolebus-demo")
     subscriptions: list[Subscription] = []
     try:

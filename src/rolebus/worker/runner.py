@@ -48,7 +48,7 @@ class Crew:
 
 
 async def start_workers(
-    settings: Settings,
+    settings: Settings | Callable[[RoleSpec], Settings],
     team: Team,
     roles: Iterable[RoleSpec],
     *,
@@ -58,15 +58,17 @@ async def start_workers(
     supervise: bool = True,
 ) -> Crew:
     """Connect and start ``replicas`` workers for each role (and a supervisor for
-    escalation timeouts); stop them all if one fails to start."""
+    escalation timeouts); stop them all if one fails to start. ``settings`` may be
+    per role (each worker on its own role's user)."""
     crew = Crew()
     try:
         for role in roles:
+            connect = settings(role) if callable(settings) else settings
             for replica in range(1, replicas + 1):
                 bus = await Bus.connect(
-                    settings,
+                    connect,
                     name=f"rolebus-worker-{role.id}-{replica}",
-                    provision=not (settings.user or settings.creds_file or settings.nkey_seed_file),
+                    provision=not (connect.user or connect.creds_file or connect.nkey_seed_file),
                     inbox_prefix=inbox_prefix(role.id),
                 )
                 handler = (handlers or {}).get(role.id)
