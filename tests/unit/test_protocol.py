@@ -174,3 +174,38 @@ def test_the_statuses_that_end_a_pull_request() -> None:
     assert {"408", "409", "503"} == Status.ENDS_REQUEST
     assert Status.IDLE_HEARTBEAT not in Status.ENDS_REQUEST
     assert consumer_next_subject("S", "C") == "$JS.API.CONSUMER.MSG.NEXT.S.C"
+
+
+async def test_a_guarded_wait_fails_once_on_a_refusal_and_the_task_goes_on() -> None:
+    """Two refusals of the same subject before the task runs cancel it once: the
+    error is a PermissionDeniedError and the task is not left cancelling."""
+    import asyncio
+
+    import pytest
+
+    from rolebus.errors import PermissionDeniedError
+    from rolebus.nats.translate import Denials
+
+    denials = Denials()
+
+    async def operation() -> str:
+        with (
+            pytest.raises(PermissionDeniedError) as refused,
+            denials.guard("write", "$KV.rolebus_tasks.t1"),
+        ):
+            await asyncio.sleep(10)
+        # Not left cancelling: a later asyncio.timeout() in this task must not
+        # mistake the refusal for its own cancellation.
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0
+        await asyncio.sleep(0)
+        return refused.value.message
+
+    running = asyncio.ensure_future(operation())
+    await asyncio.sleep(0)
+    for _ in range(2):
+        denials.record('nats: permissions violation for publish to "$kv.rolebus_tasks.t1"')
+    assert "may not write '$KV.rolebus_tasks.t1'" in await running
+    with denials.guard("write", "$KV.rolebus_tasks.t2"):  # nothing left waiting
+        pass

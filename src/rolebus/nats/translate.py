@@ -47,8 +47,8 @@ class Denials:
         subject = text.rsplit(" ", 1)[-1].strip("\"'").lower()
         self._when[subject] = time.monotonic()
         for patterns, task in list(self._waiting):
-            if task.done():
-                continue
+            if task.done() or task in self._refused:
+                continue  # one cancel per refusal: a second would hit a later await
             for pattern in patterns:
                 if pattern.lower() == subject or subject_matches(pattern.lower(), subject):
                     self._refused[task] = pattern
