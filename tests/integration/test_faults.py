@@ -390,3 +390,45 @@ async def test_slow_tier_many_kills_of_worker_replicas_under_a_long_stream_of_wo
         steady.terminate()
         steady.wait(timeout=30)
     fault_log.record("slow tier: worker replica SIGKILL x20 under 2,000 tasks", kills, report)
+
+
+async def test_a_first_delivery_that_meets_a_finished_record_stores_its_missing_event(
+    rolebus_bus: Bus, rolebus_settings: Settings, tmp_path: Path
+) -> None:
+    """What a SIGKILLed server leaves when its consumer state rolls back: the record
+    says completed (its writer's answer was lost with the server), no event exists,
+    and the task comes again as a first delivery. The worker must not just ack it:
+    the record's follow-up and its `completed` event are stored, once."""
+    from rolebus.flows.state import StateStore, TaskState
+
+    team = load_team(write_team(tmp_path / "roles"))
+    task = Task(kind="build", title="finished, its event lost")
+    follow_up = Task(id=f"{task.id}-1", kind="page", title="page", causation_id=task.id)
+    await StateStore(rolebus_bus.connection).put(
+        TaskState(
+            task_id=task.id,
+            state="completed",
+            role="eng-be",
+            subject="task.backend.build",
+            kind="build",
+            title=task.title,
+            attempt=1,
+            result={"done": True},
+            effects=[
+                {
+                    "subject": "task.frontend.page",
+                    "msg_id": follow_up.id,
+                    "message": follow_up.model_dump(mode="json"),
+                }
+            ],
+        )
+    )
+    await rolebus_bus.publish("task.backend.build", task)
+    crew = await start_workers(rolebus_settings, team, [team.role("eng-be")], grace=1)
+    try:
+        report = await settled(rolebus_bus, [task.id])
+    finally:
+        await crew.stop(grace=0)
+    assert report.duplicate_completed == {}
+    stored = [m async for m in rolebus_bus.connection.streams.read(WORK_STREAM)]
+    assert [m.subject for m in stored] == ["task.backend.build", "task.frontend.page"]

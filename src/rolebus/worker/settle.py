@@ -112,7 +112,7 @@ class Settling:
                 stored, state="retrying", error=error, attempt=attempt, detail=detail
             )
             if changed is None:
-                await message.ack()
+                await self.finished_elsewhere(message, stored.state.task_id)
                 return
             retry_detail: dict[str, Any] = {"delay_s": delay, **started(stored.state)}
             if outcome.usage is not None:
@@ -164,8 +164,8 @@ class Settling:
             attempt=message.delivered,
             detail=new_detail,
         )
-        if finished is None:  # finished elsewhere meanwhile
-            await message.ack()
+        if finished is None:
+            await self.finished_elsewhere(message, stored.state.task_id)
             return
         # A first run's effects are new Msg-Ids; a redelivery's (finish_again) may be
         # stored already, and one duplicate refuses a whole batch: those go alone.
@@ -224,6 +224,17 @@ class Settling:
             await self.states.change(
                 stored, detail={**stored.state.detail, "effects_pending": None}
             )
+
+    async def finished_elsewhere(self, message: InboundMessage, task_id: str) -> None:
+        """The record reached a terminal state under another delivery. Its writer may
+        not have stored its effects and event: it can have died, or lost its answer,
+        right after the write (a server restart). So they are published again
+        (de-duplicated by Msg-Id) before this delivery is acked, never just dropped."""
+        fresh = await self.states.get(task_id)
+        if fresh is not None and fresh.state.terminal:
+            await self.finish_again(message, fresh)
+        else:
+            await message.ack()
 
     async def finish_again(self, message: InboundMessage, stored: StoredState) -> None:
         """Already done (or parked) before a crash: publish the same effects again
