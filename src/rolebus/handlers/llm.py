@@ -14,12 +14,14 @@ order, and the first the server takes is kept for the next tasks: a JSON schema
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import openai
 import structlog
@@ -34,6 +36,7 @@ from rolebus.wire.messages import Outcome, Task, Usage
 
 __all__ = ["MODES", "LlmRunner", "call_key"]
 
+T = TypeVar("T")
 log = structlog.get_logger("rolebus.handlers.llm")
 
 Mode = Literal["json_schema", "tool", "prompt"]
@@ -82,6 +85,25 @@ class LlmRunner:
                 max_retries=0,  # retries are ours: they honour Retry-After and are logged
             )
         return client
+
+    async def _exchange(
+        self, client: openai.AsyncOpenAI, call: Coroutine[Any, Any, T], timeout: float
+    ) -> T:
+        """Wait for one HTTP exchange. To stop it (a timeout, a cancel) its client is
+        closed rather than the request cancelled mid-way: httpx can strand the
+        connection it was cancelled in, and closing the pool later waits for it for
+        ever. The next call opens a new client."""
+        exchange = asyncio.ensure_future(call)
+        try:
+            return await asyncio.wait_for(asyncio.shield(exchange), timeout)
+        except BaseException:
+            if not exchange.done():
+                self._clients = {k: c for k, c in self._clients.items() if c is not client}
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), 5.0)
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(exchange, 5.0)  # it fails: its connection closed
+            raise
 
     async def aclose(self) -> None:
         """Close the HTTP clients (the worker calls it when it stops)."""
@@ -369,8 +391,8 @@ class LlmRunner:
         for retry in range(self.spec.max_retries + 1):
             try:
                 # A server that trickles bytes must not hold the slot past the timeout.
-                return await asyncio.wait_for(
-                    self._complete(client, request, mode, context), timeout=self.spec.timeout
+                return await self._exchange(
+                    client, self._complete(client, request, mode, context), self.spec.timeout
                 )
             except (openai.RateLimitError, openai.InternalServerError) as error:
                 if retry == self.spec.max_retries:
