@@ -176,7 +176,9 @@ class Worker:
         if self._advisories is not None:
             await self._advisories.close()
         if isinstance(self.handler, LlmRunner):
-            await self.handler.aclose()
+            # Bounded like the background readers: an HTTP pool must not hold the stop.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.handler.aclose(), timeout=5.0)
         with contextlib.suppress(Exception):
             await self._connection.flush()
         self._log.info("worker stopped", completed=self.stats.completed)
