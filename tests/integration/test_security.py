@@ -62,6 +62,12 @@ class SecuredServer:
         )
 
 
+def server_with_users(tmp_path: Path, users: list[Any]) -> EmbeddedServer:
+    """A server whose only users are ``users`` (nats-server's authorization block)."""
+    config = "authorization {\n  users = " + json.dumps(users) + "\n}\n"
+    return EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=config).start()
+
+
 @pytest.fixture
 def secured(tmp_path: Path) -> Iterator[SecuredServer]:
     credentials = Credentials.load_or_create(
@@ -480,8 +486,7 @@ async def test_a_denial_is_named_as_soon_as_the_server_says_it(tmp_path: Path) -
         {"user": ADMIN, "password": "admin-pw"},
         {"user": "narrow", "password": "narrow-pw", "permissions": narrow},
     ]
-    config = "authorization {\n  users = " + json.dumps(users) + "\n}\n"
-    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=config).start()
+    server = server_with_users(tmp_path, users)
     try:
         admin = Settings(nats_url=server.url, user=ADMIN, password="admin-pw")
         await (await Bus.connect(admin)).close()  # provisions
@@ -519,8 +524,7 @@ async def test_a_worker_denied_its_record_dead_letters_the_task_naming_the_denia
         {"user": ADMIN, "password": "admin-pw"},
         {"user": "eng-be", "password": "be-pw", "permissions": crippled},
     ]
-    config = "authorization {\n  users = " + json.dumps(users) + "\n}\n"
-    server = EmbeddedServer(store_dir=tmp_path / "nats", port=0, config_extra=config).start()
+    server = server_with_users(tmp_path, users)
     try:
         admin_settings = Settings(nats_url=server.url, user=ADMIN, password="admin-pw")
         async with await Bus.connect(admin_settings, name="admin") as admin:
