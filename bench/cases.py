@@ -18,7 +18,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from bench.guarantee import faststream_drain, raw_guaranteed, rolebus_writes, writes_per_task
+from bench.guarantee import (
+    faststream_drain,
+    raw_consumer,
+    raw_guaranteed,
+    rolebus_writes,
+    writes_per_task,
+)
 from bench.harness import RawPuller, Results, connect, percentile, perf, wait_until
 from rolebus.bus import Bus
 from rolebus.config import Settings
@@ -212,17 +218,7 @@ async def bench_consume(url: str, results: Results, *, count: int, run: int) -> 
 
         await reset(client)
         await prefill(url, count, f"c{run}w")
-        js = client.jetstream()
-        await js.add_consumer(
-            WORK_STREAM,
-            ConsumerConfig(
-                durable_name="raw-consume",
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                filter_subject="task.backend.>",
-                max_ack_pending=20000,
-            ),
-        )
+        await raw_consumer(client, "raw-consume")
         done = 0
         finished = asyncio.Event()
 
@@ -419,15 +415,7 @@ async def bench_e2e(url: str, results: Results, *, steady: int, saturation: int,
         )
         await reset(client)
         js = client.jetstream()
-        await js.add_consumer(
-            WORK_STREAM,
-            ConsumerConfig(
-                durable_name="raw-e2e",
-                ack_policy=AckPolicy.EXPLICIT,
-                filter_subject="task.backend.>",
-                max_ack_pending=20000,
-            ),
-        )
+        await raw_consumer(client, "raw-e2e")
 
         async def raw_ready(process: subprocess.Popen[str]) -> None:
             assert process.stdout is not None
@@ -443,17 +431,8 @@ async def bench_e2e(url: str, results: Results, *, steady: int, saturation: int,
             worker=raw_worker,
             ready=raw_ready,
         )
-        await js.delete_consumer(WORK_STREAM, "raw-e2e")
-        await reset(client)
-        await js.add_consumer(
-            WORK_STREAM,
-            ConsumerConfig(
-                durable_name="raw-e2e",
-                ack_policy=AckPolicy.EXPLICIT,
-                filter_subject="task.backend.>",
-                max_ack_pending=20000,
-            ),
-        )
+        await reset(client)  # drops the consumer too
+        await raw_consumer(client, "raw-e2e")
         guaranteed = await _e2e_run(
             url,
             steady=steady,
@@ -632,7 +611,6 @@ async def _peak_rss(url: str, command: list[str], count: int, progress: Any) -> 
 
 async def bench_memory(url: str, results: Results, *, count: int) -> dict[str, list[float]]:
     client = await connect(url)
-    js = client.jetstream()
     try:
         await reset(client)
         await prefill(url, count, "m")
@@ -648,15 +626,7 @@ async def bench_memory(url: str, results: Results, *, count: int) -> dict[str, l
         )
         await reset(client)
         await prefill(url, count, "n")
-        await js.add_consumer(
-            WORK_STREAM,
-            ConsumerConfig(
-                durable_name="raw-mem",
-                ack_policy=AckPolicy.EXPLICIT,
-                filter_subject="task.backend.>",
-                max_ack_pending=20000,
-            ),
-        )
+        await raw_consumer(client, "raw-mem")
 
         async def raw_progress() -> int:
             return await acked(client, "raw-mem")

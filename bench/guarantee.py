@@ -58,6 +58,20 @@ async def stored(client: Client, streams: list[str]) -> dict[str, int]:
     return counts
 
 
+async def raw_consumer(client: Client, name: str) -> None:
+    """The durable pull consumer a raw baseline drains the backend's tasks with."""
+    await client.jetstream().add_consumer(
+        WORK_STREAM,
+        ConsumerConfig(
+            durable_name=name,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject="task.backend.>",
+            max_ack_pending=20000,
+        ),
+    )
+
+
 def writes_per_task(before: dict[str, int], after: dict[str, int], tasks: int) -> float:
     return sum(after[name] - before[name] for name in before) / tasks
 
@@ -102,16 +116,7 @@ async def raw_guaranteed(
     """Drain ``count`` prefilled tasks: (tasks/s, stored writes per task, CPU µs per task)."""
     js = client.jetstream()
     await history_stream(client)
-    await js.add_consumer(
-        WORK_STREAM,
-        ConsumerConfig(
-            durable_name=consumer,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            filter_subject="task.backend.>",
-            max_ack_pending=20000,
-        ),
-    )
+    await raw_consumer(client, consumer)
     done = 0
     finished = asyncio.Event()
 

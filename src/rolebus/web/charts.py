@@ -91,6 +91,15 @@ class _Frame:
             f'</text><text x="2" y="{self.height - _PAD:.1f}">{_number(self.bottom or 0)}</text>'
         )
 
+    def limit(self, classes: str, data: str, value: float, title: str) -> str:
+        """A target or a cap: a dashed line across the chart at ``value``."""
+        y = self.y(value)
+        return (
+            f'<line class="{classes}" {data} x1="{_PAD_LEFT}" y1="{y:.1f}" '
+            f'x2="{self.width - _PAD}" y2="{y:.1f}" stroke="#e03131" stroke-dasharray="5 3">'
+            f"<title>{_e(title)}</title></line>"
+        )
+
     def axis(self) -> str:
         ago = round((self.until - self.since).total_seconds() / 60)
         label = f"{ago} min ago" if ago < 120 else f"{ago // 60} h ago"
@@ -164,13 +173,15 @@ def latency_chart(
             "</circle>"
             for p in points
         )
-    for name, target in targets.items():
-        y = frame.y(target)
-        parts.append(
-            f'<line class="slo slo-{name}" data-target="{target}" x1="{_PAD_LEFT}" y1="{y:.1f}" '
-            f'x2="{width - _PAD}" y2="{y:.1f}" stroke="#e03131" stroke-dasharray="5 3">'
-            f"<title>SLO: {name} at most {target:g} ms</title></line>"
+    parts.extend(
+        frame.limit(
+            f"slo slo-{name}",
+            f'data-target="{target}"',
+            target,
+            f"SLO: {name} at most {target:g} ms",
         )
+        for name, target in targets.items()
+    )
     parts.extend(_marks(frame, status.marks))
     parts.append(frame.axis() + "</svg>")
     return "".join(parts)
@@ -213,12 +224,7 @@ def spend_chart(
             f"<title>today: {total:g} {label}</title></polyline>"
         )
     if cap:
-        y = frame.y(float(cap))
-        parts.append(
-            f'<line class="cap" data-cap="{cap}" x1="{_PAD_LEFT}" y1="{y:.1f}" x2="{width - _PAD}" '
-            f'y2="{y:.1f}" stroke="#e03131" stroke-dasharray="5 3"><title>{cap_name}: {cap:g}'
-            "</title></line>"
-        )
+        parts.append(frame.limit("cap", f'data-cap="{cap}"', float(cap), f"{cap_name}: {cap:g}"))
     parts.append(frame.axis() + "</svg>")
     return "".join(parts)
 
