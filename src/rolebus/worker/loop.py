@@ -18,6 +18,7 @@ import contextlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -45,6 +46,19 @@ __all__ = ["Worker", "consumer_spec_for"]
 _FAILURES_KEPT = 1000  # deliveries whose last failure is remembered
 
 log = structlog.get_logger("rolebus.worker.loop")
+
+
+async def _within(step: Coroutine[Any, Any, Any], seconds: float) -> None:
+    """Run one step of a stop for at most ``seconds``, then leave it cancelled: unlike
+    wait_for, never wait for a step that does not end when cancelled."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        log.warning("a step of the worker's stop did not end in time", step=repr(step))
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("a step of the worker's stop failed", error=repr(task.exception()))
+
 
 _ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
@@ -171,14 +185,13 @@ class Worker:
             with contextlib.suppress(Exception):
                 await message.nak()
         self._in_flight.clear()
+        # Each bounded: a stop must end even with a connection or a handler stuck.
         if self._puller is not None:
-            await self._puller.close()
+            await _within(self._puller.close(), 5.0)
         if self._advisories is not None:
-            await self._advisories.close()
+            await _within(self._advisories.close(), 5.0)
         if isinstance(self.handler, LlmRunner):
-            # Bounded like the background readers: an HTTP pool must not hold the stop.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.handler.aclose(), timeout=5.0)
+            await _within(self.handler.aclose(), 5.0)  # an HTTP pool must not hold the stop
         with contextlib.suppress(Exception):
             await self._connection.flush()
         self._log.info("worker stopped", completed=self.stats.completed)

@@ -8,7 +8,6 @@ runs ``concurrency`` slots, the supervisor one (timers in order).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -54,13 +53,14 @@ class Slots:
         self._ready.set()
         return queued
 
-    async def cancel(self) -> None:
-        """Stop every slot now, running or not."""
+    async def cancel(self, wait: float = 5.0) -> None:
+        """Stop every slot now, running or not. A slot gets ``wait`` seconds to end:
+        one stuck in its handler's cleanup must not hold the worker's stop."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # asyncio.wait, not wait_for: on a timeout wait_for waits for the task anyway.
+            await asyncio.wait(self._tasks, timeout=wait)
 
     async def _loop(self) -> None:
         while True:
