@@ -33,7 +33,7 @@ from rolebus.history.replay import ReplayFilter, replay
 from rolebus.nats.delivery import StoredMessage
 from rolebus.team.roles import load_team
 from rolebus.wire.messages import Event, Task
-from rolebus.wire.subjects import EVENTS_STREAM, TASKS_BUCKET, WORK_STREAM
+from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM
 from rolebus.worker.runner import start_workers
 
 HERE = Path(__file__).resolve().parent
@@ -694,14 +694,12 @@ async def bench_dashboard(url: str, results: Results, *, seconds: float) -> dict
                 delay = target - perf()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                # What a running task writes: its state record and its event.
+                # What a running task writes: its record, which is its event.
                 task_id = f"d{sent}"
-                event = Event(state="completed", task_id=task_id, role="eng-be")
                 await bus.connection.publish_start(
-                    "event.task.completed", codec_encode(event), msg_id=event.id
-                )
-                await bus.connection.publish_start(
-                    f"$KV.{TASKS_BUCKET}.{task_id}", record_for(task_id), msg_id=event.id
+                    f"event.task.completed.eng-be.{task_id}",
+                    record_for(task_id),
+                    msg_id=f"{task_id}_completed_0",
                 )
                 sent += 1
                 if sent % 1000 == 0:
@@ -756,18 +754,22 @@ def codec_encode(event: Event) -> bytes:
 
 
 def record_for(task_id: str) -> bytes:
-    """A completed task's state record, as a worker stores it."""
+    """A completed task's record, as a worker stores it."""
+    from rolebus.flows.state import record_map
     from rolebus.wire import codec
 
     finished = datetime.now(UTC)
-    return codec.encode(
-        TaskState(
-            task_id=task_id,
-            state="completed",
-            role="eng-be",
-            subject=SUBJECT,
-            title=f"Orders API endpoint {task_id}",
-            created_at=finished - timedelta(milliseconds=3),
-            updated_at=finished,
+    return codec.encode_map(
+        record_map(
+            TaskState(
+                task_id=task_id,
+                state="completed",
+                role="eng-be",
+                subject=SUBJECT,
+                title=f"Orders API endpoint {task_id}",
+                created_at=finished - timedelta(milliseconds=3),
+                updated_at=finished,
+            ),
+            0,
         )
     )

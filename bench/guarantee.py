@@ -38,7 +38,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench.harness import RawPuller, Results, connect, perf
 from rolebus.wire.messages import Task
-from rolebus.wire.subjects import EVENTS_STREAM, TASKS_BUCKET, WORK_STREAM
+from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM
 
 #: The rolebus worker's concurrency in bench/roles: the baselines overlap as many.
 CONCURRENCY = 64
@@ -217,7 +217,7 @@ def _tasks(count: int, prefix: str) -> list[Task]:
 
 async def rolebus_writes(client: Client) -> dict[str, int]:
     """What a rolebus worker writes to, besides the work stream's follow-ups."""
-    return await stored(client, [EVENTS_STREAM, f"KV_{TASKS_BUCKET}"])
+    return await stored(client, [EVENTS_STREAM])
 
 
 # --- the layout: how one transition is stored ---------------------------------------------

@@ -77,7 +77,7 @@ async def _through_the_bus(url: str, team: Any, count: int, run: int) -> float:
     done: asyncio.Queue[StoredMessage] = asyncio.Queue()
     bus = await Bus.connect(settings)
     try:
-        watch = await bus.connection.watch("event.task.completed", done.put)
+        watch = await bus.connection.watch("event.task.completed.>", done.put)
         await bus.connection.flush()
         start = perf()
         for number in range(count):

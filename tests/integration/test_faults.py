@@ -124,8 +124,8 @@ def test_the_history_checker_finds_planted_losses_duplicates_and_gaps(
 
             for copy in ("a", "b"):  # the same task completed twice
                 await bus.publish(
-                    "event.task.completed",
-                    Event(id=f"{done.id}_{copy}", state="completed", task_id=done.id),
+                    f"event.task.completed.eng-be.{done.id}",
+                    Event(id=f"{done.id}_{copy}", state="completed", task_id=done.id, record={}),
                 )
             twice = Task(id="dup-1", kind="x", title="follow-up stored twice")
             for msg_id in ("m1", "m2"):  # beyond the dedup window: two Msg-Ids

@@ -121,7 +121,7 @@ def test_a_replayed_message_is_the_same_as_one_json_line_and_as_a_dict() -> None
     stored = StoredMessage(
         stream="ROLEBUS_EVENTS",
         seq=7,
-        subject="event.task.completed",
+        subject="event.task.completed.eng-be.t1",
         time=datetime.now(UTC),
         headers={"Nats-Msg-Id": "t1_completed"},
         data=b"",
@@ -243,7 +243,9 @@ async def test_attempt_counts_read_only_the_events_since_their_last_update(
     rolebus_bus: Bus,
 ) -> None:
     def event(number: int, state: str, role: str = "eng-be") -> tuple[str, Event]:
-        return f"event.task.{state}", Event(id=f"a{number}", state=state, task_id="t", role=role)
+        return f"event.task.{state}.{role}.t", Event(
+            id=f"a{number}", state=state, task_id="t", role=role, record={}
+        )
 
     await rolebus_bus.publish_many(
         [event(1, "claimed"), event(2, "retrying"), event(3, "completed"), event(4, "dead", "pm")]

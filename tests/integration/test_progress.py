@@ -43,7 +43,7 @@ async def test_a_commands_progress_lines_show_in_replay_follow_while_it_runs(
     handler = f'{{ command = ["{sys.executable}", "{script}"], timeout = "1m" }}'
     team = load_team(write_team(tmp_path / "roles", handler=handler))
     follower = subprocess.Popen(
-        [ROLEBUS, "replay", "--follow", "--subject", "event.task.progress", "--json"],
+        [ROLEBUS, "replay", "--follow", "--subject", "event.task.progress.>", "--json"],
         env={**os.environ, "NATS_URL": rolebus_server.url},
         stdout=subprocess.PIPE,
         text=True,

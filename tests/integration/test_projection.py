@@ -6,12 +6,9 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
-import nats
-
 from rolebus.bus import Bus
 from rolebus.flows.state import StateStore, TaskState
 from rolebus.history.projection import LatencyHistogram, TaskProjection
-from rolebus.wire.subjects import TASKS_BUCKET
 
 
 def _exact(samples: list[float], fraction: float) -> float:
@@ -92,27 +89,3 @@ async def test_projection_keeps_each_roles_newest_cards_and_reads_only_new_recor
     assert p50 is not None
     assert abs(p50 - 3000) <= 15
     assert projection.latencies("eng-be").count == 8
-
-
-async def test_projection_drops_the_card_of_a_deleted_record(rolebus_bus: Bus) -> None:
-    store = StateStore(rolebus_bus.connection)
-    await store.put(_record("be-kept", "eng-be"))
-    await store.put(_record("be-deleted", "eng-be"))
-    projection = TaskProjection(["eng-be"], window=3600)
-    await projection.update(rolebus_bus.connection)
-    assert {card.task_id for card in projection.cards("eng-be")} == {"be-kept", "be-deleted"}
-
-    # Someone deletes a record with the nats CLI's equivalent.
-    client = await nats.connect(rolebus_bus.connection.url)
-    try:
-        bucket = await client.jetstream().key_value(TASKS_BUCKET)
-        await bucket.delete("be-deleted")
-    finally:
-        await client.close()
-    await projection.update(rolebus_bus.connection)
-    assert [card.task_id for card in projection.cards("eng-be")] == ["be-kept"]
-
-    # A projection started afterwards never shows it either.
-    fresh = TaskProjection(["eng-be"], window=3600)
-    await fresh.update(rolebus_bus.connection)
-    assert [card.task_id for card in fresh.cards("eng-be")] == ["be-kept"]

@@ -476,10 +476,10 @@ async def test_a_denial_is_named_as_soon_as_the_server_says_it(tmp_path: Path) -
     3 s timeout (the bound below is under it: a timeout cannot pass it)."""
     import asyncio
 
-    from rolebus.wire.subjects import EVENTS_STREAM, TASKS_BUCKET
+    from rolebus.wire.subjects import CALLS_BUCKET, EVENTS_STREAM
 
     narrow = {
-        "publish": {"allow": ["$JS.API.INFO", "$JS.API.STREAM.INFO.KV_rolebus_tasks"]},
+        "publish": {"allow": ["$JS.API.INFO", "$JS.API.STREAM.INFO.KV_rolebus_llm_calls"]},
         "subscribe": {"allow": ["_INBOX_narrow.>"]},
     }
     users = [
@@ -493,16 +493,16 @@ async def test_a_denial_is_named_as_soon_as_the_server_says_it(tmp_path: Path) -
         role = Settings(nats_url=server.url, user="narrow", password="narrow-pw")
         async with await Bus.connect(role) as bus:
             with pytest.raises(PermissionDeniedError) as wrote:
-                await asyncio.wait_for(bus.connection.kv.put(TASKS_BUCKET, "t1", b"x"), 2.0)
-            assert "$KV.rolebus_tasks.t1" in wrote.value.message
+                await asyncio.wait_for(bus.connection.kv.put(CALLS_BUCKET, "t1", b"x"), 2.0)
+            assert "$KV.rolebus_llm_calls.t1" in wrote.value.message
             with pytest.raises(PermissionDeniedError) as read:
-                await asyncio.wait_for(bus.connection.kv.get(TASKS_BUCKET, "t1"), 2.0)
-            assert "DIRECT.GET.KV_rolebus_tasks" in read.value.message
+                await asyncio.wait_for(bus.connection.kv.get(CALLS_BUCKET, "t1"), 2.0)
+            assert "DIRECT.GET.KV_rolebus_llm_calls" in read.value.message
             with pytest.raises(PermissionDeniedError) as scanned:
                 await asyncio.wait_for(anext(bus.connection.streams.read(EVENTS_STREAM)), 2.0)
             assert "CONSUMER.CREATE.ROLEBUS_EVENTS" in scanned.value.message
             # The connection is fine afterwards: what it may do still works.
-            assert await bus.connection.admin.stream_state("KV_rolebus_tasks") is not None
+            assert await bus.connection.admin.stream_state("KV_rolebus_llm_calls") is not None
     finally:
         server.stop()
 
@@ -519,7 +519,7 @@ async def test_a_worker_denied_its_record_dead_letters_the_task_naming_the_denia
 
     team = load_team(write_team(tmp_path / "roles", ack_wait="1s", max_deliver=2))
     crippled = permissions(team, team.role("eng-be"))
-    crippled["publish"]["allow"].remove("$KV.rolebus_tasks.>")
+    crippled["publish"]["allow"].remove("event.task.*.eng-be.*")
     users = [
         {"user": ADMIN, "password": "admin-pw"},
         {"user": "eng-be", "password": "be-pw", "permissions": crippled},
@@ -544,7 +544,7 @@ async def test_a_worker_denied_its_record_dead_letters_the_task_naming_the_denia
             [entry] = [e async for e in dlq.list_dead_letters(admin.connection)]
             assert entry.reason == "max-deliver"
             assert "permission denied" in entry.error
-            assert f"$KV.rolebus_tasks.{task.id}" in entry.error
+            assert f"event.task.completed.eng-be.{task.id}" in entry.error
     finally:
         server.stop()
 

@@ -14,7 +14,6 @@ import json
 from collections.abc import AsyncGenerator
 
 from rolebus.errors import NotFoundError
-from rolebus.flows.effects import publish_event, state_event
 from rolebus.flows.state import StateStore, StoredState, TaskState, published_tasks
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import Team
@@ -138,16 +137,14 @@ async def cancel(
 async def _mark(
     connection: Connection, states: StateStore, stored: StoredState, *, reason: str
 ) -> None:
-    """The record says cancelled (unless it ended already), and an event says so."""
+    """The record says cancelled (unless it ended already)."""
     while not stored.state.terminal:
         changed = await states.change(
             stored, state=CANCELLED, error=f"cancelled: {reason}", effects=[]
         )
         if changed is not None:
-            event = state_event(changed.state, changed.state.role)
-            await (await publish_event(connection, event, trace=None)).result()
-            return
-        fresh = await states.get(stored.state.task_id)
+            return  # its record is its `cancelled` event
+        fresh = await states.get(stored.state.task_id, role=stored.state.role)
         if fresh is None:
             return
         stored = fresh

@@ -22,7 +22,7 @@ from rolebus.nats.delivery import StoredMessage
 from rolebus.nats.protocol import PubAck
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
-from rolebus.wire.messages import Event, Task
+from rolebus.wire.messages import Task, utc_now
 from rolebus.wire.subjects import DLQ_STREAM, dlq_subject
 
 __all__ = ["DeadLetter", "dead_letter", "find", "list_dead_letters", "redrive"]
@@ -175,23 +175,28 @@ async def redrive(connection: Connection, entry: DeadLetter) -> PubAck:
         states = StateStore(connection)
         current = await states.get(entry.task_id)
         if current is not None:
-            await states.put(current.state.model_copy(update={"state": "redriven", "error": None}))
+            # Its `redriven` record is the event that says so.
+            detail = {
+                key: value
+                for key, value in current.state.detail.items()
+                if key != "effects_pending"
+            }
+            await states.put(
+                current.state.model_copy(
+                    update={
+                        "state": "redriven",
+                        "error": None,
+                        "updated_at": utc_now(),
+                        "detail": {**detail, "dlq_seq": entry.seq},
+                    }
+                )
+            )
     ack = await connection.publish(
         entry.subject,
         data,
         msg_id=f"{task_key}_redrive_{entry.seq}",
         headers=headers,
     )
-    if entry.task_id is not None:
-        event = Event(
-            id=f"{entry.task_id}_redriven_{entry.seq}",
-            state="redriven",
-            task_id=entry.task_id,
-            role=entry.role,
-            subject=entry.subject,
-            detail={"dlq_seq": entry.seq, "new_seq": ack.seq},
-        )
-        await connection.publish("event.task.redriven", codec.encode(event), msg_id=event.id)
     await connection.streams.delete(DLQ_STREAM, entry.seq)
     log.info("redriven", subject=entry.subject, task_id=entry.task_id, dlq_seq=entry.seq)
     return ack

@@ -16,7 +16,6 @@ from typing import Any
 from pydantic import BaseModel
 
 from rolebus.errors import RoleError
-from rolebus.flows.state import TaskState
 from rolebus.nats.connection import Connection
 from rolebus.nats.publish import PendingPublish, wait_all
 from rolebus.wire import codec
@@ -31,8 +30,6 @@ __all__ = [
     "follow_up_tasks",
     "publish_effects",
     "publish_event",
-    "started",
-    "state_event",
 ]
 
 Effect = dict[str, Any]
@@ -106,85 +103,14 @@ async def publish_effects(
 
 
 async def publish_event(
-    connection: Connection, event: Event, *, trace: str | None
+    connection: Connection, event: Event, *, trace: str | None, subject: str | None = None
 ) -> PendingPublish:
-    """Start publishing one event; await ``.result()`` before acking what caused it."""
+    """Start publishing one event (on ``subject``, or its entity's and state's);
+    await ``.result()`` before acking what caused it."""
     headers = {Header.TRACEPARENT: trace} if trace else None
     return await connection.publish_start(
-        event_subject(event.entity, event.state),
+        subject or event_subject(event.entity, event.state),
         codec.encode(event),
         msg_id=event.id,
         headers=headers,
     )
-
-
-def dead_event(
-    *,
-    task: Task | None,
-    stream_seq: int,
-    role: str,
-    subject: str,
-    attempt: int,
-    error: str,
-    reason: str,
-) -> Event:
-    """The ``dead`` event of a dead-lettered message: a task, or bytes that never
-    decoded into one (named after their stream sequence)."""
-    task_id = task.id if task is not None else f"seq-{stream_seq}"
-    return Event(
-        id=f"{task_id}_dead_{stream_seq}",
-        state="dead",
-        task_id=task_id,
-        role=role,
-        subject=subject,
-        attempt=attempt,
-        correlation_id=task.flow_id if task is not None else None,
-        causation_id=task_id,
-        error=error,
-        detail={"reason": reason, "stream_seq": stream_seq},
-    )
-
-
-def state_event(state: TaskState, role: str) -> Event:
-    """The event that goes with a task reaching a resting state (terminal, or parked).
-    Its id makes it unique: one ``completed`` per task ever; one ``input-required``
-    per escalation; one of the others per stored copy of the task."""
-    if state.state == "completed":
-        event_id = f"{state.task_id}_completed"
-    elif state.state == "input-required":
-        event_id = f"{state.task_id}_input-required_{state.detail.get('waiting_for')}"
-    else:
-        event_id = f"{state.task_id}_{state.state}_{state.stream_seq}"
-    return Event(
-        id=event_id,
-        state=state.state,
-        task_id=state.task_id,
-        role=role,
-        subject=state.subject,
-        attempt=state.attempt,
-        correlation_id=state.correlation_id or state.task_id,
-        causation_id=state.task_id,
-        result=state.result,
-        error=state.error,
-        detail={
-            **{key: value for key, value in state.detail.items() if key != "sent"},
-            # What this attempt cost (LLM roles): the events are the usage history.
-            **(
-                {"usage": state.outcome["usage"]}
-                if state.outcome and state.outcome.get("usage")
-                else {}
-            ),
-            "follow_ups": [
-                entry["msg_id"]
-                for entry in state.effects
-                if not entry["subject"].startswith(("event.", "timer."))
-            ],
-            **started(state),
-        },
-    )
-
-
-def started(state: TaskState) -> dict[str, str]:
-    """When the attempt's handler started, for an event's detail: the time before it
-    is the time the task waited (the flow picture draws it)."""
-    return {"started_at": state.started_at.isoformat()} if state.started_at else {}

@@ -1,11 +1,13 @@
-"""Task state records in the ``rolebus_tasks`` KV bucket, changed only by
-compare-and-set.
+"""Task records: a task's history and its fence, in one append per transition.
 
-The record is the fence that makes effects happen once: a worker publishes a
-task's follow-ups only after it won the compare-and-set to a terminal state,
-and the record keeps those follow-ups, so a redelivery after a crash
-re-publishes the same messages (same Msg-Ids, de-duplicated by JetStream)
-instead of running the handler again.
+Each record is an event on ``event.task.<state>.<role>.<task id>`` in the history
+stream, appended only if nothing was written under that task and role since the
+writer read (``Nats-Expected-Last-Subject-Sequence`` on ``event.task.*.<role>.<task
+id>``: JetStream's compare-and-set on a subject pattern). The record is the fence
+that makes effects happen once: a worker publishes a task's follow-ups only after
+it won the append to a terminal state, and the record keeps those follow-ups, so
+a redelivery after a crash re-publishes the same messages (same Msg-Ids,
+de-duplicated by JetStream) instead of running the handler again.
 """
 
 from __future__ import annotations
@@ -21,17 +23,42 @@ from rolebus.errors import CodecError
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import StoredMessage
 from rolebus.wire import codec
-from rolebus.wire.messages import Task, utc_now
-from rolebus.wire.subjects import TASK, TASKS_BUCKET, WORK_STREAM
+from rolebus.wire.messages import EVENT_SCHEMA_VERSION, Event, Task, utc_now
+from rolebus.wire.subjects import (
+    EVENTS_STREAM,
+    TASK,
+    TASK_RECORDS,
+    WORK_STREAM,
+    record_subject,
+    records_of,
+)
 
-__all__ = ["PARKED", "STATES", "TERMINAL_STATES", "StateStore", "StoredState", "TaskState"]
+__all__ = [
+    "PARKED",
+    "RESUMED",
+    "STATES",
+    "TERMINAL_STATES",
+    "WAITING",
+    "StateStore",
+    "StoredState",
+    "TaskState",
+    "decode_state",
+    "event_detail",
+    "record_map",
+    "started",
+    "state_of",
+]
 
 #: States after which a task never runs again (unless redriven).
 TERMINAL_STATES = frozenset({"completed", "dead", "rejected", "handed-off", "cancelled"})
 #: Parked until a decision arrives: only that decision may run the task again.
 PARKED = "input-required"
+#: A decision arrived and its task runs again: only that decision's delivery may run it.
+RESUMED = "resumed"
+#: The states in which a task waits for one escalation's decision.
+WAITING = frozenset({PARKED, RESUMED})
 #: Every state a task record can be in.
-STATES = frozenset({"claimed", "retrying", PARKED, "redriven", *TERMINAL_STATES})
+STATES = frozenset({"claimed", "retrying", PARKED, RESUMED, "redriven", *TERMINAL_STATES})
 
 
 class TaskState(BaseModel):
@@ -57,6 +84,9 @@ class TaskState(BaseModel):
     error: str | None = None
     #: The handler's last answer (an Outcome as a map), for ``rolebus rerun``.
     outcome: dict[str, Any] | None = None
+    #: Whether a record already reported ``outcome``'s usage (each attempt's cost
+    #: is counted once, by the first record that carries it).
+    usage_reported: bool = False
     #: Follow-up messages to publish once terminal: ``{"subject", "message"}`` maps.
     effects: list[dict[str, Any]] = Field(default_factory=list)
     detail: dict[str, Any] = Field(default_factory=dict)
@@ -98,24 +128,131 @@ class TaskState(BaseModel):
 
 @dataclass(frozen=True)
 class StoredState:
-    """A state record and the KV revision it was read at (for compare-and-set)."""
+    """A task's record and its sequence in the history stream: the compare-and-set's
+    ``revision`` (0: the task has no record under its role yet)."""
 
     state: TaskState
     revision: int
 
 
+#: Record fields an event does not have (kept under the event's ``record`` key).
+_RECORD_ONLY = (
+    "kind",
+    "title",
+    "stream_seq",
+    "correlation_id",
+    "causation_id",
+    "created_at",
+    "started_at",
+    "outcome",
+    "effects",
+    "usage_reported",
+)
+#: Keys an event's detail adds to the record's (see :func:`event_detail`).
+_EVENT_ADDED = ("usage", "follow_ups", "started_at")
+
+
+def started(state: TaskState) -> dict[str, str]:
+    """When the attempt's handler started, for an event's detail: the time before it
+    is the time the task waited (the flow picture draws it)."""
+    return {"started_at": state.started_at.isoformat()} if state.started_at else {}
+
+
+def event_detail(state: TaskState, own: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a record tells a reader of events: the record's detail (``own``, when
+    already dumped; without its message counter), what the attempt cost, its
+    follow-ups, when it started."""
+    given = state.detail if own is None else own
+    detail = {key: value for key, value in given.items() if key != "sent"}
+    # What this attempt cost (LLM roles): the records are the usage history, so the
+    # first record that carries an outcome reports its usage, and no later one.
+    if state.outcome and state.outcome.get("usage") and not state.usage_reported:
+        detail["usage"] = state.outcome["usage"]
+    detail["follow_ups"] = [
+        entry["msg_id"]
+        for entry in state.effects
+        if not entry["subject"].startswith(("event.", "timer."))
+    ]
+    detail.update(started(state))
+    return detail
+
+
+def record_map(state: TaskState, revision: int) -> dict[str, Any]:
+    """The record as it is stored: an event (any reader of events reads it as one)
+    plus ``record``, the rest of the state. Its id names the write: the task, the
+    state and the record it follows, so a retried append is de-duplicated and a
+    different one is not."""
+    dumped = state.model_dump(mode="json")
+    record = {key: dumped[key] for key in _RECORD_ONLY}
+    if state.sent:
+        record["sent"] = state.sent
+    detail = event_detail(state, dumped["detail"])
+    record["usage_reported"] = state.usage_reported or "usage" in detail
+    return {
+        "schema_version": EVENT_SCHEMA_VERSION,
+        "id": f"{state.task_id}_{state.state}_{revision}",
+        "correlation_id": state.correlation_id or state.task_id,
+        "causation_id": state.task_id,
+        "created_at": dumped["updated_at"],
+        "entity": "task",
+        "state": state.state,
+        "task_id": state.task_id,
+        "role": state.role,
+        "subject": state.subject,
+        "attempt": state.attempt,
+        "at": dumped["updated_at"],
+        "result": dumped["result"],
+        "error": state.error,
+        "detail": detail,
+        "record": record,
+    }
+
+
+def state_of(event: Event, subject: str | None = None) -> TaskState | None:
+    """The task state a record holds (None for an event that is not a record). The
+    role is the one its subject names: the server let only that role (or the
+    operator) write there, whatever the body says."""
+    record = event.record
+    if record is None:
+        return None
+    role = subject.split(".")[3] if subject else (event.role or "")
+    detail = {key: value for key, value in event.detail.items() if key not in _EVENT_ADDED}
+    if record.get("sent"):
+        detail["sent"] = record["sent"]
+    return TaskState.model_validate(
+        {
+            **{key: record[key] for key in _RECORD_ONLY if key in record},
+            "task_id": event.task_id,
+            "state": event.state,
+            "role": role,
+            "subject": event.subject or "",
+            "attempt": event.attempt,
+            "updated_at": event.at,
+            "result": event.result,
+            "error": event.error,
+            "detail": detail,
+        }
+    )
+
+
+def decode_state(stored: StoredMessage) -> TaskState | None:
+    """The state in a stored record (None when the message is not one)."""
+    return state_of(codec.decode_as(Event, stored.data, subject=stored.subject), stored.subject)
+
+
 class StateStore:
-    """Read and change task states in KV."""
+    """Read and append task records: the history stream is where they live."""
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
 
-    async def get(self, task_id: str) -> StoredState | None:
-        found = await self._connection.kv.get(TASKS_BUCKET, task_id)
-        if found is None or not found[0]:
+    async def get(self, task_id: str, *, role: str | None = None) -> StoredState | None:
+        """The task's newest record under ``role`` (any role's, without it)."""
+        found = await self._connection.streams.last(EVENTS_STREAM, records_of(task_id, role or "*"))
+        if found is None:
             return None
-        value, revision = found
-        return StoredState(codec.decode_as(TaskState, value), revision)
+        state = decode_state(found)
+        return None if state is None else StoredState(state, found.seq)
 
     async def claim(
         self,
@@ -147,56 +284,82 @@ class StateStore:
             started_at=now,
         )
         if attempt == 1 and resume is None:
-            # A first delivery: almost always a task never seen before, so neither
-            # read nor write the record now (the `claimed` event records the claim).
-            # It is created when the task ends or parks; revision 0 means "create",
-            # which fails if a record exists after all (a redrive, a re-publish),
-            # and the worker then takes the careful path (see Settling.change).
-            # This saves a read and an fsynced write per task.
+            # A first delivery: almost always a task never seen before, so do not
+            # even read. The record that ends the attempt is created with "no
+            # record yet" as its condition, which fails if one exists after all (a
+            # redrive, a re-publish): the worker then takes the careful path (see
+            # Settling.change). So a task that runs once costs one write.
             return StoredState(claimed, 0)
-        while True:
-            current = await self.get(task.id)
-            if current is None:
-                revision = await self._connection.kv.create(
-                    TASKS_BUCKET, task.id, codec.encode(claimed)
-                )
-                if revision is not None:
-                    return StoredState(claimed, revision)
-                continue  # someone created it first: read theirs
-            if current.state.terminal or (
-                current.state.state == PARKED and current.state.waiting_for != resume
-            ):
-                return current
-            keep = current.state.detail  # decisions, escalations: survive a new attempt
-            updated = claimed.model_copy(update={"detail": keep})
-            revision = await self._connection.kv.update(
-                TASKS_BUCKET, task.id, codec.encode(updated), current.revision
-            )
-            if revision is not None:
-                return StoredState(updated, revision)
+        # A redelivery or a resume reads the record, and writes nothing yet: the
+        # record that ends the attempt is conditional on this one, so of two
+        # deliveries running at once only one can finish the task.
+        current = await self.get(task.id, role=role)
+        if current is None:
+            return StoredState(claimed, 0)
+        if current.state.terminal or (
+            current.state.state in WAITING and current.state.waiting_for != resume
+        ):
+            return current
+        keep = current.state.detail  # decisions, escalations: survive a new attempt
+        return StoredState(claimed.model_copy(update={"detail": keep}), current.revision)
 
     async def change(self, stored: StoredState, **changes: Any) -> StoredState | None:
-        """Compare-and-set: apply ``changes`` if nobody wrote since ``stored`` was
-        read (revision 0: if the record still does not exist); None when someone
-        did (re-read and decide again)."""
+        """Compare-and-set: append the changed record if nothing was written under
+        the task's role since ``stored`` was read (revision 0: if it has no record);
+        None when something was (re-read and decide again)."""
         updated = stored.state.model_copy(update={**changes, "updated_at": utc_now()})
-        body = codec.encode(updated)
-        if stored.revision == 0:
-            revision = await self._connection.kv.create(TASKS_BUCKET, updated.task_id, body)
-        else:
-            revision = await self._connection.kv.update(
-                TASKS_BUCKET, updated.task_id, body, stored.revision
+        return await self._append(updated, stored.revision)
+
+    async def _append(self, state: TaskState, revision: int) -> StoredState | None:
+        data = codec.encode_map(record_map(state, revision))
+        if state.outcome and state.outcome.get("usage") and not state.usage_reported:
+            state = state.model_copy(update={"usage_reported": True})
+        ack = await self._connection.append(
+            record_subject(state.state, state.role, state.task_id),
+            data,
+            msg_id=f"{state.task_id}_{state.state}_{revision}",
+            last_seq=revision,
+            on=records_of(state.task_id, state.role),
+        )
+        if ack is None:
+            return None
+        if ack.duplicate:
+            # A record with this id exists: ours, if an earlier try of this very
+            # append was stored (its answer lost); or another delivery's, which
+            # wrote first from the same record. Only the bytes tell.
+            newest = await self._connection.streams.last(
+                EVENTS_STREAM, records_of(state.task_id, state.role)
             )
-        return None if revision is None else StoredState(updated, revision)
+            if newest is None or newest.seq != ack.seq or newest.data != data:
+                return None
+        return StoredState(state, ack.seq)
 
     async def all(self) -> AsyncIterator[TaskState]:
-        """Every task's current record, streamed."""
-        async for _, value in self._connection.kv.items(TASKS_BUCKET):
-            yield codec.decode_as(TaskState, value)
+        """Every task's newest record (one per task and role)."""
+        newest: dict[tuple[str, str], tuple[int, TaskState]] = {}
+        async for stored in self._connection.streams.read(
+            EVENTS_STREAM, filter_subjects=[TASK_RECORDS], last_per_subject=True
+        ):
+            try:
+                state = decode_state(stored)
+            except CodecError:
+                continue  # not a record this rolebus can read
+            if state is None:
+                continue
+            key = (state.task_id, state.role)
+            if key not in newest or newest[key][0] < stored.seq:
+                newest[key] = (stored.seq, state)
+        for _, state in sorted(newest.values(), key=lambda pair: pair[0]):
+            yield state
 
-    async def put(self, state: TaskState) -> None:
-        """Overwrite (operator actions such as a redrive)."""
-        await self._connection.kv.put(TASKS_BUCKET, state.task_id, codec.encode(state))
+    async def put(self, state: TaskState) -> StoredState:
+        """Append ``state`` whatever the newest record says (operator actions such
+        as a redrive)."""
+        while True:
+            current = await self.get(state.task_id, role=state.role)
+            written = await self._append(state, 0 if current is None else current.revision)
+            if written is not None:
+                return written
 
 
 async def published_tasks(

@@ -13,6 +13,7 @@ stays flat however many tasks complete in the window, and a percentile is within
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
@@ -22,10 +23,9 @@ from datetime import UTC, datetime
 import structlog
 
 from rolebus.errors import CodecError
-from rolebus.flows.state import TaskState
+from rolebus.flows.state import TaskState, decode_state
 from rolebus.nats.connection import Connection
-from rolebus.wire import codec
-from rolebus.wire.subjects import TASKS_BUCKET
+from rolebus.wire.subjects import EVENTS_STREAM, TASK_RECORDS
 
 __all__ = ["SLICE_SECONDS", "LatencyHistogram", "Slice", "TaskProjection"]
 
@@ -149,19 +149,21 @@ class TaskProjection:
 
     async def update(self, connection: Connection) -> None:
         """Fold the records written since the last update (every record, the first time)."""
-        async for change in connection.kv.changes(TASKS_BUCKET, from_seq=self._next_seq):
-            self._next_seq = change.seq + 1
-            if change.value is None:
-                self._forget(change.key)
-                continue
-            try:
-                state = codec.decode_as(TaskState, change.value)
-            except CodecError as error:
-                # Written by another rolebus version, perhaps: a status view is no
-                # place to fail over it.
-                log.warning("task record skipped", task_id=change.key, error=error.message)
-                continue
-            self._fold(state)
+        reading = connection.streams.read(
+            EVENTS_STREAM, filter_subjects=[TASK_RECORDS], start_seq=self._next_seq
+        )
+        async with contextlib.aclosing(reading) as records:
+            async for stored in records:
+                self._next_seq = stored.seq + 1
+                try:
+                    state = decode_state(stored)
+                except CodecError as error:
+                    # Written by another rolebus version, perhaps: a status view is
+                    # no place to fail over it.
+                    log.warning("task record skipped", subject=stored.subject, error=error.message)
+                    continue
+                if state is not None:
+                    self._fold(state)
 
     def _fold(self, state: TaskState) -> None:
         cards = self._cards.get(state.role)
@@ -190,12 +192,6 @@ class TaskProjection:
             if histogram is None:
                 histogram = self._latencies[state.role] = LatencyHistogram(self.window)
             histogram.add(state.updated_at, latency)
-
-    def _forget(self, task_id: str) -> None:
-        for cards in self._cards.values():
-            cards.pop(task_id, None)
-        for pending in self._effects_pending.values():
-            pending.discard(task_id)
 
     def effects_pending(self, role: str) -> int:
         """How many of the role's finished tasks have effects not yet stored."""

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rolebus.errors import CodecError, ConfigError
-from rolebus.flows.state import TaskState
+from rolebus.flows.state import StateStore, TaskState
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import StoredMessage
 from rolebus.team.roles import Team, parse_duration
@@ -27,7 +27,6 @@ from rolebus.wire.subjects import (
     DLQ_STREAM,
     EVENTS_STREAM,
     STREAMS,
-    TASKS_BUCKET,
     WORK_STREAM,
     validate_pattern,
 )
@@ -189,7 +188,7 @@ async def iter_events(
     connection: Connection, *, states: list[str] | None = None
 ) -> AsyncIterator[Event]:
     """Every task event so far, oldest first (optionally only some states)."""
-    subjects = [f"event.task.{state}" for state in states] if states else None
+    subjects = [f"event.task.{state}.>" for state in states] if states else None
     async for stored in connection.streams.read(EVENTS_STREAM, filter_subjects=subjects):
         yield codec.decode_as(Event, stored.data, subject=stored.subject)
 
@@ -205,14 +204,14 @@ async def read_events(connection: Connection, *, states: list[str] | None = None
 
 
 async def all_states(connection: Connection) -> list[TaskState]:
-    """The live projection: every task's current state, in one read of the bucket."""
+    """The live projection: every task's newest record, in one read."""
     return [state async for state in iter_states(connection)]
 
 
 async def iter_states(connection: Connection) -> AsyncIterator[TaskState]:
     """Every task's current state, streamed (memory does not grow with the tasks)."""
-    async for _, value in connection.kv.items(TASKS_BUCKET):
-        yield codec.decode_as(TaskState, value)
+    async for state in StateStore(connection).all():
+        yield state
 
 
 async def flow_states(connection: Connection, correlation_id: str) -> list[TaskState]:
@@ -254,8 +253,8 @@ def fold(events: list[Event]) -> dict[str, tuple[str, str]]:
     """The projection from events alone: each task's last state and role."""
     projection: dict[str, tuple[str, str]] = {}
     for event in events:
-        if event.entity != "task":
-            continue
+        if event.entity != "task" or event.record is None:
+            continue  # not a task's record (another entity's event, or a note)
         if event.task_id.startswith("seq-"):
             continue  # a message that never became a task (undecodable, stray): no state
         projection[event.task_id] = (event.state, event.role or "")
@@ -263,8 +262,8 @@ def fold(events: list[Event]) -> dict[str, tuple[str, str]]:
 
 
 async def rebuild(connection: Connection) -> tuple[dict[str, tuple[str, str]], list[Difference]]:
-    """Recompute the task projection from ``ROLEBUS_EVENTS`` and compare it with the
-    live KV projection."""
+    """Recompute the task projection from every record in ``ROLEBUS_EVENTS`` and
+    compare it with the newest record of each task (read as the workers read it)."""
     rebuilt = fold(await read_events(connection))
     live = {state.task_id: (state.state, state.role) for state in await all_states(connection)}
     differences = [

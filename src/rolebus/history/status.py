@@ -20,7 +20,7 @@ from rolebus.history.usage import UsageLedger
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import Team
 from rolebus.wire.messages import Event
-from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, consumer_name
+from rolebus.wire.subjects import EVENTS_STREAM, TASK_RECORDS, WORK_STREAM, consumer_name
 
 __all__ = ["AttemptCounts", "RoleStatus", "collect", "prometheus_text", "serve_metrics"]
 
@@ -90,7 +90,7 @@ class AttemptCounts:
         now = datetime.now(UTC)
         wanted = ReplayFilter(
             stream=EVENTS_STREAM,
-            subject="event.task.*",
+            subject=TASK_RECORDS,
             since=None if self._next_seq else now - timedelta(seconds=self.window),
             from_seq=self._next_seq,
         )
@@ -99,6 +99,8 @@ class AttemptCounts:
             event = item.message
             if not isinstance(event, Event) or event.role is None:
                 continue
+            if "effects_pending" in event.detail:
+                continue  # repeats its task's finished record: not another attempt
             # Every attempt ends in exactly one of these (`claimed` is not published
             # for fast tasks, so it cannot count them).
             attempt = event.state in _ATTEMPT_ENDS

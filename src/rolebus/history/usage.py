@@ -10,7 +10,7 @@ from typing import Any
 from rolebus.history.replay import ReplayFilter, replay
 from rolebus.nats.connection import Connection
 from rolebus.wire.messages import Event, Usage
-from rolebus.wire.subjects import EVENTS_STREAM
+from rolebus.wire.subjects import EVENTS_STREAM, TASK_RECORDS
 
 __all__ = ["Spent", "UsageLedger"]
 
@@ -57,7 +57,7 @@ class UsageLedger:
         self._by_hour: dict[tuple[str, int], Spent] = {}  # (role, hour's start in epoch s)
 
     async def update(self, connection: Connection) -> None:
-        wanted = ReplayFilter(stream=EVENTS_STREAM, subject="event.task.*", from_seq=self._next_seq)
+        wanted = ReplayFilter(stream=EVENTS_STREAM, subject=TASK_RECORDS, from_seq=self._next_seq)
         async for item in replay(connection, wanted):
             self._next_seq = item.stored.seq + 1
             event = item.message

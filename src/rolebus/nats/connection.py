@@ -273,6 +273,12 @@ class Connection:
             give_up_after=give_up_after,
         )
 
+    async def append(
+        self, subject: str, data: bytes, *, msg_id: str, last_seq: int, on: str
+    ) -> PubAck | None:
+        """Compare-and-set append (see :meth:`Publisher.append`)."""
+        return await self.publisher.append(subject, data, msg_id=msg_id, last_seq=last_seq, on=on)
+
     async def publish_start(
         self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
     ) -> PendingPublish:
@@ -293,6 +299,9 @@ class Connection:
 
     async def publish_core(self, subject: str, data: bytes, *, reply: str = "") -> None:
         await self._client.publish(subject, data, reply=reply)
+
+    async def request_core(self, subject: str, data: bytes, *, timeout: float = 5.0) -> Msg:
+        return await self._client.request(subject, data, timeout=timeout)
 
     async def subscribe_core(
         self, subject: str, callback: Callable[[Msg], Awaitable[None]]

@@ -24,7 +24,7 @@ from rolebus.errors import (
     UnavailableError,
 )
 from rolebus.nats.groupcommit import GroupCommit, GroupCommitStats, Write
-from rolebus.nats.protocol import PubAck, parse_pub_ack
+from rolebus.nats.protocol import ErrorCode, PubAck, parse_pub_ack
 from rolebus.nats.translate import Denials, translate_api
 from rolebus.wire.headers import CONTENT_TYPE_MSGPACK, Header
 from rolebus.wire.subjects import group_commit_stream
@@ -111,6 +111,24 @@ class Publisher:
                 raise failure
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def append(
+        self, subject: str, data: bytes, *, msg_id: str, last_seq: int, on: str
+    ) -> PubAck | None:
+        """Compare-and-set append: stored only if the newest message on ``on`` (a
+        subject pattern) is still at ``last_seq`` (0: there is none); None when
+        another write came first. A duplicate ack (``duplicate``) means a message
+        with this Msg-Id is stored already: the caller checks it is its own."""
+        headers = {
+            Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_seq),
+            Header.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: on,
+        }
+        try:
+            return await self.publish(subject, data, msg_id=msg_id, headers=headers)
+        except TransportError as error:
+            if error.code == ErrorCode.STREAM_WRONG_LAST_SEQUENCE:
+                return None
+            raise
 
     async def start(
         self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None

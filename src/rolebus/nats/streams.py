@@ -72,6 +72,36 @@ class StreamReader:
             data=raw.data or b"",
         )
 
+    async def last(self, stream: str, subject: str) -> StoredMessage | None:
+        """The newest message on ``subject`` (a pattern: it may hold wildcards), or
+        None (a direct get: one round trip, answered by any replica)."""
+        # The subject goes in the request's subject, not its body: so a user's
+        # permissions can say which subjects it may read this way.
+        api = f"{API}.DIRECT.GET.{stream}.{subject}"
+        with (
+            translated(f"read the last {subject} of {stream}"),
+            self._denials.guard("read", api),
+        ):
+            reply = await self._connection.request_core(api, b"")
+        headers = dict(reply.headers or {})
+        status = headers.get(Header.STATUS)
+        if status == "404":
+            return None
+        if status:
+            raise TransportError(
+                f"reading the last {subject} of {stream} failed: {status} "
+                f"{headers.get(Header.DESCRIPTION, '')}".strip(),
+                subject=subject,
+            )
+        return StoredMessage(
+            stream=stream,
+            seq=int(headers.get(Header.SEQUENCE) or 0),
+            subject=str(headers.get(Header.SUBJECT) or subject),
+            time=parse_time_stamp(headers.get(Header.TIME_STAMP)),
+            headers=headers,
+            data=reply.data or b"",
+        )
+
     async def delete(self, stream: str, seq: int) -> None:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await self._js.delete_msg(stream, seq)

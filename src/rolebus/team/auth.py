@@ -79,7 +79,14 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         "handoff.>",
         "escalation.>",
         *[f"decision.{asker}.>" for asker in sorted(askers_of(team, role.id))],
-        "event.>",
+        # its tasks' records and notes (the role token pins them to it); the
+        # handoff and escalation events it writes
+        f"event.task.*.{role.id}.*",
+        f"event.task.*.{role.id}.*.*",
+        "event.handoff.>",
+        "event.escalation.>",
+        # reading its tasks' records back (the subject names what may be read)
+        f"{_API}.DIRECT.GET.{EVENTS_STREAM}.event.task.*.{role.id}.*",
         "dlq.>",
         "timer.schedule.>",
         # buckets: state, contracts, escalations (read, write, list)

@@ -177,9 +177,13 @@ async def check_history(
             previous = message.seq
             if stream == EVENTS_STREAM:
                 event = codec.decode_as(Event, message.data, subject=message.subject)
-                if event.entity == "task" and event.state in TERMINAL_EVENTS:
+                if event.entity != "task" or event.record is None:
+                    continue  # not a task's record
+                if event.state in TERMINAL_EVENTS:
                     ended.add(event.task_id)
-                if event.entity == "task" and event.state == "completed":
+                # A record saying whether its effects are stored repeats the
+                # completed one: it is not another completion.
+                if event.state == "completed" and "effects_pending" not in event.detail:
                     completed[event.task_id] += 1
             elif stream == WORK_STREAM and "_redrive_" not in message.headers.get(
                 Header.MSG_ID, ""

@@ -40,10 +40,16 @@ class Header:
     # subject at the scheduled time.
     SCHEDULE: Final = "Nats-Schedule"
     SCHEDULE_TARGET: Final = "Nats-Schedule-Target"
+    # Compare-and-set append: stored only if the last message on the subjects the
+    # second header names (a pattern) is still at the sequence the first one says.
+    EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
+    EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
 
     # --- what the server sets on messages it delivers or returns --------------------------
     STATUS: Final = "Status"
     DESCRIPTION: Final = "Description"
     PENDING_MESSAGES: Final = "Nats-Pending-Messages"
     TIME_STAMP: Final = "Nats-Time-Stamp"
+    SEQUENCE: Final = "Nats-Sequence"
+    SUBJECT: Final = "Nats-Subject"
     KV_OPERATION: Final = "KV-Operation"

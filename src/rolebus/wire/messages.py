@@ -12,11 +12,12 @@ import math
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "EVENT_SCHEMA_VERSION",
     "MAX_DEPTH",
     "SCHEMA_VERSION",
     "Decision",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+#: Events changed in version 2: a task's record is its event (subjects.md).
+EVENT_SCHEMA_VERSION = 2
 _ID = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 #: How deeply a payload may nest, checked wherever a message is built (by a
@@ -89,6 +92,8 @@ class Envelope(BaseModel):
     """Fields every message on the bus carries."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
+    #: The newest schema version of this message this rolebus reads.
+    _newest: ClassVar[int] = SCHEMA_VERSION
 
     schema_version: int = SCHEMA_VERSION
     id: str = Field(default_factory=new_id, min_length=1, max_length=256)
@@ -107,10 +112,10 @@ class Envelope(BaseModel):
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, value: int) -> int:
-        if value > SCHEMA_VERSION:
+        if value > cls._newest:
             raise ValueError(
                 f"schema_version {value} is newer than this rolebus understands "
-                f"({SCHEMA_VERSION}): upgrade rolebus to read it"
+                f"({cls._newest}): upgrade rolebus to read it"
             )
         return value
 
@@ -191,8 +196,13 @@ class Decision(Envelope):
 
 
 class Event(Envelope):
-    """A lifecycle event: ``event.<entity>.<state>`` (for tasks, ``event.task.completed``)."""
+    """A lifecycle event: ``event.<entity>.<state>``; for tasks a record,
+    ``event.task.<state>.<role>.<task id>``, or a note about a running attempt
+    (subjects.md). A record carries ``record``: what the bus needs besides the
+    event's fields to go on with the task (its outbox, its handler's answer)."""
 
+    _newest: ClassVar[int] = EVENT_SCHEMA_VERSION
+    schema_version: int = EVENT_SCHEMA_VERSION
     entity: str = "task"
     state: str
     task_id: str
@@ -203,6 +213,7 @@ class Event(Envelope):
     result: Any = None
     error: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
+    record: dict[str, Any] | None = None
 
 
 # --- what a handler returns ---------------------------------------------------------

@@ -23,7 +23,7 @@ __all__ = [
     "LIMITS_BUCKET",
     "STREAMS",
     "SUPERVISOR_CONSUMER",
-    "TASKS_BUCKET",
+    "TASK_RECORDS",
     "TIMERS_STREAM",
     "WORK_STREAM",
     "ParsedSubject",
@@ -35,8 +35,12 @@ __all__ = [
     "event_subject",
     "group_commit_stream",
     "handoff_subject",
+    "is_record",
+    "note_subject",
     "parse_subject",
     "reader_api_subjects",
+    "record_subject",
+    "records_of",
     "role_filter_subjects",
     "stream_for_subject",
     "stream_holding",
@@ -96,7 +100,6 @@ STREAMS: Final = (
 SUPERVISOR_CONSUMER: Final = "supervisor"
 
 # --- KV buckets ------------------------------------------------------------------------
-TASKS_BUCKET: Final = "rolebus_tasks"
 CONTRACTS_BUCKET: Final = "rolebus_contracts"
 ESCALATIONS_BUCKET: Final = "rolebus_escalations"
 CALLS_BUCKET: Final = "rolebus_llm_calls"
@@ -104,7 +107,6 @@ BUDGETS_BUCKET: Final = "rolebus_budgets"
 CANCELS_BUCKET: Final = "rolebus_cancels"
 LIMITS_BUCKET: Final = "rolebus_limits"
 BUCKETS: Final = (
-    TASKS_BUCKET,
     CONTRACTS_BUCKET,
     ESCALATIONS_BUCKET,
     CALLS_BUCKET,
@@ -201,6 +203,35 @@ def event_subject(entity: str, state: str) -> str:
     return f"{EVENT}.{validate_token(entity, what='entity')}.{validate_token(state, what='state')}"
 
 
+#: Every task record (``event.task.<state>.<role>.<task id>``) and no note.
+TASK_RECORDS: Final = f"{EVENT}.task.*.*.*"
+
+
+def record_subject(state: str, role: str, task_id: str) -> str:
+    """Where a task's record is appended: one subject per task, state and role.
+    (Not validated here: the state is one of ours, the role id and the task id
+    were validated when they were read; this is on every task's path.)"""
+    return f"{EVENT}.task.{state}.{role}.{task_id}"
+
+
+def records_of(task_id: str, role: str = "*") -> str:
+    """The subjects of one task's records: its history under ``role`` (the
+    compare-and-set's scope), or under any role."""
+    return f"{EVENT}.task.*.{role}.{task_id}"
+
+
+def note_subject(state: str, role: str, task_id: str, number: str) -> str:
+    """Where a note about a running attempt goes (claimed, progress): six tokens,
+    outside the records' compare-and-set, so that a note never moves it."""
+    return f"{EVENT}.task.{state}.{role}.{task_id}.{number}"
+
+
+def is_record(subject: str) -> bool:
+    """True for a task record's subject (five tokens), false for a note or another
+    entity's event."""
+    return subject.startswith("event.task.") and subject.count(".") == 4
+
+
 def timer_subjects(escalation_id: str, level: int) -> tuple[str, str]:
     """Where one escalation level's timer waits (a NATS scheduled message), and
     the subject the server publishes it on at the deadline."""
@@ -241,6 +272,10 @@ class ParsedSubject:
 _THREE_TOKEN_FAMILIES = (TASK, HANDOFF, ESCALATION, DECISION, EVENT)
 
 
+def _task_event(tokens: list[str]) -> bool:
+    return tokens[0] == EVENT and len(tokens) > 1 and tokens[1] == "task"
+
+
 def parse_subject(subject: str) -> ParsedSubject:
     """Split and validate a publishable subject (``family.second.third``)."""
     tokens = subject.split(".")
@@ -251,6 +286,12 @@ def parse_subject(subject: str) -> ParsedSubject:
             hint="subjects start with task., handoff., escalation., decision. or event.; "
             "see `rolebus subjects`",
         )
+    if _task_event(tokens) and len(tokens) in (5, 6):
+        # A task's record or note: event.task.<state>.<role>.<task id>[.<attempt key>]
+        names = ("entity", "state", "role", "task id", "key")[: len(tokens) - 1]
+        for token, name in zip(tokens[1:], names, strict=True):
+            validate_token(token, what=f"{name} in {subject!r}:")
+        return ParsedSubject(tokens[0], tokens[1], tokens[2])
     if len(tokens) != 3:
         raise SubjectError(
             f"subject {subject!r} has {len(tokens)} tokens; "

@@ -41,7 +41,7 @@ from rolebus.flows.escalation import (
 )
 from rolebus.flows.handoffs import offer_effects, review_item
 from rolebus.flows.limits import RateLimiter
-from rolebus.flows.state import StateStore, StoredState
+from rolebus.flows.state import RESUMED, StateStore, StoredState
 from rolebus.handlers.base import Handler, HandlerContext
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage
@@ -204,7 +204,7 @@ class Dispatcher:
             )
             return
         record = found.record
-        parked = await self.states.get(record.task_id or "")
+        parked = await self.states.get(record.task_id or "", role=self.role.id)
         if parked is None:
             await self.settle.dead_letter(
                 message,
@@ -274,22 +274,11 @@ class Dispatcher:
                     options=record.options,
                     decision=decision.decision,
                 )
-        changed = await self.settle.change(stored, detail=detail)
+        # The `resumed` record says which decision runs the task (and keeps it).
+        changed = await self.settle.change(stored, state=RESUMED, detail=detail)
         if changed is None:
             await self.settle.stale(message, f"task {task.id} changed meanwhile")
             return
-        await (
-            await publish_event(
-                self.connection,
-                self.settle.task_event(
-                    item,
-                    message,
-                    "resumed",
-                    detail={"escalation_id": record.id, "decision": decision.decision},
-                ),
-                trace=message.headers.get(Header.TRACEPARENT),
-            )
-        ).result()
         await self._run(message, item, changed)
 
     # --- running the handler -------------------------------------------------------------
@@ -323,8 +312,10 @@ class Dispatcher:
 
         def publish_claimed() -> None:
             nonlocal claimed
-            event = self.settle.task_event(item, message, "claimed")
-            claimed = asyncio.ensure_future(publish_event(self.connection, event, trace=trace))
+            subject, event = self.settle.note(item, message, "claimed")
+            claimed = asyncio.ensure_future(
+                publish_event(self.connection, event, trace=trace, subject=subject)
+            )
 
         if self.claimed_after <= 0:
             publish_claimed()
@@ -385,7 +376,10 @@ class Dispatcher:
         # What the handler answered is kept with the state (``rolebus rerun`` compares
         # a new handler's answers with it); every change below carries it along.
         recorded = outcome.model_dump(mode="json", exclude_defaults=True)
-        stored = StoredState(stored.state.model_copy(update={"outcome": recorded}), stored.revision)
+        stored = StoredState(
+            stored.state.model_copy(update={"outcome": recorded, "usage_reported": False}),
+            stored.revision,
+        )
         sent = stored.state.sent
         follow_ups = follow_up_tasks(task, outcome.tasks, role=self.role.id, first=sent + 1)
         sent += len(follow_ups)

@@ -281,5 +281,5 @@ class Worker:
             + (f"; the last attempt failed: {last}" if last else ""),
             attempts=deliveries,
             task=task,
-            stored=await self.states.get(task.id) if task is not None else None,
+            stored=await self.states.get(task.id, role=self.role.id) if task is not None else None,
         )

@@ -18,6 +18,7 @@ from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Event, Task, check_value
+from rolebus.wire.subjects import note_subject
 
 __all__ = ["LIMIT", "RATE", "ProgressReporter"]
 
@@ -65,7 +66,15 @@ class ProgressReporter:
                 detail=detail,
             )
             pending = await publish_event(
-                self._connection, event, trace=message.headers.get(Header.TRACEPARENT)
+                self._connection,
+                event,
+                trace=message.headers.get(Header.TRACEPARENT),
+                subject=note_subject(
+                    "progress",
+                    self._role,
+                    task.id,
+                    f"{message.stream_seq}-{message.delivered}-{self._sent}",
+                ),
             )
             await pending.result()
         except (RolebusError, ValueError, TypeError) as error:

@@ -14,22 +14,14 @@ from typing import Any
 
 from rolebus.errors import RolebusError, StaleClaimError
 from rolebus.flows import dlq
-from rolebus.flows.effects import (
-    Effect,
-    dead_event,
-    effect,
-    publish_effects,
-    publish_event,
-    started,
-    state_event,
-)
-from rolebus.flows.state import PARKED, StateStore, StoredState
+from rolebus.flows.effects import Effect, publish_effects
+from rolebus.flows.state import WAITING, StateStore, StoredState, TaskState
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.team.roles import RoleSpec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Envelope, Event, Outcome, Task, from_nanoseconds
-from rolebus.wire.subjects import WORK_STREAM
+from rolebus.wire.subjects import WORK_STREAM, note_subject
 
 __all__ = ["DispatchStats", "Item", "Settling"]
 
@@ -91,7 +83,7 @@ class Settling:
             stream_seq=message.stream_seq if stream_seq is None else stream_seq,
             resume=item.resume,
         )
-        if stored.state.terminal or (stored.state.state == PARKED and item.resume is None):
+        if stored.state.terminal or (stored.state.state in WAITING and item.resume is None):
             await self.finish_again(message, stored)
             return None
         return stored
@@ -107,22 +99,16 @@ class Settling:
                 **stored.state.detail,
                 "failures": stored.state.failures + 1,
                 "last_error": error,
+                "delay_s": delay,
             }
+            # The record is the `retrying` event: it carries the attempt's cost
+            # (its outcome's usage) and when it started.
             changed = await self.change(
                 stored, state="retrying", error=error, attempt=attempt, detail=detail
             )
             if changed is None:
                 await self.finished_elsewhere(message, stored.state.task_id)
                 return
-            retry_detail: dict[str, Any] = {"delay_s": delay, **started(stored.state)}
-            if outcome.usage is not None:
-                retry_detail["usage"] = outcome.usage.model_dump(mode="json")
-            event = self.task_event(item, message, "retrying", error=error, detail=retry_detail)
-            await (
-                await publish_event(
-                    self.connection, event, trace=message.headers.get(Header.TRACEPARENT)
-                )
-            ).result()
             await message.nak(delay=delay)
             self.stats.failed += 1
             self.log.info(
@@ -188,15 +174,14 @@ class Settling:
     async def publish_resting(
         self, message: InboundMessage, stored: StoredState, *, batch: bool = False
     ) -> None:
-        await publish_effects(
-            self.connection,
-            [
-                *stored.state.effects,
-                effect("event.task." + stored.state.state, state_event(stored.state, self.role.id)),
-            ],
-            trace=message.headers.get(Header.TRACEPARENT),
-            batch=batch,
-        )
+        """Publish the record's outbox (its record is its event: nothing else)."""
+        if stored.state.effects:
+            await publish_effects(
+                self.connection,
+                stored.state.effects,
+                trace=message.headers.get(Header.TRACEPARENT),
+                batch=batch,
+            )
 
     def has_backlog(self, message: InboundMessage) -> bool:
         """More messages wait on the server than the worker holds: it is saturated,
@@ -230,7 +215,7 @@ class Settling:
         not have stored its effects and event: it can have died, or lost its answer,
         right after the write (a server restart). So they are published again
         (de-duplicated by Msg-Id) before this delivery is acked, never just dropped."""
-        fresh = await self.states.get(task_id)
+        fresh = await self.states.get(task_id, role=self.role.id)
         if fresh is not None and fresh.state.terminal:
             await self.finish_again(message, fresh)
         else:
@@ -244,16 +229,22 @@ class Settling:
         self.stats.redelivered_done += 1
 
     async def change(self, stored: StoredState, **changes: Any) -> StoredState | None:
-        """Compare-and-set; None if the item reached a terminal state elsewhere."""
+        """Compare-and-set; None if the item reached a terminal state elsewhere.
+        Applied to a newer record, the change still carries this attempt's outcome."""
+        changes = {
+            "outcome": stored.state.outcome,
+            "usage_reported": stored.state.usage_reported,
+            **changes,
+        }
         current: StoredState | None = stored
         while current is not None:
             changed = await self.states.change(current, **changes)
             if changed is not None:
                 return changed
-            fresh = await self.states.get(stored.state.task_id)
+            fresh = await self.states.get(stored.state.task_id, role=stored.state.role)
             if fresh is None or fresh.state.terminal:
                 return None
-            if current.revision == 0 and (fresh.state.state == PARKED or fresh.state.sent):
+            if current.revision == 0 and (fresh.state.state in WAITING or fresh.state.sent):
                 # A first delivery met a record it did not read (a re-published or
                 # redriven task with history): its effects were numbered without
                 # that history. Retry: the next delivery reads the record first.
@@ -318,22 +309,38 @@ class Settling:
             role=self.role.id,
             attempts=attempts,
         )
-        if stored is not None and not stored.state.terminal:
-            await self.change(stored, state="dead", error=error, attempt=attempts, effects=[])
-        event = dead_event(
-            task=task,
-            stream_seq=original.seq,
-            role=self.role.id,
-            subject=original.subject,
-            attempt=attempts,
+        detail = {"reason": reason, "stream_seq": original.seq}
+        task_id = task.id if task is not None else f"seq-{original.seq}"
+        if stored is None:
+            stored = await self.states.get(task_id, role=self.role.id)
+        if stored is None:
+            # Never recorded (a message that never decoded into a task is named
+            # after its place in the work stream).
+            fresh = TaskState(
+                task_id=task_id,
+                state="claimed",
+                role=self.role.id,
+                subject=original.subject,
+                kind=task.kind if task is not None else "",
+                title=task.title if task is not None else "",
+                stream_seq=original.seq,
+                correlation_id=task.correlation_id if task is not None else None,
+                causation_id=task.causation_id if task is not None else None,
+                created_at=task.created_at if task is not None else None,
+            )
+            stored = StoredState(fresh, 0)
+        # The `dead` record says why (a task that ended meanwhile stays as it ended).
+        await self.change(
+            stored,
+            state="dead",
             error=error,
-            reason=reason,
+            attempt=attempts,
+            effects=[],
+            detail={**stored.state.detail, **detail},
         )
-        trace = original.headers.get(Header.TRACEPARENT)
-        await (await publish_event(self.connection, event, trace=trace)).result()
         self.stats.dead += 1
 
-    def task_event(
+    def note(
         self,
         item: Item,
         message: InboundMessage,
@@ -341,9 +348,11 @@ class Settling:
         *,
         error: str | None = None,
         detail: dict[str, Any] | None = None,
-    ) -> Event:
+    ) -> tuple[str, Event]:
+        """A note about this attempt (``claimed``) and where it goes."""
         task = item.task
-        return Event(
+        number = f"{message.stream_seq}-{message.delivered}"
+        return note_subject(state, self.role.id, task.id, number), Event(
             id=f"{task.id}_{state}_{message.stream_seq}_{message.delivered}",
             state=state,
             task_id=task.id,
