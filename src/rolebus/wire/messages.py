@@ -55,21 +55,34 @@ _INT_RANGE = (-(2**63), 2**64 - 1)
 def check_value(value: Any, *, what: str = "payload") -> Any:
     """``value`` if it can travel: nested at most ``MAX_DEPTH`` deep, integers in
     64 bits, floats finite (NaN and infinities have no JSON form)."""
+    if not isinstance(value, dict | list | tuple):
+        _check_scalar(value, what)
+        return value
+    # Every task's payload comes through here: strings, the common case, are
+    # passed over by their exact type before anything slower is asked.
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict | list | tuple):
-            if depth > MAX_DEPTH:
-                raise ValueError(f"{what} nests deeper than {MAX_DEPTH} levels")
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-        elif isinstance(item, bool):
-            continue
-        elif isinstance(item, int) and not _INT_RANGE[0] <= item <= _INT_RANGE[1]:
-            raise ValueError(f"{what} holds the integer {item}, beyond 64 bits")
-        elif isinstance(item, float) and not math.isfinite(item):
-            raise ValueError(f"{what} holds {item}, which JSON cannot carry")
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{what} nests deeper than {MAX_DEPTH} levels")
+        for child in item.values() if isinstance(item, dict) else item:
+            kind = type(child)
+            if kind is str or kind is bool or child is None:
+                continue
+            if isinstance(child, dict | list | tuple):
+                stack.append((child, depth + 1))
+            else:
+                _check_scalar(child, what)
     return value
+
+
+def _check_scalar(item: Any, what: str) -> None:
+    if isinstance(item, bool):
+        return
+    if isinstance(item, int) and not _INT_RANGE[0] <= item <= _INT_RANGE[1]:
+        raise ValueError(f"{what} holds the integer {item}, beyond 64 bits")
+    if isinstance(item, float) and not math.isfinite(item):
+        raise ValueError(f"{what} holds {item}, which JSON cannot carry")
 
 
 def new_id() -> str:

@@ -19,6 +19,7 @@ someone (escalations, boundaries) are :mod:`rolebus.worker.parking`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import structlog
@@ -58,6 +59,7 @@ from rolebus.wire.messages import (
     Task,
 )
 from rolebus.wire.subjects import WORK_STREAM
+from rolebus.worker.notices import ClaimedNotices
 from rolebus.worker.parking import Parking
 from rolebus.worker.progress import ProgressReporter
 from rolebus.worker.settle import DispatchStats, Item, Settling
@@ -80,7 +82,7 @@ class Dispatcher:
         claimed_after: float = 0.25,
     ):
         self.connection = connection
-        self.claimed_after = claimed_after
+        self.notices = ClaimedNotices(claimed_after)
         self.role = role
         self.team = team
         self.handler = handler
@@ -303,25 +305,12 @@ class Dispatcher:
             await self._end_cancelled(message, item, stored)
             return
         trace = message.headers.get(Header.TRACEPARENT)
-        # The `claimed` event says "someone is on it": worth a write for the tasks
-        # people wait on, not for the ones done before anyone could look. Published
-        # only once the handler has run `claimed_after` seconds, it spares a fast
-        # task one of its fsynced writes (bench/README has what that buys); its
-        # terminal event still records the attempt.
-        claimed: asyncio.Task[PendingPublish] | None = None
 
-        def publish_claimed() -> None:
-            nonlocal claimed
+        def publish_claimed() -> Awaitable[PendingPublish]:
             subject, event = self.settle.note(item, message, "claimed")
-            claimed = asyncio.ensure_future(
-                publish_event(self.connection, event, trace=trace, subject=subject)
-            )
+            return publish_event(self.connection, event, trace=trace, subject=subject)
 
-        if self.claimed_after <= 0:
-            publish_claimed()
-            timer = None
-        else:
-            timer = asyncio.get_running_loop().call_later(self.claimed_after, publish_claimed)
+        self.notices.begin(message, publish_claimed)
         try:
             context = HandlerContext(
                 role=self.role,
@@ -355,10 +344,7 @@ class Dispatcher:
             outcome = Outcome.failed(f"handler raised {type(error).__name__}: {error}")
         finally:
             self._running.pop(item.task.id, None)
-            if timer is not None:
-                timer.cancel()
-        if claimed is not None:
-            await (await claimed).result()
+        await self.notices.end(message)
         if outcome is None:  # stopped by `rolebus cancel`
             await self._end_cancelled(message, item, stored)
             return
@@ -375,11 +361,9 @@ class Dispatcher:
         task = item.task
         # What the handler answered is kept with the state (``rolebus rerun`` compares
         # a new handler's answers with it); every change below carries it along.
-        recorded = outcome.model_dump(mode="json", exclude_defaults=True)
-        stored = StoredState(
-            stored.state.model_copy(update={"outcome": recorded, "usage_reported": False}),
-            stored.revision,
-        )
+        # (Set in place: this attempt's state is its own, made when it was claimed.)
+        stored.state.outcome = outcome.model_dump(mode="json", exclude_defaults=True)
+        stored.state.usage_reported = False
         sent = stored.state.sent
         follow_ups = follow_up_tasks(task, outcome.tasks, role=self.role.id, first=sent + 1)
         sent += len(follow_ups)

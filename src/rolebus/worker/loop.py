@@ -175,6 +175,7 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
         await self._slots.cancel()
+        await self.dispatcher.notices.close()
         for task in self._background:
             task.cancel()
         for task in self._background:
