@@ -75,7 +75,7 @@ def test_an_id_with_a_dot_is_refused_because_ids_appear_in_subjects() -> None:
         ("escalation.architect.ambiguous-spec", Escalation),
         ("decision.eng-be.e1", Decision),
         ("event.task.completed", Event),
-        ("dlq.task.backend.x", Task),
+        ("dlq.eng-be.task.backend.x", Task),
     ],
 )
 def test_each_subject_family_decodes_to_its_message_type(subject: str, model: type) -> None:

@@ -14,7 +14,8 @@ def test_builders_make_the_contract_subjects() -> None:
     )
     assert subjects.decision_subject("eng-be", "abc-1") == "decision.eng-be.abc-1"
     assert subjects.event_subject("task", "completed") == "event.task.completed"
-    assert subjects.dlq_subject("task.backend.x") == "dlq.task.backend.x"
+    assert subjects.dlq_subject("eng-be", "task.backend.x") == "dlq.eng-be.task.backend.x"
+    assert subjects.parse_dlq_subject("dlq.eng-be.task.backend.x") == ("eng-be", "task.backend.x")
 
 
 @pytest.mark.parametrize("token", ["back end", "a.b", "*", ">", "", "tab\there", "é", "a:b"])
@@ -55,4 +56,4 @@ def test_every_subject_lives_in_exactly_one_stream() -> None:
     assert subjects.stream_for_subject("task.backend.x") == subjects.WORK_STREAM
     assert subjects.stream_for_subject("decision.eng-be.e1") == subjects.WORK_STREAM
     assert subjects.stream_for_subject("event.task.claimed") == subjects.EVENTS_STREAM
-    assert subjects.stream_for_subject("dlq.task.backend.x") == subjects.DLQ_STREAM
+    assert subjects.stream_for_subject("dlq.eng-be.task.backend.x") == subjects.DLQ_STREAM

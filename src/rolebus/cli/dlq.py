@@ -9,7 +9,16 @@ import typer
 from rich.table import Table
 
 from rolebus.bus import Bus
-from rolebus.cli.app import JsonOption, app, keep_whole, out, print_json, run, settings_for
+from rolebus.cli.app import (
+    JsonOption,
+    app,
+    keep_whole,
+    out,
+    print_json,
+    run,
+    settings_for,
+    team_for,
+)
 from rolebus.config import Settings
 from rolebus.errors import ConfigError, RolebusError
 from rolebus.flows import dlq
@@ -105,24 +114,35 @@ def dlq_redrive(
                 entries = [await dlq.find(bus.connection, key)]
             done = []
             for entry in entries:
-                ack = await dlq.redrive(bus.connection, entry)
-                done.append(
-                    {
-                        "dlq_seq": entry.seq,
-                        "subject": entry.subject,
-                        "task_id": entry.task_id,
-                        "seq": ack.seq,
-                    }
-                )
+                why = dlq.refusal(entry, team)
+                row: dict[str, Any] = {
+                    "dlq_seq": entry.seq,
+                    "subject": entry.subject,
+                    "task_id": entry.task_id,
+                    "role": entry.role,
+                }
+                if why is None:
+                    row["seq"] = (await dlq.redrive(bus.connection, entry)).seq
+                else:
+                    row["refused"] = why
+                done.append(row)
             return done
 
+    team = team_for(settings_for())
     done = run(go())
+    refused = [item for item in done if "refused" in item]
     if as_json:
         print_json(done)
-        return
-    for item in done:
-        out.print(
-            f"redriven {item['task_id'] or 'message'} to {item['subject']} (seq {item['seq']})"
-        )
-    if not done:
-        out.print("no dead letters.")
+    else:
+        for item in done:
+            name = item["task_id"] or "message"
+            if "refused" in item:
+                out.print(
+                    f"not redriven: dead letter {item['dlq_seq']} ({name}): {item['refused']}"
+                )
+            else:
+                out.print(f"redriven {name} to {item['subject']} (seq {item['seq']})")
+        if not done:
+            out.print("no dead letters.")
+    if refused:
+        raise typer.Exit(1)

@@ -1,9 +1,11 @@
 """Dead letters: messages a worker gave up on, kept in ``ROLEBUS_DLQ`` with why.
 
-A dead letter is the original message, unchanged, on ``dlq.<original subject>``
-with ``Rolebus-Dlq-*`` headers; its Msg-Id is derived from the original's stream
-sequence, so two workers (or a worker and the max-deliveries advisory) that
-dead-letter the same message store it once. :func:`redrive` puts it back.
+A dead letter is the original message, unchanged, on ``dlq.<role>.<original
+subject>`` with ``Rolebus-Dlq-*`` headers; its Msg-Id is derived from the
+original's stream sequence, so two workers (or a worker and the max-deliveries
+advisory) that dead-letter the same message store it once. Whose dead letter it
+is, and what it was, come from its subject (a role may write only under its own
+token), never from a header. :func:`redrive` puts it back.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ from datetime import datetime
 
 import structlog
 
-from rolebus.errors import CodecError, NotFoundError
+from rolebus.errors import CodecError, NotFoundError, SubjectError
 from rolebus.flows.state import StateStore
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import StoredMessage
-from rolebus.nats.protocol import PubAck
+from rolebus.nats.protocol import PubAck, subject_matches
+from rolebus.team.roles import Team
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Task, utc_now
-from rolebus.wire.subjects import DLQ_STREAM, dlq_subject
+from rolebus.wire.subjects import DLQ_STREAM, dlq_subject, parse_dlq_subject, parse_subject
 
-__all__ = ["DeadLetter", "dead_letter", "find", "list_dead_letters", "redrive"]
+__all__ = ["DeadLetter", "dead_letter", "find", "list_dead_letters", "redrive", "refusal"]
 
 log = structlog.get_logger("rolebus.flows.dlq")
 
@@ -90,7 +93,7 @@ async def dead_letter(
         }
     )
     ack = await connection.publish(
-        dlq_subject(subject), data, msg_id=f"dlq-{stream_seq}", headers=kept
+        dlq_subject(role, subject), data, msg_id=f"dlq-{stream_seq}", headers=kept
     )
     log.warning(
         "dead-lettered", subject=subject, reason=reason, role=role, attempts=attempts, error=error
@@ -100,7 +103,7 @@ async def dead_letter(
 
 def _entry(stored: StoredMessage) -> DeadLetter:
     headers = stored.headers
-    subject = headers.get(Header.DLQ_SUBJECT, stored.subject.removeprefix("dlq."))
+    role, subject = parse_dlq_subject(stored.subject)
     task_id: str | None = None
     with contextlib.suppress(CodecError):
         original = codec.Origin(
@@ -119,7 +122,7 @@ def _entry(stored: StoredMessage) -> DeadLetter:
         subject=subject,
         reason=headers.get(Header.DLQ_REASON, "?"),
         error=headers.get(Header.DLQ_ERROR, ""),
-        role=headers.get(Header.DLQ_ROLE, "?"),
+        role=role,
         attempts=int(headers.get(Header.DLQ_ATTEMPTS, "0") or 0),
         original_seq=int(headers.get(Header.DLQ_STREAM_SEQ, "0") or 0),
         task_id=task_id,
@@ -130,7 +133,24 @@ def _entry(stored: StoredMessage) -> DeadLetter:
 
 async def list_dead_letters(connection: Connection) -> AsyncIterator[DeadLetter]:
     async for stored in connection.streams.read(DLQ_STREAM):
-        yield _entry(stored)
+        with contextlib.suppress(SubjectError):  # not under a role: not a dead letter
+            yield _entry(stored)
+
+
+def refusal(entry: DeadLetter, team: Team) -> str | None:
+    """Why ``entry`` must not be redriven (None: it may). A worker dead-letters only
+    what it was given, so a dead letter about a message its role does not receive
+    was not written by that role's worker: republishing it with the operator's
+    rights would let the role send what it may not."""
+    if entry.role not in team.roles:
+        return f"its role {entry.role!r} is not in the team"
+    role = team.role(entry.role)
+    if not any(subject_matches(pattern, entry.subject) for pattern in role.filter_subjects):
+        return f"{entry.role} does not receive {entry.subject!r}: it cannot have given up on it"
+    with contextlib.suppress(SubjectError):
+        parse_subject(entry.subject)
+        return None
+    return f"{entry.subject!r} is not a subject rolebus sends"
 
 
 async def find(connection: Connection, key: str) -> DeadLetter:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rolebus.errors import CodecError, ConfigError
-from rolebus.flows.state import StateStore, TaskState
+from rolebus.flows.state import StateStore, TaskState, decode_state
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import StoredMessage
 from rolebus.team.roles import Team, parse_duration
@@ -27,7 +27,9 @@ from rolebus.wire.subjects import (
     DLQ_STREAM,
     EVENTS_STREAM,
     STREAMS,
+    TASK_RECORDS,
     WORK_STREAM,
+    is_record,
     validate_pattern,
 )
 
@@ -146,10 +148,16 @@ def _matches(item: Replayed, wanted: ReplayFilter, team: Team | None) -> bool:
         if wanted.correlation not in ids:
             return False
     if wanted.role is not None:
+        # Whose it is: the role token of its subject where it has one (a task's
+        # record, a dead letter), where the server let only that role write.
+        if item.stored.subject.startswith("event.task.") and (
+            is_record(item.stored.subject) or item.stored.subject.count(".") == 5
+        ):
+            return item.stored.subject.split(".")[3] == wanted.role
         if isinstance(message, Event):
             return message.role == wanted.role
-        if item.stored.headers.get(Header.DLQ_ROLE) == wanted.role:
-            return True
+        if item.stored.subject.startswith("dlq."):
+            return item.stored.subject.split(".")[1] == wanted.role
         from_role = message.from_role if message is not None else None
         return from_role == wanted.role or _addressed_to(item.stored.subject, wanted.role, team)
     return True
@@ -249,26 +257,35 @@ class Difference:
     rebuilt: tuple[str, str] | None
 
 
-def fold(events: list[Event]) -> dict[str, tuple[str, str]]:
-    """The projection from events alone: each task's last state and role."""
-    projection: dict[str, tuple[str, str]] = {}
-    for event in events:
-        if event.entity != "task" or event.record is None:
-            continue  # not a task's record (another entity's event, or a note)
-        if event.task_id.startswith("seq-"):
+async def fold(connection: Connection) -> dict[tuple[str, str], tuple[str, str]]:
+    """The projection from every record alone: each task's last state, by task and
+    by the role its records are under (the subject's token, where the server let
+    them be written: a record under another role's name is that role's, and never
+    changes this one's tasks)."""
+    projection: dict[tuple[str, str], tuple[str, str]] = {}
+    async for stored in connection.streams.read(EVENTS_STREAM, filter_subjects=[TASK_RECORDS]):
+        try:
+            state = decode_state(stored)
+        except CodecError:
+            continue  # not a record this rolebus can read
+        if state is None or state.task_id.startswith("seq-"):
             continue  # a message that never became a task (undecodable, stray): no state
-        projection[event.task_id] = (event.state, event.role or "")
+        projection[(state.task_id, state.role)] = (state.state, state.role)
     return projection
 
 
 async def rebuild(connection: Connection) -> tuple[dict[str, tuple[str, str]], list[Difference]]:
     """Recompute the task projection from every record in ``ROLEBUS_EVENTS`` and
     compare it with the newest record of each task (read as the workers read it)."""
-    rebuilt = fold(await read_events(connection))
-    live = {state.task_id: (state.state, state.role) for state in await all_states(connection)}
+    rebuilt = await fold(connection)
+    live = {
+        (state.task_id, state.role): (state.state, state.role)
+        for state in await all_states(connection)
+        if not state.task_id.startswith("seq-")
+    }
     differences = [
-        Difference(task_id, live.get(task_id), rebuilt.get(task_id))
-        for task_id in sorted(set(live) | set(rebuilt))
-        if live.get(task_id) != rebuilt.get(task_id)
+        Difference(key[0], live.get(key), rebuilt.get(key))
+        for key in sorted(set(live) | set(rebuilt))
+        if live.get(key) != rebuilt.get(key)
     ]
-    return rebuilt, differences
+    return {f"{task_id}@{role}": value for (task_id, role), value in rebuilt.items()}, differences

@@ -87,7 +87,7 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         "event.escalation.>",
         # reading its tasks' records back (the subject names what may be read)
         f"{_API}.DIRECT.GET.{EVENTS_STREAM}.event.task.*.{role.id}.*",
-        "dlq.>",
+        f"dlq.{role.id}.>",  # its own dead letters only
         "timer.schedule.>",
         # buckets: state, contracts, escalations (read, write, list)
         *[f"$KV.{bucket}.>" for bucket in BUCKETS],

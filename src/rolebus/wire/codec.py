@@ -76,10 +76,11 @@ class Origin:
 
 
 def message_type_for(subject: str) -> type[Envelope]:
-    """The message model a subject carries (``dlq.<subject>`` carries the original's)."""
+    """The message model a subject carries (``dlq.<role>.<subject>`` carries the
+    original's)."""
     family, _, rest = subject.partition(".")
-    if family == "dlq":
-        family = rest.partition(".")[0]
+    if family == "dlq":  # dlq.<role>.<original subject>
+        family = rest.partition(".")[2].partition(".")[0]
     try:
         return _TYPES[family]
     except KeyError:

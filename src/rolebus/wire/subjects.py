@@ -37,6 +37,7 @@ __all__ = [
     "handoff_subject",
     "is_record",
     "note_subject",
+    "parse_dlq_subject",
     "parse_subject",
     "reader_api_subjects",
     "record_subject",
@@ -239,8 +240,21 @@ def timer_subjects(escalation_id: str, level: int) -> tuple[str, str]:
     return f"{TIMER}.schedule.{token}", f"{TIMER}.fired.{token}"
 
 
-def dlq_subject(original_subject: str) -> str:
-    return f"{DLQ}.{original_subject}"
+def dlq_subject(role: str, original_subject: str) -> str:
+    """Where ``role`` dead-letters a message: under its own token, so that whose
+    dead letter it is comes from where the server let it land, not a header."""
+    return f"{DLQ}.{role}.{original_subject}"
+
+
+def parse_dlq_subject(subject: str) -> tuple[str, str]:
+    """``(role, original subject)`` of a dead letter's subject."""
+    _, role, original = subject.split(".", 2) if subject.count(".") >= 2 else ("", "", "")
+    if not role or not original:
+        raise SubjectError(
+            f"{subject!r} is not a dead letter's subject (dlq.<role>.<original subject>)",
+            subject=subject,
+        )
+    return role, original
 
 
 def consumer_name(role_id: str) -> str:
