@@ -103,7 +103,11 @@ class StreamReader:
         )
 
     async def delete(self, stream: str, seq: int) -> None:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
+        with (
+            contextlib.suppress(nats.js.errors.NotFoundError),
+            translated(f"delete message {seq} of {stream}"),
+            self._denials.guard("delete from", f"{API}.STREAM.MSG.DELETE.{stream}"),
+        ):
             await self._js.delete_msg(stream, seq)
 
     async def read(

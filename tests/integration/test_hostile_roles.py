@@ -1,0 +1,191 @@
+"""A hostile role, with its own credentials and plain requests, against the generated
+permissions: each forgery fails with a named denial, or lands only under its own
+name (and changes nothing of another role's), or is dead-lettered with its reason;
+the owner's history and ``rebuild`` stay as they were.
+
+The forgeries this table does not hold yet (contract and escalation records in the
+shared buckets, ``from_role`` in a body, the work stream read by sequence) are in
+the README's threat model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from rolebus.bus import Bus
+from rolebus.errors import PermissionDeniedError
+from rolebus.flows import dlq
+from rolebus.flows.state import StateStore, StoredState
+from rolebus.history.replay import rebuild
+from rolebus.testing import wait_for
+from rolebus.wire import codec
+from rolebus.wire.headers import Header
+from rolebus.wire.messages import Event, Task
+from rolebus.wire.subjects import EVENTS_STREAM, records_of
+from rolebus.worker.runner import start_workers
+
+from .test_security import TEAM, SecuredServer, admin, secured  # noqa: F401 (fixtures)
+
+
+@dataclass
+class Scene:
+    """eng-be's finished task, eng-be's worker running on its own user, and the
+    hostile roles' connections."""
+
+    admin: Bus
+    fe: Bus
+    be: Bus
+    task: Task
+    record: StoredState
+
+
+async def as_role(server: SecuredServer, role: str) -> Bus:
+    return await Bus.connect(
+        server.settings(role), provision=False, inbox_prefix=f"_INBOX_{role}", name=role
+    )
+
+
+@pytest.fixture
+async def scene(secured: SecuredServer, admin: Bus) -> AsyncIterator[Scene]:  # noqa: F811
+    crew = await start_workers(
+        secured.settings("eng-be"), TEAM, [TEAM.role("eng-be")], grace=1, supervise=False
+    )
+    fe = await as_role(secured, "eng-fe")
+    be = await as_role(secured, "eng-be")
+    try:
+        task, _ = await admin.publish_task("task.backend.build", title="the owner's work")
+
+        async def done() -> StoredState | None:
+            stored = await StateStore(admin.connection).get(task.id, role="eng-be")
+            return stored if stored is not None and stored.state.terminal else None
+
+        await wait_for(done)
+        record = await done()
+        assert record is not None
+        yield Scene(admin, fe, be, task, record)
+    finally:
+        await fe.close()
+        await be.close()
+        await crew.stop(grace=0)
+
+
+def forged_record(task_id: str, role: str) -> bytes:
+    event = Event(
+        id=f"{task_id}_forged",
+        state="completed",
+        task_id=task_id,
+        role=role,
+        subject="task.backend.build",
+        result={"forged": True},
+        record={"effects": []},
+    )
+    return codec.encode(event)
+
+
+async def completed_record_under_the_owners_name(scene: Scene) -> str:
+    subject = f"event.task.completed.eng-be.{scene.task.id}"
+    with pytest.raises(PermissionDeniedError) as denied:
+        await scene.fe.connection.publish(
+            subject, forged_record(scene.task.id, "eng-be"), msg_id="forged-1"
+        )
+    assert subject in denied.value.message
+    return "denied"
+
+
+async def completed_record_under_its_own_name(scene: Scene) -> str:
+    # Allowed: it is eng-fe's own history, and says so; eng-be's task is untouched.
+    await scene.fe.connection.publish(
+        f"event.task.completed.eng-fe.{scene.task.id}",
+        forged_record(scene.task.id, "eng-be"),  # the body's role is ignored
+        msg_id="forged-2",
+    )
+    mine = await StateStore(scene.admin.connection).get(scene.task.id, role="eng-fe")
+    assert mine is not None
+    assert mine.state.role == "eng-fe"
+    return "attributed to eng-fe"
+
+
+async def record_deleted(scene: Scene) -> str:
+    with pytest.raises(PermissionDeniedError) as denied:
+        await scene.be.connection.streams.delete(EVENTS_STREAM, scene.record.revision)
+    assert "STREAM.MSG.DELETE.ROLEBUS_EVENTS" in denied.value.message
+    return "denied"
+
+
+async def another_roles_records_read(scene: Scene) -> str:
+    with pytest.raises(PermissionDeniedError) as denied:
+        await scene.fe.connection.streams.last(EVENTS_STREAM, records_of(scene.task.id, "eng-be"))
+    assert f"event.task.*.eng-be.{scene.task.id}" in denied.value.message
+    with pytest.raises(PermissionDeniedError) as scanned:
+        await anext(scene.fe.connection.streams.read(EVENTS_STREAM))
+    assert "CONSUMER.CREATE.ROLEBUS_EVENTS" in scanned.value.message
+    return "denied"
+
+
+async def dead_letter_in_the_ctos_name(scene: Scene) -> str:
+    with pytest.raises(PermissionDeniedError) as denied:
+        await scene.fe.connection.publish(
+            "dlq.cto.decision.eng-be.x", b"\x80", msg_id="forged-dlq-1"
+        )
+    assert "dlq.cto.decision.eng-be.x" in denied.value.message
+    # Under its own token, with headers that say the CTO: listed as eng-fe's, and
+    # never republished with the operator's rights (eng-fe never receives it).
+    await scene.fe.connection.publish(
+        "dlq.eng-fe.decision.eng-be.x",
+        codec.encode(Task(id="forged-dlq", kind="x", title="forged")),
+        msg_id="forged-dlq-2",
+        headers={Header.DLQ_ROLE: "cto", Header.DLQ_SUBJECT: "task.frontend.x"},
+    )
+    [entry] = [e async for e in dlq.list_dead_letters(scene.admin.connection)]
+    assert (entry.role, entry.subject) == ("eng-fe", "decision.eng-be.x")
+    refusal = dlq.refusal(entry, TEAM)
+    assert refusal is not None
+    assert "eng-fe does not receive" in refusal
+    return "listed as eng-fe's; redrive refused"
+
+
+async def body_disagrees_with_subject(scene: Scene) -> str:
+    smuggled = Task(id="smuggled", kind="x", title="kind x on a build subject")
+    await scene.fe.connection.publish(
+        "task.backend.build", codec.encode(smuggled), msg_id=smuggled.id
+    )
+
+    async def buried() -> dlq.DeadLetter | None:
+        entries = [e async for e in dlq.list_dead_letters(scene.admin.connection)]
+        return next((e for e in entries if e.task_id == "smuggled"), None)
+
+    await wait_for(buried)
+    entry = await buried()
+    assert entry is not None
+    assert entry.reason == "invalid"
+    assert "disagrees with the subject" in entry.error
+    return "dead-lettered"
+
+
+FORGERIES: dict[str, Callable[[Scene], Awaitable[str]]] = {
+    "a completed record under the owner's name": completed_record_under_the_owners_name,
+    "a completed record under its own name": completed_record_under_its_own_name,
+    "a record deleted": record_deleted,
+    "another role's records read": another_roles_records_read,
+    "a dead letter in the CTO's name": dead_letter_in_the_ctos_name,
+    "a body that disagrees with its subject": body_disagrees_with_subject,
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+async def test_a_hostile_role_cannot_change_another_roles_history(
+    scene: Scene, forgery: str
+) -> None:
+    before, differences = await rebuild(scene.admin.connection)
+    assert differences == []
+    outcome = await FORGERIES[forgery](scene)
+    assert outcome
+    after, differences = await rebuild(scene.admin.connection)
+    assert differences == []
+    owner = f"{scene.task.id}@eng-be"
+    assert after[owner] == before[owner] == ("completed", "eng-be")
+    now = await StateStore(scene.admin.connection).get(scene.task.id, role="eng-be")
+    assert now == scene.record  # the owner's record: the same, at the same place
