@@ -234,13 +234,25 @@ def subject_catalog(team: Team | None) -> list[dict[str, str]]:
             "read_by": "<to_role>",
         },
         {
+            "subject": "event.task.<state>.<role>.<task_id>",
+            "stream": names.EVENTS_STREAM,
+            "message": "Event with record: a task's record (its history and its state)",
+            "read_by": "workers (their own tasks), history, replay, projections",
+        },
+        {
+            "subject": "event.task.<state>.<role>.<task_id>.<attempt>",
+            "stream": names.EVENTS_STREAM,
+            "message": "Event: a note about a running attempt (claimed, progress)",
+            "read_by": "replay, the dashboard",
+        },
+        {
             "subject": "event.<entity>.<state>",
             "stream": names.EVENTS_STREAM,
-            "message": "Event",
+            "message": "Event (escalation, handoff, budget)",
             "read_by": "history, replay, projections",
         },
         {
-            "subject": "dlq.<original subject>",
+            "subject": "dlq.<role>.<original subject>",
             "stream": names.DLQ_STREAM,
             "message": "the original message",
             "read_by": "`rolebus dlq`",
