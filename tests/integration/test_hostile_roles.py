@@ -3,9 +3,9 @@ permissions: each forgery fails with a named denial, or lands only under its own
 name (and changes nothing of another role's), or is dead-lettered with its reason;
 the owner's history and ``rebuild`` stay as they were.
 
-The forgeries this table does not hold yet (contract and escalation records in the
-shared buckets, ``from_role`` in a body, the work stream read by sequence) are in
-the README's threat model.
+The forgeries this table does not hold yet (escalation records in the shared
+bucket, ``from_role`` in a body, the work stream read by sequence) are in the
+README's threat model.
 """
 
 from __future__ import annotations
@@ -18,13 +18,19 @@ import pytest
 from rolebus.bus import Bus
 from rolebus.errors import PermissionDeniedError
 from rolebus.flows import dlq
+from rolebus.flows.contracts import (
+    ContractDocument,
+    ContractRegistry,
+    ContractVersion,
+    version_key,
+)
 from rolebus.flows.state import StateStore, StoredState
 from rolebus.history.replay import rebuild
 from rolebus.testing import wait_for
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Event, Task
-from rolebus.wire.subjects import EVENTS_STREAM, records_of
+from rolebus.wire.subjects import CONTRACTS_BUCKET, EVENTS_STREAM, records_of
 from rolebus.worker.runner import start_workers
 
 from .test_security import TEAM, SecuredServer, admin, secured  # noqa: F401 (fixtures)
@@ -165,7 +171,44 @@ async def body_disagrees_with_subject(scene: Scene) -> str:
     return "dead-lettered"
 
 
+ORDERS = ContractDocument(
+    name="orders-api",
+    version="1.0.0",
+    operations={"listOrders": {"method": "GET", "path": "/orders"}},
+)
+
+
+async def contract_overwritten_and_purged(scene: Scene) -> str:
+    registry = ContractRegistry(scene.admin.connection)
+    await ContractRegistry(scene.be.connection).publish(ORDERS, author="eng-be")
+    before = await registry.get("orders-api", "1.0.0")
+    tampered = ContractVersion(
+        document=ORDERS.model_copy(update={"description": "TAMPERED"}), author="eng-be"
+    )
+    key = version_key("eng-be", "orders-api", "1.0.0")
+    with pytest.raises(PermissionDeniedError) as overwritten:
+        await scene.fe.connection.kv.put(CONTRACTS_BUCKET, key, codec.encode(tampered))
+    assert f"$KV.{CONTRACTS_BUCKET}.{key}" in overwritten.value.message
+    with pytest.raises(PermissionDeniedError):  # a purge is this message on the wire
+        await scene.fe.connection.publish(
+            f"$KV.{CONTRACTS_BUCKET}.{key}",
+            b"",
+            msg_id="purge-1",
+            headers={Header.KV_OPERATION: "PURGE", "Nats-Rollup": "sub"},
+        )
+    # The same version under its own name: stored, but the first one stays the version.
+    await scene.fe.connection.kv.put(
+        CONTRACTS_BUCKET,
+        version_key("eng-fe", "orders-api", "1.0.0"),
+        codec.encode(tampered.model_copy(update={"author": "architect"})),
+    )
+    after = await registry.get("orders-api", "1.0.0")
+    assert (after.document, after.author) == (before.document, "eng-be")
+    return "denied; its own copy is not the version"
+
+
 FORGERIES: dict[str, Callable[[Scene], Awaitable[str]]] = {
+    "a contract version overwritten and purged": contract_overwritten_and_purged,
     "a completed record under the owner's name": completed_record_under_the_owners_name,
     "a completed record under its own name": completed_record_under_its_own_name,
     "a record deleted": record_deleted,

@@ -15,6 +15,7 @@ bump; otherwise it is refused with a readable diff of what broke.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from datetime import datetime
@@ -23,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rolebus.errors import ConfigError, NotFoundError, RolebusError
+from rolebus.errors import CodecError, ConfigError, NotFoundError, RolebusError
 from rolebus.nats.connection import Connection
 from rolebus.wire import codec
 from rolebus.wire.codec import validation_problems
@@ -186,39 +187,73 @@ def _diff_fields(
             compatible.append(f"+ {where}.{field} ({spec.type}) added")
 
 
-def _key(name: str, version: str) -> str:
-    return f"{name}.{version}"
+def version_key(author: str, name: str, version: str) -> str:
+    """Where ``author`` registers a version: under its own token, so that who
+    published it comes from where the server let it land."""
+    return f"v.{author}.{name}.{version}"
+
+
+def answer_key(role: str, name: str, version: str) -> str:
+    """Where ``role`` answers a version (accepted, or the changes it asks for)."""
+    return f"a.{role}.{name}.{version}"
 
 
 class ContractRegistry:
-    """Contract versions in the ``rolebus_contracts`` bucket (key ``<name>.<version>``)."""
+    """Contract versions in the ``rolebus_contracts`` bucket: each version under its
+    author (``v.<author>.<name>.<version>``), each answer under the role that gave it
+    (``a.<role>.<name>.<version>``). A role may write only under its own token, so
+    none can rewrite another's version or answer; of two registrations of one
+    version, the first one stored is the version."""
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
 
+    async def _read(self, name: str = "*", version: str = ">") -> list[ContractVersion]:
+        documents: dict[tuple[str, str], ContractVersion] = {}
+        answers: list[tuple[str, tuple[str, str], dict[str, Any]]] = []
+        for kind in ("v", "a"):
+            async for change in self._connection.kv.changes(
+                CONTRACTS_BUCKET, keys=f"{kind}.*.{name}.{version}"
+            ):
+                if change.value is None:
+                    continue
+                _, writer, rest = change.key.split(".", 2)
+                contract, _, number = rest.partition(".")
+                with contextlib.suppress(CodecError):
+                    if kind == "v":
+                        entry = codec.decode_as(ContractVersion, change.value)
+                        found = (entry.document.name, entry.document.version)
+                        if found == (contract, number) and found not in documents:
+                            # The first stored wins (changes come in stream order).
+                            documents[found] = entry.model_copy(update={"author": writer})
+                    else:
+                        answers.append((writer, (contract, number), codec.decode_map(change.value)))
+        for role, key, answer in answers:
+            answered = documents.get(key)
+            if answered is None:
+                continue
+            if answer.get("accepted"):
+                answered.accepted_by.append(role)
+            else:
+                answered.changes_requested[role] = [str(why) for why in answer.get("reasons", [])]
+        return list(documents.values())
+
     async def versions(self, name: str) -> list[ContractVersion]:
         """Every version of one contract, oldest first."""
-        found = [
-            codec.decode_as(ContractVersion, value)
-            async for key, value in self._connection.kv.items(CONTRACTS_BUCKET)
-            if key.startswith(f"{name}.")
-        ]
-        found = [entry for entry in found if entry.document.name == name]
+        found = await self._read(validate_token(name, what="contract name"))
         return sorted(found, key=lambda entry: parse_version(entry.document.version))
 
     async def names(self) -> list[str]:
-        names = {
-            codec.decode_as(ContractVersion, value).document.name
-            async for _, value in self._connection.kv.items(CONTRACTS_BUCKET)
-        }
-        return sorted(names)
+        return sorted({entry.document.name for entry in await self._read()})
 
     async def get(self, name: str, version: str | None = None) -> ContractVersion:
         """One version (the latest when ``version`` is None)."""
         if version is not None:
-            found = await self._connection.kv.get(CONTRACTS_BUCKET, _key(name, version))
-            if found is not None and found[0]:
-                return codec.decode_as(ContractVersion, found[0])
+            with contextlib.suppress(ValueError):
+                parse_version(version)
+                found = await self._read(validate_token(name, what="contract name"), version)
+                if found:
+                    return found[0]
         else:
             versions = await self.versions(name)
             if versions:
@@ -257,11 +292,13 @@ class ContractRegistry:
                 )
         entry = ContractVersion(document=document, author=author)
         created = await self._connection.kv.create(
-            CONTRACTS_BUCKET, _key(document.name, document.version), codec.encode(entry)
+            CONTRACTS_BUCKET,
+            version_key(author, document.name, document.version),
+            codec.encode(entry),
         )
         if created is None:  # published concurrently: that one wins if identical
             return await self.publish(document, author=author)
-        return entry
+        return await self.get(document.name, document.version)
 
     async def resolve(self, references: object) -> dict[str, Any]:
         """What a handler's context gets for a task's ``contracts`` list
@@ -280,25 +317,10 @@ class ContractRegistry:
     async def record_answer(
         self, name: str, version: str, *, role: str, accepted: bool, reasons: list[str]
     ) -> ContractVersion:
-        """Record a role's answer to a version (compare-and-set, retried)."""
-        key = _key(name, version)
-        while True:
-            found = await self._connection.kv.get(CONTRACTS_BUCKET, key)
-            if found is None or not found[0]:
-                raise NotFoundError(f"no contract {name} {version} to answer")
-            entry = codec.decode_as(ContractVersion, found[0])
-            if accepted:
-                if role not in entry.accepted_by:
-                    entry.accepted_by.append(role)
-                entry.changes_requested.pop(role, None)
-            else:
-                entry.changes_requested[role] = reasons
-                if role in entry.accepted_by:
-                    entry.accepted_by.remove(role)
-            if (
-                await self._connection.kv.update(
-                    CONTRACTS_BUCKET, key, codec.encode(entry), found[1]
-                )
-                is not None
-            ):
-                return entry
+        """Record a role's answer to a version (its own key: the last answer counts)."""
+        await self.get(name, version)  # it must exist
+        answer = {"accepted": accepted, "reasons": list(reasons), "at": utc_now().isoformat()}
+        await self._connection.kv.put(
+            CONTRACTS_BUCKET, answer_key(role, name, version), codec.encode_map(answer)
+        )
+        return await self.get(name, version)

@@ -28,6 +28,7 @@ from rolebus.errors import ConfigError
 from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire.subjects import (
     BUCKETS,
+    CONTRACTS_BUCKET,
     DLQ_STREAM,
     EVENTS_STREAM,
     SUPERVISOR_CONSUMER,
@@ -89,8 +90,11 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         f"{_API}.DIRECT.GET.{EVENTS_STREAM}.event.task.*.{role.id}.*",
         f"dlq.{role.id}.>",  # its own dead letters only
         "timer.schedule.>",
-        # buckets: state, contracts, escalations (read, write, list)
-        *[f"$KV.{bucket}.>" for bucket in BUCKETS],
+        # buckets (read, write, list); contract versions and answers only under
+        # its own token
+        *[f"$KV.{bucket}.>" for bucket in BUCKETS if bucket != CONTRACTS_BUCKET],
+        f"$KV.{CONTRACTS_BUCKET}.v.{role.id}.>",
+        f"$KV.{CONTRACTS_BUCKET}.a.{role.id}.>",
         *[subject for stream in reads for subject in reader_api_subjects(stream)],
         # resuming a parked task reads its original message
         f"{_API}.DIRECT.GET.{WORK_STREAM}",
