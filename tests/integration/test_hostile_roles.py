@@ -4,8 +4,7 @@ name (and changes nothing of another role's), or is dead-lettered with its reaso
 the owner's history and ``rebuild`` stay as they were.
 
 The forgeries this table does not hold yet (escalation records in the shared
-bucket, ``from_role`` in a body, the work stream read by sequence) are in the
-README's threat model.
+bucket, ``from_role`` in a body) are in the README's threat model.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from rolebus.testing import wait_for
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Event, Task
-from rolebus.wire.subjects import CONTRACTS_BUCKET, EVENTS_STREAM, records_of
+from rolebus.wire.subjects import CONTRACTS_BUCKET, EVENTS_STREAM, WORK_STREAM, records_of
 from rolebus.worker.runner import start_workers
 
 from .test_security import TEAM, SecuredServer, admin, secured  # noqa: F401 (fixtures)
@@ -131,6 +130,13 @@ async def another_roles_records_read(scene: Scene) -> str:
     return "denied"
 
 
+async def another_roles_work_read_by_sequence(scene: Scene) -> str:
+    with pytest.raises(PermissionDeniedError) as denied:
+        await scene.fe.connection.streams.get(WORK_STREAM, scene.record.state.stream_seq)
+    assert "DIRECT.GET.ROLEBUS_WORK" in denied.value.message
+    return "denied"
+
+
 async def dead_letter_in_the_ctos_name(scene: Scene) -> str:
     with pytest.raises(PermissionDeniedError) as denied:
         await scene.fe.connection.publish(
@@ -213,6 +219,7 @@ FORGERIES: dict[str, Callable[[Scene], Awaitable[str]]] = {
     "a completed record under its own name": completed_record_under_its_own_name,
     "a record deleted": record_deleted,
     "another role's records read": another_roles_records_read,
+    "another role's work read by sequence": another_roles_work_read_by_sequence,
     "a dead letter in the CTO's name": dead_letter_in_the_ctos_name,
     "a body that disagrees with its subject": body_disagrees_with_subject,
 }

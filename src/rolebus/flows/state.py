@@ -84,6 +84,10 @@ class TaskState(BaseModel):
     error: str | None = None
     #: The handler's last answer (an Outcome as a map), for ``rolebus rerun``.
     outcome: dict[str, Any] | None = None
+    #: A parked task's input (``{"subject", "message"}``: the task, or the contract
+    #: to review, as decoded): what a decision resumes, without reading the work
+    #: stream by sequence (which would let a role read any role's work).
+    source: dict[str, Any] | None = None
     #: Whether a record already reported ``outcome``'s usage (each attempt's cost
     #: is counted once, by the first record that carries it).
     usage_reported: bool = False
@@ -147,6 +151,7 @@ _RECORD_ONLY = (
     "outcome",
     "effects",
     "usage_reported",
+    "source",
 )
 #: Keys an event's detail adds to the record's (see :func:`event_detail`).
 _EVENT_ADDED = ("usage", "follow_ups", "started_at")
@@ -300,8 +305,9 @@ class StateStore:
             current.state.state in WAITING and current.state.waiting_for != resume
         ):
             return current
-        keep = current.state.detail  # decisions, escalations: survive a new attempt
-        return StoredState(claimed.model_copy(update={"detail": keep}), current.revision)
+        # Decisions, escalations and a parked task's input survive a new attempt.
+        keep = {"detail": current.state.detail, "source": current.state.source}
+        return StoredState(claimed.model_copy(update=keep), current.revision)
 
     async def change(self, stored: StoredState, **changes: Any) -> StoredState | None:
         """Compare-and-set: append the changed record if nothing was written under

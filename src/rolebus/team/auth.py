@@ -86,8 +86,9 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         f"event.task.*.{role.id}.*.*",
         "event.handoff.>",
         "event.escalation.>",
-        # reading its tasks' records back (the subject names what may be read)
+        # reading its tasks' records and notes back (the subject names what may be read)
         f"{_API}.DIRECT.GET.{EVENTS_STREAM}.event.task.*.{role.id}.*",
+        f"{_API}.DIRECT.GET.{EVENTS_STREAM}.event.task.*.{role.id}.*.*",
         f"dlq.{role.id}.>",  # its own dead letters only
         "timer.schedule.>",
         # buckets (read, write, list); contract versions and answers only under
@@ -96,9 +97,7 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         f"$KV.{CONTRACTS_BUCKET}.v.{role.id}.>",
         f"$KV.{CONTRACTS_BUCKET}.a.{role.id}.>",
         *[subject for stream in reads for subject in reader_api_subjects(stream)],
-        # resuming a parked task reads its original message
-        f"{_API}.DIRECT.GET.{WORK_STREAM}",
-        f"{_API}.STREAM.MSG.GET.{WORK_STREAM}",
+        # (not the work stream by sequence: that would be any role's work)
         f"{_API}.STREAM.INFO.{WORK_STREAM}",
         f"{_API}.STREAM.INFO.{EVENTS_STREAM}",
         f"{_API}.STREAM.INFO.{DLQ_STREAM}",

@@ -36,6 +36,7 @@ __all__ = [
     "group_commit_stream",
     "handoff_subject",
     "is_record",
+    "last_try_subject",
     "note_subject",
     "parse_dlq_subject",
     "parse_subject",
@@ -225,6 +226,13 @@ def note_subject(state: str, role: str, task_id: str, number: str) -> str:
     """Where a note about a running attempt goes (claimed, progress): six tokens,
     outside the records' compare-and-set, so that a note never moves it."""
     return f"{EVENT}.task.{state}.{role}.{task_id}.{number}"
+
+
+def last_try_subject(role: str, task_id: str, stream_seq: int | str) -> str:
+    """The note that keeps a message before its last allowed attempt, found by its
+    place in the work stream (``stream_seq``; ``*`` for the task id when only the
+    place is known)."""
+    return note_subject("last-try", role, task_id, str(stream_seq))
 
 
 def is_record(subject: str) -> bool:

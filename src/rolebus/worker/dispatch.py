@@ -58,7 +58,6 @@ from rolebus.wire.messages import (
     Outcome,
     Task,
 )
-from rolebus.wire.subjects import WORK_STREAM
 from rolebus.worker.notices import ClaimedNotices
 from rolebus.worker.parking import Parking
 from rolebus.worker.progress import ProgressReporter
@@ -222,17 +221,19 @@ class Dispatcher:
                 message, f"task {record.task_id} is not waiting for {record.id}"
             )
             return
-        original = await self.connection.streams.get(WORK_STREAM, parked.state.stream_seq)
-        if original is None:
+        kept = parked.state.source
+        if kept is None:
             await self.settle.dead_letter(
                 message,
                 reason="invalid",
-                error=f"task {record.task_id} is no longer in {WORK_STREAM}",
+                error=f"task {record.task_id} was parked without its input (rolebus < 0.2?)",
             )
             return
         # The parked item is rebuilt from the message that started it (a task, or a
-        # contract to review), so that finishing it has the same effects.
-        source = codec.decode(original.subject, original.data, origin=original.origin())
+        # contract to review; its record keeps it), so that finishing it has the same
+        # effects.
+        original_subject = str(kept["subject"])
+        source = codec.decode(original_subject, codec.encode_map(kept["message"]))
         if isinstance(source, Handoff):
             review = review_item(source)
             item = Item(task=review, kind=review.kind, source=source, resume=record.id)
@@ -242,12 +243,12 @@ class Dispatcher:
             await self.settle.dead_letter(
                 message,
                 reason="invalid",
-                error=f"{original.subject} cannot be resumed by a decision",
+                error=f"{original_subject} cannot be resumed by a decision",
             )
             return
         task = item.task
         stored = await self.settle.claim(
-            message, item, subject=original.subject, stream_seq=parked.state.stream_seq
+            message, item, subject=original_subject, stream_seq=parked.state.stream_seq
         )
         if stored is None:
             return

@@ -14,6 +14,7 @@ Guarantees (each has a test):
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import structlog
 
 from rolebus.bus import Bus
-from rolebus.errors import CodecError, RolebusError
+from rolebus.errors import CodecError, PermissionDeniedError, RolebusError
 from rolebus.flows.cancels import Cancellations
 from rolebus.flows.state import StateStore
 from rolebus.handlers.base import Handler
@@ -32,12 +33,12 @@ from rolebus.handlers.command import CommandRunner
 from rolebus.handlers.llm import LlmRunner
 from rolebus.handlers.loader import load_handler
 from rolebus.nats.admin import ConsumerSpec
-from rolebus.nats.delivery import InboundMessage
+from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.nats.puller import Puller
 from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire import codec
-from rolebus.wire.messages import Task
-from rolebus.wire.subjects import WORK_STREAM, consumer_name
+from rolebus.wire.messages import Event, Task, from_nanoseconds
+from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, consumer_name, last_try_subject
 from rolebus.worker.dispatch import Dispatcher, DispatchStats
 from rolebus.worker.slots import Slots
 
@@ -257,6 +258,36 @@ class Worker:
                     with contextlib.suppress(Exception):
                         await message.in_progress()
 
+    async def _kept(self, seq: int) -> StoredMessage | None:
+        """The message at ``seq`` of the work stream, from the note its last attempt
+        left (see Settling._last_try); without one (that attempt died before it
+        wrote it), from the stream itself, if this user may read it by sequence."""
+        note = await self._connection.streams.last(
+            EVENTS_STREAM, last_try_subject(self.role.id, "*", seq)
+        )
+        if note is not None:
+            with contextlib.suppress(CodecError, KeyError, ValueError, TypeError):
+                detail = codec.decode_as(Event, note.data, subject=note.subject).detail
+                return StoredMessage(
+                    stream=WORK_STREAM,
+                    seq=seq,
+                    subject=str(codec.decode_map(note.data)["subject"]),
+                    time=from_nanoseconds(int(detail["time_ns"])),
+                    headers={str(k): str(v) for k, v in dict(detail["headers"]).items()},
+                    data=base64.b64decode(str(detail["data"])),
+                )
+        try:
+            return await self._connection.streams.get(WORK_STREAM, seq)
+        except PermissionDeniedError as error:
+            self._log.error(
+                "a message the server gave up on cannot be dead-lettered",
+                stream_seq=seq,
+                error=error.message,
+                hint="its last attempt left no note; the admin can read it with "
+                f"`rolebus replay --stream work --from-seq {seq}`",
+            )
+            return None
+
     async def _on_max_deliveries(self, advisory: Any) -> None:
         """The server gave up redelivering (the worker died on the last attempt, or
         never acked): move the message to the DLQ so it is not silently stuck."""
@@ -266,7 +297,7 @@ class Worker:
             deliveries = int(body.get("deliveries", self.role.max_deliver))
         except (ValueError, KeyError, TypeError):
             return
-        original = await self._connection.streams.get(WORK_STREAM, seq)
+        original = await self._kept(seq)
         if original is None:
             return
         task: Task | None = None

@@ -132,6 +132,10 @@ class Parking:
             detail=detail,
             attempt=message.delivered,
             error=None,
+            source={
+                "subject": stored.state.subject,
+                "message": item.source.model_dump(mode="json"),
+            },
         )
         if parked is None:
             await message.ack()

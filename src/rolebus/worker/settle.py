@@ -9,19 +9,20 @@ running the handler twice.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any
 
 from rolebus.errors import RolebusError, StaleClaimError
 from rolebus.flows import dlq
-from rolebus.flows.effects import Effect, publish_effects
+from rolebus.flows.effects import Effect, publish_effects, publish_event
 from rolebus.flows.state import WAITING, StateStore, StoredState, TaskState
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.team.roles import RoleSpec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Envelope, Event, Outcome, Task, from_nanoseconds
-from rolebus.wire.subjects import WORK_STREAM, note_subject
+from rolebus.wire.subjects import WORK_STREAM, last_try_subject, note_subject
 
 __all__ = ["DispatchStats", "Item", "Settling"]
 
@@ -75,6 +76,8 @@ class Settling:
     ) -> StoredState | None:
         """Claim the item; None when it must not run (done, or parked): then its
         recorded effects were re-published and the message acked."""
+        if message.delivered >= self.role.max_deliver:
+            await self._last_try(message, item)
         stored = await self.states.claim(
             item.task,
             role=self.role.id,
@@ -87,6 +90,29 @@ class Settling:
             await self.finish_again(message, stored)
             return None
         return stored
+
+    async def _last_try(self, message: InboundMessage, item: Item) -> None:
+        """Before the last attempt the server allows, a note keeps the message: if
+        this attempt dies too, the server's max-deliveries advisory names only its
+        sequence, and a role may not read the work stream by sequence (that would
+        let it read any role's work). The worker that buries it reads this note."""
+        subject = last_try_subject(self.role.id, item.task.id, message.stream_seq)
+        note = Event(
+            id=f"{item.task.id}_last-try_{message.stream_seq}",
+            state="last-try",
+            task_id=item.task.id,
+            role=self.role.id,
+            subject=message.subject,
+            attempt=message.delivered,
+            detail={
+                "stream_seq": message.stream_seq,
+                "time_ns": message.time_ns,
+                "data": base64.b64encode(message.data).decode(),
+                "headers": dict(message.headers),
+            },
+        )
+        trace = message.headers.get(Header.TRACEPARENT)
+        await (await publish_event(self.connection, note, trace=trace, subject=subject)).result()
 
     async def failed(
         self, message: InboundMessage, item: Item, stored: StoredState, outcome: Outcome
@@ -149,6 +175,7 @@ class Settling:
             effects=effects or [],
             attempt=message.delivered,
             detail=new_detail,
+            source=None,  # a finished task is resumed by nothing
         )
         if finished is None:
             await self.finished_elsewhere(message, stored.state.task_id)
