@@ -306,7 +306,8 @@ class StateStore:
         ):
             return current
         # Decisions, escalations and a parked task's input survive a new attempt.
-        keep = {"detail": current.state.detail, "source": current.state.source}
+        detail = {key: value for key, value in current.state.detail.items() if key != "delay_s"}
+        keep = {"detail": detail, "source": current.state.source}
         return StoredState(claimed.model_copy(update=keep), current.revision)
 
     async def change(self, stored: StoredState, **changes: Any) -> StoredState | None:
