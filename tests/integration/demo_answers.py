@@ -82,7 +82,7 @@ def answers(url: str) -> dict[str, Any]:
         if m.get("message") and "state" in m["message"]
         if m["message"]["state"] not in _TIMING
     )
-    return _ids(
+    answered: dict[str, Any] = _ids(
         root,
         {
             "tasks": sorted(
@@ -112,6 +112,7 @@ def answers(url: str) -> dict[str, Any]:
             "replay": events,
         },
     )
+    return answered
 
 
 if __name__ == "__main__":

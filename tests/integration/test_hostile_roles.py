@@ -63,12 +63,15 @@ async def scene(secured: SecuredServer, admin: Bus) -> AsyncIterator[Scene]:  # 
     try:
         task, _ = await admin.publish_task("task.backend.build", title="the owner's work")
 
-        async def done() -> StoredState | None:
+        async def finished() -> StoredState | None:
             stored = await StateStore(admin.connection).get(task.id, role="eng-be")
             return stored if stored is not None and stored.state.terminal else None
 
+        async def done() -> bool:
+            return await finished() is not None
+
         await wait_for(done)
-        record = await done()
+        record = await finished()
         assert record is not None
         yield Scene(admin, fe, be, task, record)
     finally:
@@ -169,7 +172,10 @@ async def body_disagrees_with_subject(scene: Scene) -> str:
         entries = [e async for e in dlq.list_dead_letters(scene.admin.connection)]
         return next((e for e in entries if e.task_id == "smuggled"), None)
 
-    await wait_for(buried)
+    async def arrived() -> bool:
+        return await buried() is not None
+
+    await wait_for(arrived)
     entry = await buried()
     assert entry is not None
     assert entry.reason == "invalid"
@@ -177,10 +183,12 @@ async def body_disagrees_with_subject(scene: Scene) -> str:
     return "dead-lettered"
 
 
-ORDERS = ContractDocument(
-    name="orders-api",
-    version="1.0.0",
-    operations={"listOrders": {"method": "GET", "path": "/orders"}},
+ORDERS = ContractDocument.model_validate(
+    {
+        "name": "orders-api",
+        "version": "1.0.0",
+        "operations": {"listOrders": {"method": "GET", "path": "/orders"}},
+    }
 )
 
 
