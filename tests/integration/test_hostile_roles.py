@@ -3,8 +3,8 @@ permissions: each forgery fails with a named denial, or lands only under its own
 name (and changes nothing of another role's), or is dead-lettered with its reason;
 the owner's history and ``rebuild`` stay as they were.
 
-The forgeries this table does not hold yet (escalation records in the shared
-bucket, ``from_role`` in a body) are in the README's threat model.
+What this table does not hold yet (``from_role`` in a task's body) is in the
+README's threat model.
 """
 
 from __future__ import annotations
@@ -23,13 +23,20 @@ from rolebus.flows.contracts import (
     ContractVersion,
     version_key,
 )
+from rolebus.flows.escalation import EscalationStore, resolve
 from rolebus.flows.state import StateStore, StoredState
 from rolebus.history.replay import rebuild
 from rolebus.testing import wait_for
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
-from rolebus.wire.messages import Event, Task
-from rolebus.wire.subjects import CONTRACTS_BUCKET, EVENTS_STREAM, WORK_STREAM, records_of
+from rolebus.wire.messages import Decision, Event, Task
+from rolebus.wire.subjects import (
+    CONTRACTS_BUCKET,
+    ESCALATIONS_BUCKET,
+    EVENTS_STREAM,
+    WORK_STREAM,
+    records_of,
+)
 from rolebus.worker.runner import start_workers
 
 from .test_security import TEAM, SecuredServer, admin, secured  # noqa: F401 (fixtures)
@@ -221,7 +228,75 @@ async def contract_overwritten_and_purged(scene: Scene) -> str:
     return "denied; its own copy is not the version"
 
 
+async def escalation_rewritten_as_approved(scene: Scene) -> str:
+    # eng-be may never spend without the CTO: the task parks on an approval.
+    spend, _ = await scene.admin.publish_task("task.infra.spend", title="a bigger database")
+    states = StateStore(scene.admin.connection)
+
+    async def parked() -> bool:
+        stored = await states.get(spend.id, role="eng-be")
+        return stored is not None and stored.state.state == "input-required"
+
+    await wait_for(parked)
+    parked_record = await states.get(spend.id, role="eng-be")
+    assert parked_record is not None
+    escalation_id = str(parked_record.state.waiting_for)
+    opened = (await EscalationStore(scene.admin.connection).require(escalation_id)).record
+    assert (opened.holder, opened.kind) == ("cto", "approval")
+
+    approved = opened.model_copy(
+        update={"status": "decided", "decision": "yes", "approved": True, "decided_by": "cto"}
+    )
+    key = f"e.cto.{escalation_id}.1"
+    with pytest.raises(PermissionDeniedError) as denied:  # in the CTO's name
+        await scene.fe.connection.kv.create(ESCALATIONS_BUCKET, key, codec.encode(approved))
+    assert f"$KV.{ESCALATIONS_BUCKET}.{key}" in denied.value.message
+    # In its own name: a decision by a role that does not hold it, and a climb to
+    # itself before the deadline, are both ignored.
+    forger = EscalationStore(scene.fe.connection, writer="eng-fe")
+    found = await forger.require(escalation_id)
+    decided = {"status": "decided", "decision": "yes", "approved": True}
+    assert await forger.change(found, **decided, decided_by="eng-fe") is None  # not its holder
+    assert await forger.change(found, **decided, decided_by="cto") is None  # not its writer
+    assert await forger.change(found, holder="eng-fe", level=1) is None
+    # A decision message alone (eng-fe may answer eng-be, which asks it things) says
+    # "approved by the CTO": eng-be's worker reads the record, which says open.
+    await scene.fe.publish(
+        f"decision.eng-be.{escalation_id}",
+        Decision(
+            escalation_id=escalation_id,
+            to_role="eng-be",
+            decision="yes",
+            approved=True,
+            decided_by="cto",
+            task_id=spend.id,
+        ),
+    )
+
+    async def handled() -> bool:
+        state = await scene.admin.connection.admin.consumer_state("ROLEBUS_WORK", "worker-eng-be")
+        return state["pending"] == 0 and state["ack_pending"] == 0
+
+    await wait_for(handled)
+    now = (await EscalationStore(scene.admin.connection).require(escalation_id)).record
+    assert (now.status, now.holder, now.level) == ("open", "cto", 0)
+    still = await states.get(spend.id, role="eng-be")
+    assert still == parked_record  # not resumed: the same record, at the same place
+    # The genuine answer still lands, and the task ends as it says.
+    await resolve(
+        scene.admin.connection, TEAM, escalation_id, decision="not this quarter", approved=False
+    )
+
+    async def rejected() -> bool:
+        stored = await states.get(spend.id, role="eng-be")
+        return stored is not None and stored.state.state == "rejected"
+
+    await wait_for(rejected)
+    return "denied; its own steps and message ignored; the person's answer lands"
+
+
 FORGERIES: dict[str, Callable[[Scene], Awaitable[str]]] = {
+    "an escalation rewritten as approved by the CTO": escalation_rewritten_as_approved,
     "a contract version overwritten and purged": contract_overwritten_and_purged,
     "a completed record under the owner's name": completed_record_under_the_owners_name,
     "a completed record under its own name": completed_record_under_its_own_name,

@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from rolebus.errors import ConfigError, NotFoundError, RoleError
 from rolebus.flows.effects import Effect, effect, publish_effects
+from rolebus.flows.escalation_records import (
+    DEFAULT_TIMEOUT,
+    PERSON,
+    EscalationRecord,
+    EscalationStore,
+    StoredEscalation,
+    climb_target,
+)
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import NeverRule, RoleSpec, Team
-from rolebus.wire import codec
 from rolebus.wire.headers import Header
-from rolebus.wire.messages import Decision, Escalation, EscalationOption, Event, Task, utc_now
+from rolebus.wire.messages import Decision, Escalation, Event, Task, utc_now
 from rolebus.wire.subjects import (
-    ESCALATIONS_BUCKET,
     decision_subject,
     escalation_subject,
     timer_subjects,
@@ -59,123 +63,6 @@ __all__ = [
     "timer_for",
 ]
 
-#: Who decides when nobody above in the chart does.
-PERSON = "person"
-DEFAULT_TIMEOUT = 3600.0
-
-
-class EscalationRecord(BaseModel):
-    """An escalation's current state."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    task_id: str | None
-    asking_role: str
-    holder: str
-    reason: str
-    question: str
-    options: list[EscalationOption] = Field(default_factory=list)
-    kind: Literal["question", "approval"] = "question"
-    level: int = 0
-    status: Literal["open", "decided"] = "open"
-    timeout_s: float = DEFAULT_TIMEOUT
-    deadline: datetime | None = None
-    opened_at: datetime = Field(default_factory=utc_now)
-    decision: str | None = None
-    approved: bool | None = None
-    decided_by: str | None = None
-    decided_at: datetime | None = None
-    correlation_id: str | None = None
-    trail: list[str] = Field(default_factory=list)
-
-    def current_holder(self, team: Team, now: datetime | None = None) -> str:
-        """Who must answer now: past the deadline at the top of the chart, a person."""
-        if self.status != "open" or self.holder == PERSON:
-            return self.holder
-        expired = self.deadline is not None and (now or utc_now()) > self.deadline
-        top = self.holder in team.roles and team.roles[self.holder].reports_to is None
-        return PERSON if expired and top else self.holder
-
-
-class StoredEscalation(BaseModel):
-    record: EscalationRecord
-    revision: int
-
-
-class EscalationStore:
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
-
-    async def get(self, escalation_id: str) -> StoredEscalation | None:
-        found = await self._connection.kv.get(ESCALATIONS_BUCKET, escalation_id)
-        if found is None or not found[0]:
-            return None
-        return StoredEscalation(
-            record=codec.decode_as(EscalationRecord, found[0]), revision=found[1]
-        )
-
-    async def require(self, escalation_id: str) -> StoredEscalation:
-        stored = await self.get(escalation_id)
-        if stored is None:
-            raise NotFoundError(
-                f"no escalation {escalation_id!r}",
-                hint="`rolebus escalations` lists the open ones",
-            )
-        return stored
-
-    async def open(self, record: EscalationRecord) -> EscalationRecord:
-        """Store a new escalation (idempotent: an existing record is returned)."""
-        created = await self._connection.kv.create(
-            ESCALATIONS_BUCKET, record.id, codec.encode(record)
-        )
-        if created is None:
-            return (await self.require(record.id)).record
-        return record
-
-    async def change(self, stored: StoredEscalation, **changes: Any) -> StoredEscalation | None:
-        updated = stored.record.model_copy(update=changes)
-        revision = await self._connection.kv.update(
-            ESCALATIONS_BUCKET, updated.id, codec.encode(updated), stored.revision
-        )
-        return None if revision is None else StoredEscalation(record=updated, revision=revision)
-
-    async def decide(
-        self,
-        escalation_id: str,
-        *,
-        decision: str,
-        approved: bool | None,
-        decided_by: str,
-        as_holder: bool = False,
-    ) -> EscalationRecord | None:
-        """Close an open escalation with its decision (compare-and-set, retried);
-        None when it is unknown, someone decided first, or (``as_holder``: a role's
-        handler answering) it has climbed past ``decided_by`` meanwhile. A person
-        may always decide."""
-        found = await self.get(escalation_id)
-        while found is not None and found.record.status == "open":
-            if as_holder and found.record.holder != decided_by:
-                return None
-            decided = await self.change(
-                found,
-                status="decided",
-                decision=decision,
-                approved=approved,
-                decided_by=decided_by,
-                decided_at=utc_now(),
-            )
-            if decided is not None:
-                return decided.record
-            found = await self.get(escalation_id)
-        return None
-
-    async def all(self) -> list[EscalationRecord]:
-        return [
-            codec.decode_as(EscalationRecord, value)
-            async for _, value in self._connection.kv.items(ESCALATIONS_BUCKET)
-        ]
-
 
 def boundary_for(role: RoleSpec, kind: str) -> NeverRule | None:
     """The role's ``never`` rule that a task of ``kind`` hits, if any."""
@@ -202,13 +89,6 @@ def resolve_target(team: Team, role: RoleSpec, reason: str, to: str | None) -> s
 def timeout_for(role: RoleSpec, reason: str) -> float:
     rule = role.escalation_rule_for(reason)
     return rule.timeout if rule is not None else DEFAULT_TIMEOUT
-
-
-def climb_target(team: Team, holder: str) -> str:
-    """One step up the chart from ``holder`` (a person above the top)."""
-    if holder == PERSON or holder not in team.roles:
-        return PERSON
-    return team.roles[holder].reports_to or PERSON
 
 
 def schedule_headers(deadline: datetime, target_subject: str) -> dict[str, str]:
@@ -288,7 +168,7 @@ async def resolve(
 ) -> EscalationRecord:
     """Answer an open escalation (as a person): close its record and send the
     decision to the role that asked, which resumes the parked task."""
-    store = EscalationStore(connection)
+    store = EscalationStore(connection, writer=decided_by, team=team)
     record = (await store.require(escalation_id)).record
     if record.kind == "approval" and approved is None:
         raise ConfigError(

@@ -25,6 +25,8 @@ class KvChange:
     seq: int
     key: str
     value: bytes | None
+    #: When the server stored it.
+    time: datetime
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,4 +142,5 @@ class KeyValue:
                     seq=stored.seq,
                     key=stored.subject.removeprefix(prefix),
                     value=None if deleted else stored.data,
+                    time=stored.time,
                 )

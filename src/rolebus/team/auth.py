@@ -30,6 +30,7 @@ from rolebus.wire.subjects import (
     BUCKETS,
     CONTRACTS_BUCKET,
     DLQ_STREAM,
+    ESCALATIONS_BUCKET,
     EVENTS_STREAM,
     SUPERVISOR_CONSUMER,
     TIMERS_STREAM,
@@ -93,7 +94,13 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         "timer.schedule.>",
         # buckets (read, write, list); contract versions and answers only under
         # its own token
-        *[f"$KV.{bucket}.>" for bucket in BUCKETS if bucket != CONTRACTS_BUCKET],
+        *[
+            f"$KV.{bucket}.>"
+            for bucket in BUCKETS
+            if bucket not in (CONTRACTS_BUCKET, ESCALATIONS_BUCKET)
+        ],
+        # an escalation's steps only under its own token
+        f"$KV.{ESCALATIONS_BUCKET}.e.{role.id}.>",
         f"$KV.{CONTRACTS_BUCKET}.v.{role.id}.>",
         f"$KV.{CONTRACTS_BUCKET}.a.{role.id}.>",
         *[subject for stream in reads for subject in reader_api_subjects(stream)],

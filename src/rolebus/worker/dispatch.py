@@ -86,7 +86,7 @@ class Dispatcher:
         self.team = team
         self.handler = handler
         self.states = StateStore(connection)
-        self.escalations = EscalationStore(connection)
+        self.escalations = EscalationStore(connection, writer=role.id, team=team)
         self.contracts = ContractRegistry(connection)
         self.calls = CallStore(connection)
         self.budgets = BudgetLedger(connection)
@@ -205,6 +205,20 @@ class Dispatcher:
             )
             return
         record = found.record
+        if record.status != "decided":
+            await self.settle.stale(
+                message, f"escalation {record.id} is not decided: a decision message alone is not"
+            )
+            return
+        # What was decided, and by whom, is what the escalation's record says (its
+        # steps are attributed to their writers), not what the message's body says.
+        decision = decision.model_copy(
+            update={
+                "decision": record.decision or decision.decision,
+                "approved": record.approved,
+                "decided_by": record.decided_by or decision.decided_by,
+            }
+        )
         parked = await self.states.get(record.task_id or "", role=self.role.id)
         if parked is None:
             await self.settle.dead_letter(

@@ -76,7 +76,8 @@ async def start_workers(
                 crew.workers.append(worker)
                 await worker.start()
         if supervise and crew.workers:
-            crew.supervisor = Supervisor(crew.workers[0].bus.connection, team)
+            first = crew.workers[0]
+            crew.supervisor = Supervisor(first.bus.connection, team, writer=first.role.id)
             await crew.supervisor.start()
     except BaseException:
         await crew.stop(grace=0)

@@ -42,10 +42,12 @@ SUPERVISOR_SPEC = _SPEC = ConsumerSpec(
 
 
 class Supervisor:
-    def __init__(self, connection: Connection, team: Team) -> None:
+    def __init__(self, connection: Connection, team: Team, *, writer: str) -> None:
+        """``writer``: the role whose user ``connection`` is (a climb it records is
+        taken because the deadline passed, whoever writes it)."""
         self.connection = connection
         self.team = team
-        self.escalations = EscalationStore(connection)
+        self.escalations = EscalationStore(connection, writer=writer, team=team)
         self.climbed = 0
         self._puller: Puller | None = None
         # Timers are rare: handle them one at a time, in order, off the read loop.
