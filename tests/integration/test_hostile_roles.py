@@ -31,6 +31,9 @@ from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Decision, Event, Task
 from rolebus.wire.subjects import (
+    BUDGETS_BUCKET,
+    CALLS_BUCKET,
+    CANCELS_BUCKET,
     CONTRACTS_BUCKET,
     ESCALATIONS_BUCKET,
     EVENTS_STREAM,
@@ -295,7 +298,25 @@ async def escalation_rewritten_as_approved(scene: Scene) -> str:
     return "denied; its own steps and message ignored; the person's answer lands"
 
 
+async def shared_buckets_written(scene: Scene) -> str:
+    attempts = [
+        # a "recorded" model answer that eng-be's redelivery would reuse
+        (CALLS_BUCKET, f"eng-be.{scene.task.id}.g0.c1"),
+        # its own budget caps (the operator's to set), or another role's spending
+        (BUDGETS_BUCKET, "eng-fe.caps"),
+        (BUDGETS_BUCKET, "eng-be.day.2026-12-02"),
+        # cancelling another role's task (`rolebus cancel` is the operator's)
+        (CANCELS_BUCKET, scene.task.id),
+    ]
+    for bucket, key in attempts:
+        with pytest.raises(PermissionDeniedError) as denied:
+            await scene.fe.connection.kv.put(bucket, key, b"{}")
+        assert f"$KV.{bucket}.{key}" in denied.value.message
+    return "denied"
+
+
 FORGERIES: dict[str, Callable[[Scene], Awaitable[str]]] = {
+    "a model call, a budget or a cancel written for another role": shared_buckets_written,
     "an escalation rewritten as approved by the CTO": escalation_rewritten_as_approved,
     "a contract version overwritten and purged": contract_overwritten_and_purged,
     "a completed record under the owner's name": completed_record_under_the_owners_name,

@@ -129,7 +129,7 @@ async def rerun(
     Model calls are answered from their records (``live``: the model is called
     again, and nothing is recorded), so a rerun costs nothing unless asked to."""
     registry = ContractRegistry(connection)
-    calls = None if live else CallStore(connection, read_only=True)
+    calls = None if live else CallStore(connection, role=role.id, read_only=True)
     states = [
         state
         for state in await all_states(connection)

@@ -28,10 +28,13 @@ from rolebus.errors import ConfigError
 from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire.subjects import (
     BUCKETS,
+    BUDGETS_BUCKET,
+    CALLS_BUCKET,
     CONTRACTS_BUCKET,
     DLQ_STREAM,
     ESCALATIONS_BUCKET,
     EVENTS_STREAM,
+    LIMITS_BUCKET,
     SUPERVISOR_CONSUMER,
     TIMERS_STREAM,
     WORK_STREAM,
@@ -92,17 +95,16 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         f"{_API}.DIRECT.GET.{EVENTS_STREAM}.event.task.*.{role.id}.*.*",
         f"dlq.{role.id}.>",  # its own dead letters only
         "timer.schedule.>",
-        # buckets (read, write, list); contract versions and answers only under
-        # its own token
-        *[
-            f"$KV.{bucket}.>"
-            for bucket in BUCKETS
-            if bucket not in (CONTRACTS_BUCKET, ESCALATIONS_BUCKET)
-        ],
-        # an escalation's steps only under its own token
-        f"$KV.{ESCALATIONS_BUCKET}.e.{role.id}.>",
-        f"$KV.{CONTRACTS_BUCKET}.v.{role.id}.>",
-        f"$KV.{CONTRACTS_BUCKET}.a.{role.id}.>",
+        # buckets: each write under the writer's token where there is one (read:
+        # every bucket, below)
+        f"$KV.{CONTRACTS_BUCKET}.v.{role.id}.>",  # its contract versions
+        f"$KV.{CONTRACTS_BUCKET}.a.{role.id}.>",  # its answers to them
+        f"$KV.{ESCALATIONS_BUCKET}.e.{role.id}.>",  # its escalation steps
+        f"$KV.{CALLS_BUCKET}.{role.id}.>",  # its recorded model calls
+        f"$KV.{BUDGETS_BUCKET}.{role.id}.day.>",  # its spending, not its caps
+        f"$KV.{BUDGETS_BUCKET}.{role.id}.task.>",
+        f"$KV.{LIMITS_BUCKET}.>",  # model rate limits: one slot per model, shared
+        # (cancels: read only; `rolebus cancel` is the operator's)
         *[subject for stream in reads for subject in reader_api_subjects(stream)],
         # (not the work stream by sequence: that would be any role's work)
         f"{_API}.STREAM.INFO.{WORK_STREAM}",

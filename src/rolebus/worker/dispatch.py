@@ -88,7 +88,7 @@ class Dispatcher:
         self.states = StateStore(connection)
         self.escalations = EscalationStore(connection, writer=role.id, team=team)
         self.contracts = ContractRegistry(connection)
-        self.calls = CallStore(connection)
+        self.calls = CallStore(connection, role=role.id)
         self.budgets = BudgetLedger(connection)
         #: Tasks ``rolebus cancel`` asked to stop (task id -> reason), and the ones
         #: running now (task id -> the slot's asyncio task running its handler).
