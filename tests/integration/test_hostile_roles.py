@@ -24,7 +24,7 @@ from rolebus.flows.contracts import (
     version_key,
 )
 from rolebus.flows.escalation import EscalationStore, resolve
-from rolebus.flows.state import StateStore, StoredState
+from rolebus.flows.state import PARKED, TERMINAL_STATES, StateStore, StoredState
 from rolebus.history.replay import rebuild
 from rolebus.testing import wait_for
 from rolebus.wire import codec
@@ -57,6 +57,22 @@ class Scene:
     record: StoredState
 
 
+async def settled(bus: Bus, task_id: str, *states: str) -> StoredState:
+    """eng-be's record of ``task_id`` once it is in one of ``states``."""
+
+    async def current() -> StoredState | None:
+        stored = await StateStore(bus.connection).get(task_id, role="eng-be")
+        return stored if stored is not None and stored.state.state in states else None
+
+    async def there() -> bool:
+        return await current() is not None
+
+    await wait_for(there)
+    found = await current()
+    assert found is not None
+    return found
+
+
 async def as_role(server: SecuredServer, role: str) -> Bus:
     return await Bus.connect(
         server.settings(role), provision=False, inbox_prefix=f"_INBOX_{role}", name=role
@@ -72,17 +88,7 @@ async def scene(secured: SecuredServer, admin: Bus) -> AsyncIterator[Scene]:  # 
     be = await as_role(secured, "eng-be")
     try:
         task, _ = await admin.publish_task("task.backend.build", title="the owner's work")
-
-        async def finished() -> StoredState | None:
-            stored = await StateStore(admin.connection).get(task.id, role="eng-be")
-            return stored if stored is not None and stored.state.terminal else None
-
-        async def done() -> bool:
-            return await finished() is not None
-
-        await wait_for(done)
-        record = await finished()
-        assert record is not None
+        record = await settled(admin, task.id, *TERMINAL_STATES)
         yield Scene(admin, fe, be, task, record)
     finally:
         await fe.close()
@@ -235,14 +241,7 @@ async def escalation_rewritten_as_approved(scene: Scene) -> str:
     # eng-be may never spend without the CTO: the task parks on an approval.
     spend, _ = await scene.admin.publish_task("task.infra.spend", title="a bigger database")
     states = StateStore(scene.admin.connection)
-
-    async def parked() -> bool:
-        stored = await states.get(spend.id, role="eng-be")
-        return stored is not None and stored.state.state == "input-required"
-
-    await wait_for(parked)
-    parked_record = await states.get(spend.id, role="eng-be")
-    assert parked_record is not None
+    parked_record = await settled(scene.admin, spend.id, PARKED)
     escalation_id = str(parked_record.state.waiting_for)
     opened = (await EscalationStore(scene.admin.connection).require(escalation_id)).record
     assert (opened.holder, opened.kind) == ("cto", "approval")
@@ -289,12 +288,7 @@ async def escalation_rewritten_as_approved(scene: Scene) -> str:
     await resolve(
         scene.admin.connection, TEAM, escalation_id, decision="not this quarter", approved=False
     )
-
-    async def rejected() -> bool:
-        stored = await states.get(spend.id, role="eng-be")
-        return stored is not None and stored.state.state == "rejected"
-
-    await wait_for(rejected)
+    await settled(scene.admin, spend.id, "rejected")
     return "denied; its own steps and message ignored; the person's answer lands"
 
 

@@ -26,7 +26,6 @@ from rolebus.wire.trace import child_traceparent
 
 __all__ = [
     "effect",
-    "event_effect",
     "follow_up_tasks",
     "publish_effects",
     "publish_event",
@@ -73,10 +72,6 @@ def follow_up_tasks(
         )
         effects.append(effect(follow_up.subject, child))
     return effects
-
-
-def event_effect(event: Event) -> Effect:
-    return effect(event_subject(event.entity, event.state), event)
 
 
 async def publish_effects(

@@ -184,7 +184,9 @@ class EscalationStore:
                 writer, current, proposed, change.time
             )
             if why is not None:
-                log.warning("escalation step ignored", key=change.key, why=why)
+                # Every read composes the steps again: at debug level, or a forged
+                # step would be logged on each refresh of the inbox.
+                log.debug("escalation step ignored", key=change.key, why=why)
                 continue
             current, step = proposed, step + 1
         return None if current is None else StoredEscalation(record=current, revision=step)

@@ -29,7 +29,7 @@ from rolebus.wire.subjects import (
     STREAMS,
     TASK_RECORDS,
     WORK_STREAM,
-    is_record,
+    is_task_event,
     validate_pattern,
 )
 
@@ -150,9 +150,7 @@ def _matches(item: Replayed, wanted: ReplayFilter, team: Team | None) -> bool:
     if wanted.role is not None:
         # Whose it is: the role token of its subject where it has one (a task's
         # record, a dead letter), where the server let only that role write.
-        if item.stored.subject.startswith("event.task.") and (
-            is_record(item.stored.subject) or item.stored.subject.count(".") == 5
-        ):
+        if is_task_event(item.stored.subject):
             return item.stored.subject.split(".")[3] == wanted.role
         if isinstance(message, Event):
             return message.role == wanted.role

@@ -36,6 +36,7 @@ __all__ = [
     "group_commit_stream",
     "handoff_subject",
     "is_record",
+    "is_task_event",
     "last_try_subject",
     "note_subject",
     "parse_dlq_subject",
@@ -239,6 +240,11 @@ def is_record(subject: str) -> bool:
     """True for a task record's subject (five tokens), false for a note or another
     entity's event."""
     return subject.startswith("event.task.") and subject.count(".") == 4
+
+
+def is_task_event(subject: str) -> bool:
+    """True for a task's record or note: its fourth token is the task's role."""
+    return subject.startswith("event.task.") and subject.count(".") in (4, 5)
 
 
 def timer_subjects(escalation_id: str, level: int) -> tuple[str, str]:
