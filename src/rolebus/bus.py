@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from pydantic import ValidationError
@@ -24,12 +24,15 @@ from rolebus.team.roles import Team
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import MAX_DEPTH, Envelope, Task
-from rolebus.wire.subjects import TASK, parse_subject, task_subject
+from rolebus.wire.subjects import TASK, parse_subject, task_subject, with_sender
 from rolebus.wire.trace import new_traceparent
 
 __all__ = ["Bus", "resolve_url"]
 
 log = structlog.get_logger("rolebus.bus")
+
+
+EnvelopeT = TypeVar("EnvelopeT", bound=Envelope)
 
 
 def resolve_url(settings: Settings) -> str:
@@ -89,6 +92,22 @@ class Bus:
             raise
         return cls(connection, settings)
 
+    def _as_this_role(self, message: EnvelopeT) -> EnvelopeT:
+        """``message`` as the role whose user this connection is: the server lets that
+        user publish only under its own sender token."""
+        role = self.settings.role_user
+        if role is None or message.from_role == role:
+            return message
+        if message.from_role is not None:
+            raise SubjectError(
+                f"not sent: this connection is {role}'s user, which sends as {role}, "
+                f"not as {message.from_role}",
+                subject=message.from_role,
+                hint=f"leave from_role out (it becomes {role}), or connect as "
+                f"{message.from_role}'s user",
+            )
+        return message.model_copy(update={"from_role": role})
+
     async def close(self) -> None:
         await self.connection.close()
 
@@ -110,8 +129,12 @@ class Bus:
         *,
         headers: dict[str, str] | None = None,
     ) -> PubAck:
-        """Publish one message; its id is the Msg-Id, so publishing it again is a no-op."""
-        parse_subject(subject)
+        """Publish one message; its id is the Msg-Id, so publishing it again is a no-op.
+        A message with ``from_role`` goes out under that role's sender token
+        (``task.<domain>.<kind>.<role>``), which only that role's user may publish on;
+        connected as a role's user, a message is that role's."""
+        message = self._as_this_role(message)
+        subject = sent_subject(subject, message)
         all_headers = {Header.TRACEPARENT: new_traceparent(), **(headers or {})}
         return await self.connection.publish(
             subject, codec.encode(message), msg_id=message.id, headers=all_headers
@@ -122,8 +145,8 @@ class Bus:
     ) -> list[PubAck]:
         """Publish many messages, up to ``window`` at once, stored as atomic batches
         (group commit: one fsync a batch); each still stored once per id."""
-        for subject, _ in messages:
-            parse_subject(subject)
+        mine = [(subject, self._as_this_role(message)) for subject, message in messages]
+        messages = [(sent_subject(subject, message), message) for subject, message in mine]
         trace = new_traceparent()
         return await self.connection.publish_many(
             [
@@ -162,6 +185,21 @@ class Bus:
         return task, ack
 
 
+def sent_subject(subject: str, message: Envelope) -> str:
+    """``subject`` checked, with ``message``'s sender token added (see ``Bus.publish``);
+    a subject that names another sender than the body is refused before it is sent."""
+    sent = with_sender(subject, message.from_role)
+    parse_subject(sent)
+    mismatch = codec.disagreement(sent, message)
+    if mismatch is not None:
+        raise SubjectError(
+            f"not sent: the body disagrees with the subject: {mismatch}",
+            subject=sent,
+            hint="make the body's fields and the subject's tokens agree (subjects.md)",
+        )
+    return sent
+
+
 def task_subject_for(subject: str, kind: str | None) -> str:
     """Complete ``task.<domain>`` with ``kind``; check a full subject agrees with it."""
     tokens = subject.split(".")
@@ -179,7 +217,7 @@ def task_subject_for(subject: str, kind: str | None) -> str:
                 hint=f"give --kind, or publish to {subject}.<kind>",
             )
         return task_subject(tokens[1], kind)
-    if kind is not None and len(tokens) == 3 and tokens[2] != kind:
+    if kind is not None and len(tokens) >= 3 and tokens[2] != kind:
         raise SubjectError(
             f"--kind {kind!r} disagrees with the subject's kind {tokens[2]!r}",
             subject=subject,

@@ -8,10 +8,23 @@ from typing import Any
 
 import pytest
 
-from rolebus.flows.contracts import ContractError, diff, document_from, parse_version
+from rolebus.bus import Bus
+from rolebus.errors import NotFoundError
+from rolebus.flows.contracts import (
+    ContractError,
+    ContractRegistry,
+    ContractVersion,
+    diff,
+    document_from,
+    parse_version,
+    version_key,
+)
 from rolebus.nats.server import EmbeddedServer
+from rolebus.team.roles import load_team
+from rolebus.wire import codec
+from rolebus.wire.subjects import CONTRACTS_BUCKET
 
-from ..conftest import CliRunner
+from ..conftest import REPO, CliRunner
 
 BASE: dict[str, Any] = {
     "name": "orders-api",
@@ -141,6 +154,13 @@ def test_contract_commands_publish_refuse_diff_and_list(
     ]
     shown = json.loads(cli("contracts", "show", "orders-api", env=env).stdout)
     assert shown["document"]["version"] == "2.0.0"
+    # The role files give orders-api to the architect and eng-be: not to eng-fe.
+    v3 = tmp_path / "v3.json"
+    v3.write_text(json.dumps({**broken, "version": "3.0.0"}))
+    foreign = cli("contracts", "publish", str(v3), "--author", "eng-fe", env=env)
+    assert foreign.code == 1
+    assert "eng-fe may not write versions of orders-api" in foreign.stderr
+    assert "architect, eng-be" in foreign.stderr
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     malformed = cli("contracts", "publish", str(bad), env=env)
@@ -159,3 +179,22 @@ def test_escalation_commands_list_and_refuse_unknown_ids(
     both = cli("resolve", "nope", "-d", "x", "--approve", "--reject", env=env)
     assert both.code == 1
     assert "not both" in both.stderr
+
+
+async def test_a_version_from_a_role_the_role_files_do_not_name_is_not_read(
+    rolebus_bus: Bus,
+) -> None:
+    # Written as if the server let it (a config made before the role files said who
+    # authors orders-api): a reader with the team passes over it.
+    document = document_from(BASE, source="test")
+    planted = ContractVersion(document=document, author="eng-fe")
+    await rolebus_bus.connection.kv.put(
+        CONTRACTS_BUCKET, version_key("eng-fe", "orders-api", "1.0.0"), codec.encode(planted)
+    )
+    team = load_team(REPO / "roles")
+    with pytest.raises(NotFoundError, match="no contract 'orders-api'"):
+        await ContractRegistry(rolebus_bus.connection, team=team).get("orders-api")
+    assert (await ContractRegistry(rolebus_bus.connection).get("orders-api")).author == "eng-fe"
+    await ContractRegistry(rolebus_bus.connection, team=team).publish(document, author="architect")
+    found = await ContractRegistry(rolebus_bus.connection, team=team).get("orders-api", "1.0.0")
+    assert found.author == "architect"

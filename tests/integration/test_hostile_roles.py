@@ -3,8 +3,7 @@ permissions: each forgery fails with a named denial, or lands only under its own
 name (and changes nothing of another role's), or is dead-lettered with its reason;
 the owner's history and ``rebuild`` stay as they were.
 
-What this table does not hold yet (``from_role`` in a task's body) is in the
-README's threat model.
+What a compromised role can still do is in the README's threat model.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from rolebus.errors import PermissionDeniedError
 from rolebus.flows import dlq
 from rolebus.flows.contracts import (
     ContractDocument,
+    ContractError,
     ContractRegistry,
     ContractVersion,
     version_key,
@@ -178,15 +178,12 @@ async def dead_letter_in_the_ctos_name(scene: Scene) -> str:
     return "listed as eng-fe's; redrive refused"
 
 
-async def body_disagrees_with_subject(scene: Scene) -> str:
-    smuggled = Task(id="smuggled", kind="x", title="kind x on a build subject")
-    await scene.fe.connection.publish(
-        "task.backend.build", codec.encode(smuggled), msg_id=smuggled.id
-    )
+async def dead_letter_of(scene: Scene, task_id: str) -> dlq.DeadLetter:
+    """The dead letter eng-be's worker wrote about ``task_id``, once it is there."""
 
     async def buried() -> dlq.DeadLetter | None:
         entries = [e async for e in dlq.list_dead_letters(scene.admin.connection)]
-        return next((e for e in entries if e.task_id == "smuggled"), None)
+        return next((e for e in entries if e.task_id == task_id), None)
 
     async def arrived() -> bool:
         return await buried() is not None
@@ -194,9 +191,37 @@ async def body_disagrees_with_subject(scene: Scene) -> str:
     await wait_for(arrived)
     entry = await buried()
     assert entry is not None
+    return entry
+
+
+async def body_disagrees_with_subject(scene: Scene) -> str:
+    smuggled = Task(id="smuggled", kind="x", title="kind x on a build subject", from_role="eng-fe")
+    await scene.fe.connection.publish(
+        "task.backend.build.eng-fe", codec.encode(smuggled), msg_id=smuggled.id
+    )
+    entry = await dead_letter_of(scene, "smuggled")
     assert entry.reason == "invalid"
     assert "disagrees with the subject" in entry.error
+    assert "its kind is 'x'" in entry.error
     return "dead-lettered"
+
+
+async def task_in_the_ctos_name(scene: Scene) -> str:
+    forged = Task(id="from-cto", kind="build", title="the CTO says so", from_role="cto")
+    # Under the CTO's sender token, or under none (as if a person sent it): denied.
+    for subject in ("task.backend.build.cto", "task.backend.build"):
+        with pytest.raises(PermissionDeniedError) as denied:
+            await scene.fe.connection.publish(subject, codec.encode(forged), msg_id=forged.id)
+        assert subject in denied.value.message
+    # Under its own token, with a body that says the CTO: dead-lettered, with why.
+    await scene.fe.connection.publish(
+        "task.backend.build.eng-fe", codec.encode(forged), msg_id=forged.id
+    )
+    entry = await dead_letter_of(scene, "from-cto")
+    assert entry.reason == "invalid"
+    assert "its from_role is 'cto' but its subject names 'eng-fe'" in entry.error
+    assert await StateStore(scene.admin.connection).get("from-cto", role="eng-be") is None
+    return "denied; under its own name dead-lettered"
 
 
 ORDERS = ContractDocument.model_validate(
@@ -226,15 +251,20 @@ async def contract_overwritten_and_purged(scene: Scene) -> str:
             msg_id="purge-1",
             headers={Header.KV_OPERATION: "PURGE", "Nats-Rollup": "sub"},
         )
-    # The same version under its own name: stored, but the first one stays the version.
-    await scene.fe.connection.kv.put(
-        CONTRACTS_BUCKET,
-        version_key("eng-fe", "orders-api", "1.0.0"),
-        codec.encode(tampered.model_copy(update={"author": "architect"})),
-    )
+    # Under its own name too: the role files give orders-api to the architect and eng-be.
+    own = version_key("eng-fe", "orders-api", "1.0.0")
+    with pytest.raises(PermissionDeniedError) as copied:
+        await scene.fe.connection.kv.put(
+            CONTRACTS_BUCKET, own, codec.encode(tampered.model_copy(update={"author": "eng-fe"}))
+        )
+    assert f"$KV.{CONTRACTS_BUCKET}.{own}" in copied.value.message
+    newer = ORDERS.model_copy(update={"version": "2.0.0"})
+    with pytest.raises(ContractError, match="eng-fe may not write versions of orders-api"):
+        await ContractRegistry(scene.fe.connection, team=TEAM).publish(newer, author="eng-fe")
     after = await registry.get("orders-api", "1.0.0")
     assert (after.document, after.author) == (before.document, "eng-be")
-    return "denied; its own copy is not the version"
+    assert [v.document.version for v in await registry.versions("orders-api")] == ["1.0.0"]
+    return "denied, under its name too"
 
 
 async def escalation_rewritten_as_approved(scene: Scene) -> str:
@@ -272,6 +302,7 @@ async def escalation_rewritten_as_approved(scene: Scene) -> str:
             approved=True,
             decided_by="cto",
             task_id=spend.id,
+            from_role="eng-fe",
         ),
     )
 
@@ -320,6 +351,7 @@ FORGERIES: dict[str, Callable[[Scene], Awaitable[str]]] = {
     "another role's work read by sequence": another_roles_work_read_by_sequence,
     "a dead letter in the CTO's name": dead_letter_in_the_ctos_name,
     "a body that disagrees with its subject": body_disagrees_with_subject,
+    "a task in the CTO's name": task_in_the_ctos_name,
 }
 
 

@@ -41,12 +41,23 @@ def test_each_role_may_answer_only_the_roles_that_can_ask_it() -> None:
     assert askers_of(TEAM, "eng-fe") == {"eng-be"}  # eng-be's frontend-integration rule
     assert askers_of(TEAM, "cto") >= {"eng-be", "eng-fe", "architect", "pm", "perf-eng"}
     fe = permissions(TEAM, TEAM.role("eng-fe"))["publish"]["allow"]
-    assert "decision.eng-be.>" in fe
-    assert "decision.cto.>" not in fe
+    assert "decision.eng-be.*.eng-fe" in fe
+    assert not any(subject.startswith("decision.cto.") for subject in fe)
+    # It sends only under its own sender token.
+    assert {"task.*.*.eng-fe", "handoff.*.*.eng-fe", "escalation.*.*.eng-fe"} <= set(fe)
+    assert not {"task.>", "handoff.>", "escalation.>"} & set(fe)
     assert "$JS.API.CONSUMER.MSG.NEXT.ROLEBUS_WORK.worker-eng-fe" in fe
     assert not any("worker-eng-be" in subject for subject in fe)
     assert not any("DELETE.ROLEBUS" in subject or "PURGE" in subject for subject in fe)
     assert permissions(TEAM, TEAM.role("eng-fe"))["subscribe"]["allow"][0] == "_INBOX_eng-fe.>"
+
+
+def test_a_contract_the_role_files_give_to_others_is_denied_even_under_its_own_token() -> None:
+    # orders-api is the architect's and eng-be's.
+    assert permissions(TEAM, TEAM.role("eng-fe"))["publish"]["deny"] == [
+        "$KV.rolebus_contracts.v.eng-fe.orders-api.>"
+    ]
+    assert "deny" not in permissions(TEAM, TEAM.role("architect"))["publish"]
 
 
 @dataclass

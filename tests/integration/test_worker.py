@@ -104,7 +104,7 @@ async def test_a_task_completes_once_and_its_follow_up_is_published_with_a_deriv
     assert follow_up is None  # nobody runs eng-fe here: the follow-up waits, stored
     stored = await rolebus_bus.connection.streams.get(WORK_STREAM, 2)
     assert stored is not None
-    assert stored.subject == "task.frontend.build"
+    assert stored.subject == "task.frontend.build.eng-be"  # sent under eng-be's own token
     assert stored.headers["Nats-Msg-Id"] == f"{task.id}-1"
     child = msgpack.unpackb(stored.data)
     assert child["causation_id"] == task.id

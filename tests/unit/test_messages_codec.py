@@ -154,6 +154,33 @@ def test_outcome_helpers_build_the_same_outcome_as_the_command_protocol() -> Non
             "its escalation_id is 'e2'",
         ),
         ("decision.eng-be.e1", Decision(to_role="eng-be", escalation_id="e1", decision="ok"), None),
+        # who sent it is the subject's fourth token; three tokens: nobody in the team
+        ("task.backend.spend.pm", Task(kind="spend", title="t", from_role="pm"), None),
+        (
+            "task.backend.spend.eng-fe",
+            Task(kind="spend", title="t", from_role="cto"),
+            "its from_role is 'cto' but its subject names 'eng-fe'",
+        ),
+        (
+            "task.backend.spend",
+            Task(kind="spend", title="t", from_role="cto"),
+            "its from_role is 'cto' but its subject names no sender",
+        ),
+        (
+            "handoff.eng-fe.orders-api.eng-be",
+            Handoff(to_role="eng-fe", contract="orders-api", version="1.0.0"),
+            "its from_role is None but its subject names 'eng-be'",
+        ),
+        (
+            "escalation.cto.spend.pm",
+            Escalation(to_role="cto", reason="spend", question="q", from_role="eng-be"),
+            "its from_role is 'eng-be'",
+        ),
+        (
+            "decision.eng-be.e1.pm",
+            Decision(to_role="eng-be", escalation_id="e1", decision="ok", from_role="cto"),
+            "its from_role is 'cto'",
+        ),
     ],
 )
 def test_a_body_that_disagrees_with_its_subject_is_named(
@@ -165,4 +192,11 @@ def test_a_body_that_disagrees_with_its_subject_is_named(
     else:
         assert found is not None
         assert problem in found
-        assert subject in found
+        assert subject.rsplit(".", 1)[0] in found
+
+
+def test_a_climbed_escalation_is_sent_on_by_whoever_passed_it_up() -> None:
+    # The asker comes from the escalation's record for a copy one level up: the
+    # subject names the worker whose supervisor took the timer.
+    climbed = Escalation(to_role="cto", reason="spend", question="q", from_role="eng-be", level=1)
+    assert codec.disagreement("escalation.cto.spend.pm", climbed) is None

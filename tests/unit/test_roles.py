@@ -42,6 +42,21 @@ def test_the_shipped_team_is_valid_and_has_the_six_roles() -> None:
     assert be.slo.p99_latency_ms == 100
     assert "Backend Engineer" in be.persona
     assert team.chain_above("eng-be") == ["cto"]
+    assert team.contract_authors("orders-api") == {"architect", "eng-be"}
+    assert team.contract_authors("billing-api") is None  # nobody's: anyone may
+
+
+def test_contracts_are_tokens_listed_once_and_no_role_is_called_person(tmp_path: Path) -> None:
+    write_role(tmp_path, "a", 'contracts = ["orders api"]')
+    with pytest.raises(RoleError, match="contract 'orders api' is not a valid subject token"):
+        load_team(tmp_path)
+    write_role(tmp_path, "a", 'contracts = ["orders-api", "orders-api"]')
+    with pytest.raises(RoleError, match="a contract is listed twice"):
+        load_team(tmp_path)
+    (tmp_path / "a.md").unlink()
+    write_role(tmp_path, "person")
+    with pytest.raises(RoleError, match="stands for a person"):
+        load_team(tmp_path)
 
 
 def test_a_reports_to_cycle_is_refused_naming_the_file_field_and_cycle(tmp_path: Path) -> None:

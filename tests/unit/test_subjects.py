@@ -29,8 +29,25 @@ def test_an_invalid_token_is_refused_with_a_hint(token: str) -> None:
 def test_parse_subject_refuses_unknown_families_and_wrong_token_counts() -> None:
     with pytest.raises(SubjectError, match="unknown subject"):
         subjects.parse_subject("jobs.backend.x")
-    with pytest.raises(SubjectError, match="has 4 tokens"):
-        subjects.parse_subject("task.backend.x.y")
+    with pytest.raises(SubjectError, match="has 5 tokens"):
+        subjects.parse_subject("task.backend.x.eng-be.y")
+    with pytest.raises(SubjectError, match=r"has 4 tokens; event subjects have 3"):
+        subjects.parse_subject("event.handoff.offered.x")
+
+
+def test_a_role_sends_under_its_own_token() -> None:
+    parsed = subjects.parse_subject("task.backend.implement.architect")
+    assert (parsed.second, parsed.third, parsed.sender) == ("backend", "implement", "architect")
+    assert parsed.subject == "task.backend.implement.architect"
+    assert subjects.sender_of("task.backend.implement.architect") == "architect"
+    assert subjects.sender_of("task.backend.implement") is None
+    assert subjects.sender_of("event.task.completed.eng-be") is None
+    assert subjects.with_sender("handoff.eng-fe.orders", "eng-be") == "handoff.eng-fe.orders.eng-be"
+    assert subjects.with_sender("handoff.eng-fe.orders.eng-be", "eng-be") == (
+        "handoff.eng-fe.orders.eng-be"
+    )
+    assert subjects.with_sender("event.task.completed", "eng-be") == "event.task.completed"
+    assert subjects.decision_subject("eng-be", "e1", sender="cto") == "decision.eng-be.e1.cto"
 
 
 def test_patterns_allow_wildcards_only_as_whole_tokens() -> None:
@@ -57,3 +74,9 @@ def test_every_subject_lives_in_exactly_one_stream() -> None:
     assert subjects.stream_for_subject("decision.eng-be.e1") == subjects.WORK_STREAM
     assert subjects.stream_for_subject("event.task.claimed") == subjects.EVENTS_STREAM
     assert subjects.stream_for_subject("dlq.eng-be.task.backend.x") == subjects.DLQ_STREAM
+
+
+def test_a_three_token_filter_also_matches_what_a_role_sent() -> None:
+    assert subjects.with_senders("task.backend.*") == ["task.backend.*", "task.backend.*.*"]
+    assert subjects.with_senders("task.backend.>") == ["task.backend.>"]
+    assert subjects.with_senders("event.task.*") == ["event.task.*"]

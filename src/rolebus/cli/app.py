@@ -138,6 +138,12 @@ def team_for(settings: Settings) -> Team:
     return load_team(settings.roles_dir)
 
 
+def team_if_any(settings: Settings) -> Team | None:
+    """The team, for a command that reads without one too (its roles folder may be
+    absent where only the bus is)."""
+    return load_team(settings.roles_dir) if settings.roles_dir.is_dir() else None
+
+
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coroutine)
 

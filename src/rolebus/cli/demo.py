@@ -31,7 +31,7 @@ from rolebus.nats.delivery import StoredMessage, Subscription
 from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire import codec
 from rolebus.wire.messages import Decision, Escalation, Event, Handoff, Task
-from rolebus.wire.subjects import WORK_STREAM, consumer_name
+from rolebus.wire.subjects import WORK_STREAM, consumer_name, sender_of
 from rolebus.worker.runner import Crew, start_workers
 
 __all__ = ["DemoResult", "play"]
@@ -81,7 +81,7 @@ class FlowPrinter:
             self.console.print(f"[dim]{elapsed:6.2f}s[/]  {line}", highlight=False)
 
     def _describe(self, subject: str, message: Any) -> str | None:
-        sender = message.from_role or "person"
+        sender = sender_of(subject) or "person"
         arrow = f"{sender:>9} -> {self._receiver(subject):<9}"
         if isinstance(message, Task):
             return f"{arrow} [cyan]{subject}[/]  {message.title}"

@@ -19,6 +19,7 @@ from rolebus.cli.app import (
     run,
     settings_for,
     team_for,
+    team_if_any,
 )
 from rolebus.errors import ConfigError
 from rolebus.flows.cancels import cancel
@@ -32,13 +33,18 @@ contracts_app = typer.Typer(
 app.add_typer(contracts_app, name="contracts")
 
 
+def _registry(bus: Bus) -> ContractRegistry:
+    """The contracts, read and written as the role files say who may author them."""
+    return ContractRegistry(bus.connection, team=team_if_any(settings_for()))
+
+
 @contracts_app.command("list")
 def contracts_list(as_json: JsonOption = False) -> None:
     """Every contract with its versions and who accepted each."""
 
     async def go() -> list[dict[str, Any]]:
         async with await Bus.connect(settings_for(), name="rolebus-contracts") as bus:
-            registry = ContractRegistry(bus.connection)
+            registry = _registry(bus)
             rows = []
             for name in await registry.names():
                 for entry in await registry.versions(name):
@@ -92,7 +98,7 @@ def contracts_show(
 
     async def go() -> dict[str, Any]:
         async with await Bus.connect(settings_for(), name="rolebus-contracts") as bus:
-            entry = await ContractRegistry(bus.connection).get(name, version)
+            entry = await _registry(bus).get(name, version)
             return entry.model_dump(mode="json")
 
     print_json(run(go()))
@@ -109,7 +115,7 @@ def contracts_diff(
 
     async def go() -> tuple[list[str], list[str]]:
         async with await Bus.connect(settings_for(), name="rolebus-contracts") as bus:
-            registry = ContractRegistry(bus.connection)
+            registry = _registry(bus)
             before = await registry.get(name, old)
             after = await registry.get(name, new)
             return diff(before.document, after.document)
@@ -138,7 +144,7 @@ def contracts_publish(
 
     async def go() -> None:
         async with await Bus.connect(settings_for(), name="rolebus-contracts") as bus:
-            await ContractRegistry(bus.connection).publish(document, author=author)
+            await _registry(bus).publish(document, author=author)
 
     run(go())
     out.print(f"published {document.name} {document.version}")

@@ -44,7 +44,7 @@ from rolebus.history.replay import (
 from rolebus.team.roles import with_model
 from rolebus.web.flowsvg import render_flow
 from rolebus.wire.messages import Event
-from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, stream_holding
+from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, sender_of, stream_holding
 
 
 @app.command()
@@ -139,7 +139,7 @@ def _timeline_line(item: Replayed) -> str:
             f"{prefix} {message.role or '-':>9}  {what:<22} {message.task_id}{attempt}  "
             f"{title} {extra}".rstrip()
         )
-    sender = message.from_role or "person"
+    sender = sender_of(stored.subject) or "person"
     title = (
         getattr(message, "title", None)
         or getattr(message, "question", None)
@@ -159,7 +159,11 @@ def replay_command(
         ),
     ] = None,
     subject: Annotated[
-        str | None, typer.Option(help="Subject pattern, e.g. 'event.task.*'.")
+        str | None,
+        typer.Option(
+            help="Subject pattern, e.g. 'event.task.*'. 'task.backend.*' also matches what a "
+            "role sent (task.backend.<kind>.<sender>)."
+        ),
     ] = None,
     role: Annotated[str | None, typer.Option(help="Only what concerns this role.")] = None,
     correlation: Annotated[str | None, typer.Option(help="One flow (its root task id).")] = None,

@@ -142,7 +142,7 @@ def prompt_command(
                     kind=task.kind,
                     title=task.title,
                 )
-            contracts = await ContractRegistry(bus.connection).resolve(
+            contracts = await ContractRegistry(bus.connection, team=team).resolve(
                 task.payload.get("contracts")
             )
             context = context_for(spec, team, state, task, contracts, calls=None)

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rolebus.errors import CodecError, ConfigError, NotFoundError, RolebusError
 from rolebus.nats.connection import Connection
+from rolebus.team.roles import PERSON, Team
 from rolebus.wire import codec
 from rolebus.wire.codec import validation_problems
 from rolebus.wire.messages import utc_now
@@ -203,10 +204,23 @@ class ContractRegistry:
     author (``v.<author>.<name>.<version>``), each answer under the role that gave it
     (``a.<role>.<name>.<version>``). A role may write only under its own token, so
     none can rewrite another's version or answer; of two registrations of one
-    version, the first one stored is the version."""
+    version, the first one stored is the version.
 
-    def __init__(self, connection: Connection) -> None:
+    With the ``team``, a contract that role files list under ``contracts`` has
+    versions only from those roles (or a person, the operator's CLI): another
+    role's registration is refused here, denied by the generated permissions, and
+    ignored when read."""
+
+    def __init__(self, connection: Connection, *, team: Team | None = None) -> None:
         self._connection = connection
+        self._team = team
+
+    def may_author(self, author: str, contract: str) -> bool:
+        """Whether ``author`` may write versions of ``contract``."""
+        if self._team is None or author == PERSON:
+            return True
+        authors = self._team.contract_authors(contract)
+        return authors is None or author in authors
 
     async def _read(self, name: str = "*", version: str = ">") -> list[ContractVersion]:
         documents: dict[tuple[str, str], ContractVersion] = {}
@@ -223,7 +237,11 @@ class ContractRegistry:
                     if kind == "v":
                         entry = codec.decode_as(ContractVersion, change.value)
                         found = (entry.document.name, entry.document.version)
-                        if found == (contract, number) and found not in documents:
+                        if (
+                            found == (contract, number)
+                            and found not in documents
+                            and self.may_author(writer, contract)
+                        ):
                             # The first stored wins (changes come in stream order).
                             documents[found] = entry.model_copy(update={"author": writer})
                     else:
@@ -266,6 +284,15 @@ class ContractRegistry:
 
     async def publish(self, document: ContractDocument, *, author: str) -> ContractVersion:
         """Register a new version after checking it against the latest one."""
+        if not self.may_author(author, document.name):
+            assert self._team is not None
+            authors = sorted(self._team.contract_authors(document.name) or ())
+            raise ContractError(
+                f"{author} may not write versions of {document.name}: "
+                f"its role files give it to {', '.join(authors)}",
+                hint=f"hand it to one of them, or add {document.name!r} to the contracts "
+                f"of {author}'s role file",
+            )
         versions = await self.versions(document.name)
         for existing in versions:
             if existing.document.version == document.version:

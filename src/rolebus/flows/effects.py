@@ -21,7 +21,7 @@ from rolebus.nats.publish import PendingPublish, wait_all
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Event, FollowUp, Task
-from rolebus.wire.subjects import event_subject, parse_subject
+from rolebus.wire.subjects import event_subject, parse_subject, with_sender
 from rolebus.wire.trace import child_traceparent
 
 __all__ = [
@@ -59,7 +59,13 @@ def follow_up_tasks(
             raise RoleError(
                 f"follow-up {follow_up.title!r}: kind {follow_up.kind!r} disagrees with its "
                 f"subject {follow_up.subject!r}",
-                hint="leave kind out (the subject's last token is the kind), or make them agree",
+                hint="leave kind out (the subject's third token is the kind), or make them agree",
+            )
+        if parsed.sender not in (None, role):
+            raise RoleError(
+                f"follow-up {follow_up.title!r}: its subject {follow_up.subject!r} names the "
+                f"sender {parsed.sender!r}, but {role} sends it",
+                hint="give task.<domain>.<kind>: the bus adds the sending role",
             )
         child = Task(
             id=f"{task.id}-{number}",
@@ -70,7 +76,7 @@ def follow_up_tasks(
             correlation_id=task.flow_id,
             causation_id=task.id,
         )
-        effects.append(effect(follow_up.subject, child))
+        effects.append(effect(with_sender(parsed.subject, role), child))
     return effects
 
 

@@ -153,7 +153,13 @@ def decision_effects(record: EscalationRecord, team: Team) -> list[Effect]:
     )
     effects = [effect("event.escalation.decided", event)]
     if record.asking_role in team.roles:
-        effects.insert(0, effect(decision_subject(record.asking_role, record.id), decision))
+        effects.insert(
+            0,
+            effect(
+                decision_subject(record.asking_role, record.id, sender=record.decided_by),
+                decision,
+            ),
+        )
     return effects
 
 
@@ -310,7 +316,7 @@ async def climb(
         if escalation.to_role != PERSON:
             effects.append(
                 effect(
-                    escalation_subject(escalation.to_role, escalation.reason),
+                    escalation_subject(escalation.to_role, escalation.reason, sender=store.writer),
                     escalation,
                     msg_id=f"{escalation.id}-l{escalation.level}",
                 )

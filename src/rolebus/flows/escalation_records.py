@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rolebus.errors import CodecError, NotFoundError
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import KvChange
-from rolebus.team.roles import Team
+from rolebus.team.roles import PERSON, Team
 from rolebus.wire import codec
 from rolebus.wire.messages import EscalationOption, utc_now
 from rolebus.wire.subjects import ESCALATIONS_BUCKET, validate_token
@@ -42,7 +42,6 @@ __all__ = [
 log = structlog.get_logger("rolebus.flows.escalation_records")
 
 #: Who decides when nobody above in the chart does.
-PERSON = "person"
 DEFAULT_TIMEOUT = 3600.0
 
 #: What a climb may change, and what a decision may.

@@ -8,13 +8,11 @@ from typing import Any
 from rolebus.errors import RoleError
 from rolebus.flows.contracts import ContractError, ContractRegistry, document_from
 from rolebus.flows.effects import Effect, effect
-from rolebus.team.roles import Team
+from rolebus.team.roles import PERSON, Team
 from rolebus.wire.messages import Event, Handoff, HandoffRequest, Task
 from rolebus.wire.subjects import handoff_subject
 
 __all__ = ["answer_effects", "handoff_event", "offer_effects", "review_item"]
-
-PERSON = "person"
 
 
 def review_item(handoff: Handoff) -> Task:
@@ -74,7 +72,9 @@ async def answer_effects(
     )
     effects = [handoff_event(reply, answer, role=role)]
     if offer.from_role is not None and offer.from_role in team.roles:
-        effects.insert(0, effect(handoff_subject(offer.from_role, offer.contract), reply))
+        effects.insert(
+            0, effect(handoff_subject(offer.from_role, offer.contract, sender=role), reply)
+        )
     return effects
 
 
@@ -116,7 +116,7 @@ async def offer_effects(
         causation_id=task.id,
     )
     return [
-        effect(handoff_subject(request.to, request.contract), handoff),
+        effect(handoff_subject(request.to, request.contract, sender=role), handoff),
         handoff_event(handoff, "offered", role=role),
     ]
 

@@ -16,7 +16,7 @@ from rolebus.history.replay import ReplayFilter, replay
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import Team
 from rolebus.wire.messages import Decision, Envelope, Escalation, Event, Handoff, Task
-from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM
+from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, sender_of
 
 __all__ = ["Box", "Flow", "Span", "read_flow"]
 
@@ -82,7 +82,9 @@ def addressee(subject: str, team: Team) -> str:
 
 def _box_for(message: Envelope, subject: str, at: datetime, team: Team) -> Box:
     lane = addressee(subject, team)
-    sender = f"from {message.from_role}" if message.from_role else "published from outside"
+    # Who sent it is its subject's sender token, which only that role may publish on.
+    sent_by = sender_of(subject)
+    sender = f"from {sent_by}" if sent_by else "published from outside"
     lines = [f"{subject}", f"id {message.id}", sender, f"at {at.isoformat()}"]
     if isinstance(message, Task):
         kind = "follow-up" if message.causation_id else "task"

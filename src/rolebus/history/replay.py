@@ -30,7 +30,9 @@ from rolebus.wire.subjects import (
     TASK_RECORDS,
     WORK_STREAM,
     is_task_event,
+    sender_of,
     validate_pattern,
+    with_senders,
 )
 
 __all__ = [
@@ -156,8 +158,8 @@ def _matches(item: Replayed, wanted: ReplayFilter, team: Team | None) -> bool:
             return message.role == wanted.role
         if item.stored.subject.startswith("dlq."):
             return item.stored.subject.split(".")[1] == wanted.role
-        from_role = message.from_role if message is not None else None
-        return from_role == wanted.role or _addressed_to(item.stored.subject, wanted.role, team)
+        sender = sender_of(item.stored.subject)
+        return sender == wanted.role or _addressed_to(item.stored.subject, wanted.role, team)
     return True
 
 
@@ -168,7 +170,7 @@ async def replay(
     previous: int | None = None
     async for stored in connection.streams.read(
         wanted.stream,
-        filter_subjects=[wanted.subject] if wanted.subject else None,
+        filter_subjects=with_senders(wanted.subject) if wanted.subject else None,
         start_seq=wanted.from_seq,
         start_time=wanted.since,
         follow=wanted.follow,

@@ -128,7 +128,7 @@ async def rerun(
 
     Model calls are answered from their records (``live``: the model is called
     again, and nothing is recorded), so a rerun costs nothing unless asked to."""
-    registry = ContractRegistry(connection)
+    registry = ContractRegistry(connection, team=team)
     calls = None if live else CallStore(connection, role=role.id, read_only=True)
     states = [
         state

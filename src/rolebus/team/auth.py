@@ -6,8 +6,13 @@ the only one that may delete or purge anything. Each role gets a user that may:
 - pull from its own consumer and ack its own messages, and nothing else's;
 - publish tasks, handoffs and escalations (any role can hand work on or ask),
   decisions only to the roles that can escalate to it (its rules' askers and
-  everyone below it in the chart), events, dead letters and escalation timers;
-- read and write the task, contract and escalation buckets;
+  everyone below it in the chart), each only under its own sender token
+  (``task.<domain>.<kind>.<role>``); its own tasks' records, its dead letters,
+  handoff and escalation events and escalation timers;
+- read its own tasks' records and every bucket; write, each only under its own
+  token, contract versions (none of a contract the role files give only to other
+  roles) and answers, escalation steps, model calls and its spending (not its
+  caps, not cancels); and the shared model rate limits;
 - receive replies only on its own inbox prefix (``_INBOX_<role>``).
 
 Everything not allowed is denied: another role's consumer, a decision to a
@@ -79,11 +84,12 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         f"{_API}.CONSUMER.MSG.NEXT.{TIMERS_STREAM}.{SUPERVISOR_CONSUMER}",
         f"{_API}.CONSUMER.INFO.{TIMERS_STREAM}.{SUPERVISOR_CONSUMER}",
         f"$JS.ACK.{TIMERS_STREAM}.{SUPERVISOR_CONSUMER}.>",
-        # what a role sends
-        "task.>",
-        "handoff.>",
-        "escalation.>",
-        *[f"decision.{asker}.>" for asker in sorted(askers_of(team, role.id))],
+        # what a role sends, each under its own sender token (readers take the
+        # sender from there, not from the body's from_role)
+        f"task.*.*.{role.id}",
+        f"handoff.*.*.{role.id}",
+        f"escalation.*.*.{role.id}",
+        *[f"decision.{asker}.*.{role.id}" for asker in sorted(askers_of(team, role.id))],
         # its tasks' records and notes (the role token pins them to it); the
         # handoff and escalation events it writes
         f"event.task.*.{role.id}.*",
@@ -113,12 +119,15 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         f"{_API}.STREAM.INFO.{TIMERS_STREAM}",
         f"{_API}.INFO",
     ]
+    # Contracts that role files give to other roles: not even under its own token.
+    theirs = {name for other in team for name in other.contracts} - set(role.contracts)
+    deny = [f"$KV.{CONTRACTS_BUCKET}.v.{role.id}.{name}.>" for name in sorted(theirs)]
     subscribe = [
         f"{inbox_prefix(role.id)}.>",
         f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{WORK_STREAM}.{consumer}",
     ]
     return {
-        "publish": {"allow": publish},
+        "publish": {"allow": publish, **({"deny": deny} if deny else {})},
         "subscribe": {"allow": subscribe},
     }
 

@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -30,6 +31,7 @@ from rolebus.team.budget import Budget
 from rolebus.wire.subjects import role_filter_subjects, validate_role_id, validate_token
 
 __all__ = [
+    "PERSON",
     "CommandHandler",
     "EscalationRule",
     "LlmHandler",
@@ -43,6 +45,9 @@ __all__ = [
     "parse_duration",
     "with_model",
 ]
+
+#: Above the top of the chart: a person, through the CLI or the dashboard (no role id).
+PERSON: Final = "person"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -175,6 +180,9 @@ class RoleSpec(_Strict):
     title: str = Field(min_length=1)
     reports_to: str | None = None
     domains: list[str] = Field(default_factory=list)
+    #: The API contracts this role writes versions of (owns, or revises as it hands
+    #: them on): those listed by some role get versions only from those roles.
+    contracts: list[str] = Field(default_factory=list)
     handler: HandlerSpec
     concurrency: int = Field(default=4, ge=1, le=1024)
     ack_wait: Duration = 30.0
@@ -194,18 +202,21 @@ class RoleSpec(_Strict):
             validate_role_id(value)
         except SubjectError as error:  # pydantic reports ValueErrors with the field
             raise ValueError(f"{error.message} ({error.hint})") from error
+        if value == PERSON:
+            raise ValueError(f"{PERSON!r} stands for a person, above the chart: name the role")
         return value
 
-    @field_validator("domains")
+    @field_validator("domains", "contracts")
     @classmethod
-    def _valid_domains(cls, value: list[str]) -> list[str]:
-        for domain in value:
+    def _valid_tokens(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        what = "domain" if info.field_name == "domains" else "contract"
+        for token in value:
             try:
-                validate_token(domain, what="domain")
+                validate_token(token, what=what)
             except SubjectError as error:
                 raise ValueError(f"{error.message} ({error.hint})") from error
         if len(set(value)) != len(value):
-            raise ValueError("a domain is listed twice")
+            raise ValueError(f"a {what} is listed twice")
         return value
 
     @field_validator("handler")
@@ -270,6 +281,7 @@ _FIELD_HINTS = {
     "handler": "'builtin:NAME', 'python:module:function', { command = [...], timeout = 60 } "
     'or { llm = "MODEL", base_url = "http://...", api_key_env = "OPENAI_API_KEY" }',
     "domains": 'a list of domain names this role owns, e.g. ["backend", "api"]',
+    "contracts": 'a list of the API contracts this role writes versions of, e.g. ["orders-api"]',
     "concurrency": "a whole number of tasks this role may run at once (1 to 1024)",
     "ack_wait": "seconds (30) or a string like '30s' or '5m'",
     "max_deliver": "how many attempts a task gets before it is dead-lettered (1 to 1000)",
@@ -376,6 +388,12 @@ class Team:
                 hint=f"known domains: {', '.join(sorted(self.domain_owner))}; "
                 "or add it to a role's domains",
             ) from None
+
+    def contract_authors(self, contract: str) -> set[str] | None:
+        """The roles that may write versions of ``contract`` (None: no role file
+        lists it, so any role may)."""
+        authors = {role.id for role in self if contract in role.contracts}
+        return authors or None
 
     def chain_above(self, role_id: str) -> list[str]:
         """The roles above ``role_id``, nearest first (empty at the top)."""

@@ -353,7 +353,7 @@ def create_app(
         return Response(LIVE_JS, media_type="text/javascript")
 
     async def contracts_page(request: Request) -> Response:
-        registry = ContractRegistry(connection())
+        registry = ContractRegistry(connection(), team=team)
         picked = request.query_params
         sections = []
         for name in await registry.names():

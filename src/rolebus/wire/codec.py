@@ -24,6 +24,7 @@ from rolebus.wire.messages import (
     Task,
     from_nanoseconds,
 )
+from rolebus.wire.subjects import SENT_FAMILIES
 
 __all__ = [
     "Origin",
@@ -174,7 +175,23 @@ def disagreement(subject: str, message: Envelope) -> str | None:
     for field, said, routed in checks:
         if said != routed:
             return f"its {field} is {said!r} but its subject {subject!r} says {routed!r}"
+    if tokens[0] in SENT_FAMILIES and not _sender_agrees(tokens, message):
+        sender = tokens[3] if len(tokens) == 4 else None
+        where = f"its subject names {sender!r}" if sender else "its subject names no sender"
+        return (
+            f"its from_role is {message.from_role!r} but {where} "
+            f"(a role sends on {'.'.join(tokens[:3])}.<its id>)"
+        )
     return None
+
+
+def _sender_agrees(tokens: list[str], message: Envelope) -> bool:
+    """Whether the body's ``from_role`` is the subject's sender token. A climbed
+    escalation is passed on by whoever took its timer or held it: its asker is
+    checked against the escalation's record instead."""
+    if isinstance(message, Escalation) and message.level > 0:
+        return True
+    return message.from_role == (tokens[3] if len(tokens) == 4 else None)
 
 
 def decode(subject: str, data: bytes, *, origin: Origin | None = None) -> Envelope:

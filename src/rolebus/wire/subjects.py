@@ -21,6 +21,7 @@ __all__ = [
     "ESCALATIONS_BUCKET",
     "EVENTS_STREAM",
     "LIMITS_BUCKET",
+    "SENT_FAMILIES",
     "STREAMS",
     "SUPERVISOR_CONSUMER",
     "TASK_RECORDS",
@@ -45,12 +46,15 @@ __all__ = [
     "record_subject",
     "records_of",
     "role_filter_subjects",
+    "sender_of",
     "stream_for_subject",
     "stream_holding",
     "task_subject",
     "timer_subjects",
     "validate_pattern",
     "validate_token",
+    "with_sender",
+    "with_senders",
 ]
 
 # --- message families (the first token of a subject) --------------------------------
@@ -183,23 +187,70 @@ def stream_holding(pattern: str) -> str | None:
     return None
 
 
-def task_subject(domain: str, kind: str) -> str:
-    return f"{TASK}.{validate_token(domain, what='domain')}.{validate_token(kind, what='kind')}"
+#: The families whose subjects may carry a fourth token, the sending role:
+#: ``task.<domain>.<kind>.<sender>``. Permissions let a role's user publish only
+#: under its own id there, so who sent a message is where the server let it land;
+#: three tokens say it came from outside the team (a person, a script).
+SENT_FAMILIES: Final = (TASK, HANDOFF, ESCALATION, DECISION)
 
 
-def handoff_subject(to_role: str, contract: str) -> str:
-    return f"{HANDOFF}.{validate_role_id(to_role)}.{validate_token(contract, what='contract')}"
+def _sent(subject: str, sender: str | None) -> str:
+    return subject if sender is None else f"{subject}.{validate_token(sender, what='sender')}"
 
 
-def escalation_subject(to_role: str, reason: str) -> str:
-    return f"{ESCALATION}.{validate_role_id(to_role)}.{validate_token(reason, what='reason')}"
-
-
-def decision_subject(to_role: str, escalation_id: str) -> str:
-    return (
-        f"{DECISION}.{validate_role_id(to_role)}."
-        f"{validate_token(escalation_id, what='escalation id')}"
+def task_subject(domain: str, kind: str, *, sender: str | None = None) -> str:
+    return _sent(
+        f"{TASK}.{validate_token(domain, what='domain')}.{validate_token(kind, what='kind')}",
+        sender,
     )
+
+
+def handoff_subject(to_role: str, contract: str, *, sender: str | None = None) -> str:
+    return _sent(
+        f"{HANDOFF}.{validate_role_id(to_role)}.{validate_token(contract, what='contract')}",
+        sender,
+    )
+
+
+def escalation_subject(to_role: str, reason: str, *, sender: str | None = None) -> str:
+    return _sent(
+        f"{ESCALATION}.{validate_role_id(to_role)}.{validate_token(reason, what='reason')}",
+        sender,
+    )
+
+
+def decision_subject(to_role: str, escalation_id: str, *, sender: str | None = None) -> str:
+    return _sent(
+        f"{DECISION}.{validate_role_id(to_role)}."
+        f"{validate_token(escalation_id, what='escalation id')}",
+        sender,
+    )
+
+
+def sender_of(subject: str) -> str | None:
+    """The role that sent a task, handoff, escalation or decision: its subject's
+    fourth token (None: sent from outside the team)."""
+    tokens = subject.split(".")
+    return tokens[3] if len(tokens) == 4 and tokens[0] in SENT_FAMILIES else None
+
+
+def with_senders(pattern: str) -> list[str]:
+    """The filters that match what ``pattern`` names whoever sent it: a three-token
+    pattern of a family that carries a sender (``task.backend.*``) also matches
+    the same subjects with one (``task.backend.*.*``)."""
+    tokens = pattern.split(".")
+    if len(tokens) == 3 and tokens[0] in SENT_FAMILIES and tokens[2] != ">":
+        return [pattern, f"{pattern}.*"]
+    return [pattern]
+
+
+def with_sender(subject: str, sender: str | None) -> str:
+    """``subject`` as ``sender`` publishes it: its sender token added to a
+    three-token subject of a family that carries one; anything else unchanged."""
+    tokens = subject.split(".")
+    if sender is None or len(tokens) != 3 or tokens[0] not in SENT_FAMILIES:
+        return subject
+    return _sent(subject, sender)
 
 
 def event_subject(entity: str, state: str) -> str:
@@ -291,10 +342,12 @@ class ParsedSubject:
     family: str
     second: str
     third: str
+    #: The sending role (a fourth token), None from outside the team.
+    sender: str | None = None
 
     @property
     def subject(self) -> str:
-        return f"{self.family}.{self.second}.{self.third}"
+        return _sent(f"{self.family}.{self.second}.{self.third}", self.sender)
 
 
 _THREE_TOKEN_FAMILIES = (TASK, HANDOFF, ESCALATION, DECISION, EVENT)
@@ -320,14 +373,18 @@ def parse_subject(subject: str) -> ParsedSubject:
         for token, name in zip(tokens[1:], names, strict=True):
             validate_token(token, what=f"{name} in {subject!r}:")
         return ParsedSubject(tokens[0], tokens[1], tokens[2])
-    if len(tokens) != 3:
+    sent = tokens[0] in SENT_FAMILIES
+    if len(tokens) != 3 and not (sent and len(tokens) == 4):
+        shape = f"{tokens[0]}.<...>.<...>" + ("[.<sender>]" if sent else "")
         raise SubjectError(
             f"subject {subject!r} has {len(tokens)} tokens; "
-            f"{tokens[0]} subjects have 3 ({tokens[0]}.<...>.<...>)",
+            f"{tokens[0]} subjects have {'3, or 4 with the sender' if sent else 3} ({shape})",
             subject=subject,
             hint="e.g. task.backend.implement; see `rolebus subjects`",
         )
-    family, second, third = tokens
+    family, second, third = tokens[:3]
+    if len(tokens) == 4:
+        validate_token(tokens[3], what=f"sender in {subject!r}:")
     names = {
         TASK: ("domain", "kind"),
         HANDOFF: ("role", "contract"),
@@ -337,7 +394,7 @@ def parse_subject(subject: str) -> ParsedSubject:
     }[family]
     validate_token(second, what=f"{names[0]} in {subject!r}:")
     validate_token(third, what=f"{names[1]} in {subject!r}:")
-    return ParsedSubject(family, second, third)
+    return ParsedSubject(family, second, third, tokens[3] if len(tokens) == 4 else None)
 
 
 _GROUP_COMMIT_FAMILIES: Final = {

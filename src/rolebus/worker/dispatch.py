@@ -35,6 +35,7 @@ from rolebus.flows.effects import (
     publish_event,
 )
 from rolebus.flows.escalation import (
+    PERSON,
     EscalationStore,
     climb,
     escalation_item,
@@ -87,7 +88,7 @@ class Dispatcher:
         self.handler = handler
         self.states = StateStore(connection)
         self.escalations = EscalationStore(connection, writer=role.id, team=team)
-        self.contracts = ContractRegistry(connection)
+        self.contracts = ContractRegistry(connection, team=team)
         self.calls = CallStore(connection, role=role.id)
         self.budgets = BudgetLedger(connection)
         #: Tasks ``rolebus cancel`` asked to stop (task id -> reason), and the ones
@@ -168,6 +169,16 @@ class Dispatcher:
             await self.escalations.open(record_for(escalation, kind="question"))
             found = await self.escalations.require(escalation.id)
         record = found.record
+        if (escalation.from_role or PERSON) != record.asking_role:
+            # A climbed copy comes from whoever passed it on (its subject's sender):
+            # who asked is what the record's first step says.
+            await self.settle.dead_letter(
+                message,
+                reason="invalid",
+                error=f"refused: its from_role is {escalation.from_role!r} but escalation "
+                f"{escalation.id} was asked by {record.asking_role}",
+            )
+            return
         if record.status != "open":
             await self.settle.stale(
                 message, f"escalation {escalation.id} is already {record.status}"

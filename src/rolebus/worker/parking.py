@@ -111,7 +111,9 @@ class Parking:
         effects = [
             *follow_ups,
             effect(
-                escalation_subject(to, request.reason), escalation, msg_id=f"{escalation.id}-l0"
+                escalation_subject(to, request.reason, sender=self.role.id),
+                escalation,
+                msg_id=f"{escalation.id}-l0",
             ),
             *timer_effects(self.team, escalation, record),
             escalation_event(
@@ -180,7 +182,7 @@ class Parking:
             if changed is not None:
                 effects.append(
                     effect(
-                        escalation_subject(to, escalation.reason),
+                        escalation_subject(to, escalation.reason, sender=self.role.id),
                         higher,
                         msg_id=f"{escalation.id}-l{higher.level}",
                     )
@@ -232,7 +234,7 @@ class Parking:
                     "causation_id": task.id,
                 }
             )
-            subject = task_subject(target.domains[0], task.kind)
+            subject = task_subject(target.domains[0], task.kind, sender=self.role.id)
             await self.settle.finish(
                 message,
                 item,
