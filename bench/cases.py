@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -393,9 +394,10 @@ async def _e2e_run(
 
 
 async def bench_e2e(url: str, results: Results, *, steady: int, saturation: int, run: int) -> None:
+    """rolebus, raw nats-py and raw with the same guarantee, each first in turn (run
+    by run), so that none always meets the server and the disk just after another."""
     client = await connect(url)
     try:
-        await reset(client)
 
         async def rolebus_ready(process: subprocess.Popen[str]) -> None:
             assert process.stdout is not None
@@ -403,46 +405,45 @@ async def bench_e2e(url: str, results: Results, *, steady: int, saturation: int,
             while line and "Stop with Ctrl-C" not in line:
                 line = await asyncio.to_thread(process.stdout.readline)
 
-        rolebus_worker = [str(Path(sys.executable).parent / "rolebus"), "worker", "eng-be"]
-        ours = await _e2e_run(
-            url,
-            steady=steady,
-            saturation=saturation,
-            rate=1000.0,
-            prefix=f"e{run}r",
-            worker=rolebus_worker,
-            ready=rolebus_ready,
-        )
-        await reset(client)
-        js = client.jetstream()
-        await raw_consumer(client, "raw-e2e")
-
         async def raw_ready(process: subprocess.Popen[str]) -> None:
             assert process.stdout is not None
             await asyncio.to_thread(process.stdout.readline)
 
-        raw_worker = [sys.executable, "-m", "bench.rawworker", url, "raw-e2e", "follow-up"]
-        theirs = await _e2e_run(
-            url,
-            steady=steady,
-            saturation=saturation,
-            rate=1000.0,
-            prefix=f"e{run}w",
-            worker=raw_worker,
-            ready=raw_ready,
-        )
-        await reset(client)  # drops the consumer too
-        await raw_consumer(client, "raw-e2e")
-        guaranteed = await _e2e_run(
-            url,
-            steady=steady,
-            saturation=saturation,
-            rate=1000.0,
-            prefix=f"e{run}g",
-            worker=[sys.executable, "-m", "bench.rawworker", url, "raw-e2e", "guaranteed"],
-            ready=raw_ready,
-        )
-        await js.delete_consumer(WORK_STREAM, "raw-e2e")
+        def variant(
+            prefix: str, worker: list[str], ready: Any, consumer: bool
+        ) -> Callable[[], Awaitable[tuple[float, float, float]]]:
+            async def measure() -> tuple[float, float, float]:
+                await reset(client)  # drops the consumers too
+                if consumer:
+                    await raw_consumer(client, "raw-e2e")
+                return await _e2e_run(
+                    url,
+                    steady=steady,
+                    saturation=saturation,
+                    rate=1000.0,
+                    prefix=f"e{run}{prefix}",
+                    worker=worker,
+                    ready=ready,
+                )
+
+            return measure
+
+        raw = [sys.executable, "-m", "bench.rawworker", url, "raw-e2e"]
+        variants = [
+            variant(
+                "r",
+                [str(Path(sys.executable).parent / "rolebus"), "worker", "eng-be"],
+                rolebus_ready,
+                consumer=False,
+            ),
+            variant("w", [*raw, "follow-up"], raw_ready, consumer=True),
+            variant("g", [*raw, "guaranteed"], raw_ready, consumer=True),
+        ]
+        measured: dict[int, tuple[float, float, float]] = {}
+        for index in [(run + offset) % len(variants) for offset in range(len(variants))]:
+            measured[index] = await variants[index]()
+        ours, theirs, guaranteed = measured[0], measured[1], measured[2]
+        await reset(client)
     finally:
         await client.close()
     p50 = results.metric(

@@ -49,6 +49,33 @@ async def test_a_task_over_its_token_cap_asks_the_cto_before_any_call(
     assert llm_server.answered == 1  # nothing spent on the rejected one
 
 
+async def test_a_raised_daily_cap_lasts_the_day_and_leaves_the_operators_caps_alone(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    team, _ = await start_llm_team(budget='tokens_per_day = 300\napprover = "cto"')
+    llm_server.default = Reply.completed({"implemented": True})
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="over today's cap")
+    await until(rolebus_bus, task.id, "input-required")
+    [record] = await EscalationStore(rolebus_bus.connection).all()
+    raised = next(o for o in record.options if o.name == "raise-daily-cap")
+    assert (raised.model_extra or {})["cap"] == "tokens_per_day"
+    tokens = (raised.model_extra or {})["tokens"]
+
+    await resolve(
+        rolebus_bus.connection, team, record.id, decision="raise-daily-cap", approved=True
+    )
+    await until(rolebus_bus, task.id, "completed")
+    ledger = BudgetLedger(rolebus_bus.connection)
+    today = await ledger.spent_today("eng-be")
+    assert today.allowance_tokens == tokens  # today's entry, which eng-be's user may write
+    assert (await ledger.spent_on("eng-be", task.id)).allowance_tokens == 0
+    caps = await ledger.caps(team.role("eng-be"))
+    assert caps.tokens_per_day == 300  # the caps (the operator's) are as the role file says
+    # A redelivered decision raises nothing more.
+    await ledger.raise_today("eng-be", tokens=tokens, usd=0.0, because=record.id)
+    assert (await ledger.spent_today("eng-be")).allowance_tokens == tokens
+
+
 async def test_two_replicas_on_one_daily_cap_never_overspend_it_together(
     rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
 ) -> None:

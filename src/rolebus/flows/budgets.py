@@ -9,7 +9,8 @@ a compare-and-set on the day's entry. A crash between the reservation and the se
 leaves the worst case counted: the ledger errs towards spent, never towards free.
 
 Keys in ``rolebus_budgets``: ``<role>.caps`` (caps set at run time, over the role
-file's), ``<role>.day.<YYYY-MM-DD>``, ``<role>.task.<task id>``; JSON values.
+file's), ``<role>.day.<YYYY-MM-DD>`` (spent that day, and what approvals raised its caps by),
+``<role>.task.<task id>``; JSON values.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _FIELDS = ("usd_per_day", "tokens_per_day", "tokens_per_task")
 class Spent:
     tokens: int = 0
     usd: float = 0.0
-    #: What approvals granted this task beyond the caps.
+    #: What approvals granted beyond the caps (this task's, or this day's).
     allowance_tokens: int = 0
     allowance_usd: float = 0.0
 
@@ -110,7 +111,15 @@ class BudgetLedger:
     ) -> None:
         """Let one task go beyond the caps by this much (an approved breach). Once per
         ``because`` (the escalation): a redelivered decision grants nothing more."""
+        await self._allow(f"{role_id}.task.{task_id}", tokens=tokens, usd=usd, because=because)
 
+    async def raise_today(self, role_id: str, *, tokens: int, usd: float, because: str) -> None:
+        """Raise the role's daily caps for today by this much (an approved breach that
+        asked for it). Kept on the role's own day entry, which its user may write:
+        the caps themselves are the operator's."""
+        await self._allow(f"{role_id}.day.{today()}", tokens=tokens, usd=usd, because=because)
+
+    async def _allow(self, key: str, *, tokens: int, usd: float, because: str) -> None:
         def apply(value: dict[str, Any]) -> dict[str, Any]:
             granted = list(value.get("granted", []))
             if because in granted:
@@ -120,25 +129,25 @@ class BudgetLedger:
             value["allowance_usd"] = float(value.get("allowance_usd", 0.0)) + usd
             return value
 
-        await self._change(f"{role_id}.task.{task_id}", apply)
+        await self._change(key, apply)
 
     async def approve(
         self, role: RoleSpec, task_id: str, *, escalation_id: str, options: list[Any], decision: str
     ) -> None:
         """What an approved budget escalation allows: the task's allowance (the
-        default), or, when the decision names it, a higher daily cap for the role."""
+        default), or, when the decision names it, a higher daily cap for the role
+        today."""
         amounts = {option.name: option for option in options if getattr(option, "name", None)}
         if RAISE_DAILY_CAP in decision and RAISE_DAILY_CAP in amounts:
-            option = amounts[RAISE_DAILY_CAP]
-            extra = option.model_extra or {}
-            caps = await self.caps(role)
-            changes: dict[str, float | int | None] = {}
-            if extra.get("cap") == "usd_per_day" and caps.usd_per_day is not None:
-                changes["usd_per_day"] = caps.usd_per_day + float(extra.get("usd", 0.0))
-            elif extra.get("cap") == "tokens_per_day" and caps.tokens_per_day is not None:
-                changes["tokens_per_day"] = caps.tokens_per_day + int(extra.get("tokens", 0))
-            if changes:
-                await self.set_caps(role.id, **changes)
+            extra = amounts[RAISE_DAILY_CAP].model_extra or {}
+            cap = extra.get("cap")
+            if cap in ("usd_per_day", "tokens_per_day"):
+                await self.raise_today(
+                    role.id,
+                    tokens=int(extra.get("tokens", 0)) if cap == "tokens_per_day" else 0,
+                    usd=float(extra.get("usd", 0.0)) if cap == "usd_per_day" else 0.0,
+                    because=escalation_id,
+                )
                 return
         option = amounts.get(RAISE_TASK_ALLOWANCE)
         extra = (option.model_extra or {}) if option is not None else {}
@@ -165,12 +174,12 @@ class BudgetLedger:
         def take_day(value: dict[str, Any]) -> dict[str, Any]:
             spent = Spent.from_json(value)
             if caps.tokens_per_day is not None:
-                limit = caps.tokens_per_day + task.allowance_tokens
+                limit = caps.tokens_per_day + task.allowance_tokens + spent.allowance_tokens
                 if spent.tokens + tokens > limit:
                     breach.append(Breach("tokens_per_day", limit, spent.tokens, tokens))
                     raise _RefusedError
             if caps.usd_per_day is not None and usd is not None:
-                limit_usd = caps.usd_per_day + task.allowance_usd
+                limit_usd = caps.usd_per_day + task.allowance_usd + spent.allowance_usd
                 if spent.usd + usd > limit_usd:
                     breach.append(Breach("usd_per_day", limit_usd, spent.usd, usd))
                     raise _RefusedError

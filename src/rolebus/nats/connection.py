@@ -34,6 +34,7 @@ from rolebus.nats.admin import Admin
 from rolebus.nats.delivery import InboundMessage, StoredMessage, Subscription
 from rolebus.nats.groupcommit import GroupCommitStats
 from rolebus.nats.kv import KeyValue
+from rolebus.nats.lean import LeanClient
 from rolebus.nats.protocol import PubAck
 from rolebus.nats.publish import Item, PendingPublish, Publisher
 from rolebus.nats.puller import Puller
@@ -148,7 +149,7 @@ class Connection:
         }
         if inbox_prefix is not None:
             options["inbox_prefix"] = inbox_prefix
-        client = Client()
+        client = LeanClient()
         try:
             # nats-py retries the initial connect forever when reconnects are unlimited
             # (only for the first server in some versions): bound it ourselves.

@@ -25,7 +25,8 @@ from rolebus.errors import (
 )
 from rolebus.nats.groupcommit import GroupCommit, GroupCommitStats, Write
 from rolebus.nats.protocol import ErrorCode, PubAck, parse_pub_ack
-from rolebus.nats.translate import Denials, translate_api
+from rolebus.nats.replies import Replies
+from rolebus.nats.translate import Denials
 from rolebus.wire.headers import CONTENT_TYPE_MSGPACK, Header
 from rolebus.wire.subjects import group_commit_stream
 
@@ -51,6 +52,7 @@ class Publisher:
         self._js = js
         self._denials = denials
         self._group_commit = GroupCommit(self._send_batch)
+        self._replies = Replies(client)
 
     @property
     def denials(self) -> Denials:
@@ -62,6 +64,7 @@ class Publisher:
 
     async def close(self) -> None:
         await self._group_commit.close()
+        await self._replies.close()
 
     def check_size(self, subject: str, data: bytes, headers: Mapping[str, str]) -> None:
         limit = int(self._client.max_payload)
@@ -88,7 +91,7 @@ class Publisher:
         while True:
             try:
                 with self._denials.guard("publish to", subject):
-                    reply = await self._client.request(
+                    reply = await self._replies.request(
                         subject, data, timeout=timeout, headers=all_headers
                     )
                 return parse_pub_ack(subject, reply.data)
@@ -138,7 +141,7 @@ class Publisher:
         all_headers = message_headers(msg_id, headers)
         self.check_size(subject, data, all_headers)
         try:
-            future = await self._js.publish_async(subject, data, headers=all_headers)
+            future = await self._replies.send(subject, data, headers=all_headers, timeout=5.0)
         except nats.errors.Error:
             future = None  # not sent: result() publishes with retries
         return PendingPublish(self, subject, data, msg_id, headers, future)
@@ -234,16 +237,18 @@ class PendingPublish:
                 return PubAck(self._batched, int(seq), False)
         elif future is not None:
             try:
-                # Usually the ack is already here: skip wait_for and its timer.
+                # Usually the ack is already here; else its request's own deadline
+                # ends the wait (no timer here).
                 if future.done():
-                    ack = future.result()
+                    reply = future.result()
                 else:
                     with self._publisher.denials.guard("publish to", self._subject):
-                        ack = await asyncio.wait_for(future, timeout)
-                return PubAck(str(ack.stream), int(ack.seq), bool(ack.duplicate))
-            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as error:
-                if isinstance(error, nats.js.errors.APIError) and error.code != 503:
-                    raise translate_api(error, f"publish {self._subject}") from error
+                        reply = await future
+                return parse_pub_ack(self._subject, reply.data)
+            except UnavailableError:
+                pass  # an election, say: publish again (de-duplicated), with retries
+            except nats.errors.Error:
+                pass  # timed out or not sent: the same
         return await self._publisher.publish(
             self._subject, self._data, msg_id=self._msg_id, headers=self._headers
         )

@@ -98,7 +98,7 @@ def breach_request(
             EscalationOption.model_validate(
                 {
                     "name": RAISE_DAILY_CAP,
-                    "tradeoffs": f"raise {role}'s {breach.cap} by {amount} for every task "
+                    "tradeoffs": f"raise {role}'s {breach.cap} by {amount} for every task today "
                     "(decide with this option's name in the decision)",
                     "cap": breach.cap,
                     "tokens": tokens,
