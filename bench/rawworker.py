@@ -19,7 +19,7 @@ import msgpack
 import nats
 from nats.aio.msg import Msg
 
-from bench.guarantee import append_record, history_stream
+from bench.guarantee import Bounded, append_record, history_stream
 from bench.harness import RawPuller
 from rolebus.wire.messages import Task
 
@@ -29,7 +29,6 @@ async def main(url: str, consumer: str, mode: str) -> None:
     js = client.jetstream()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    pending: set[asyncio.Task[None]] = set()
 
     async def work(msg: Msg) -> None:
         task = Task.model_validate(msgpack.unpackb(msg.data))
@@ -44,14 +43,16 @@ async def main(url: str, consumer: str, mode: str) -> None:
             )
         await msg.ack()
 
+    # Concurrent like the rolebus worker (64 at a time), so round trips overlap: a
+    # slot is waited for before the next message is taken, so a backlog of any size
+    # never runs all at once (which drowns a loop in timers and retried requests).
+    bounded = Bounded(work)
+
     async def handle(msg: Msg) -> None:
-        # Concurrent like the rolebus worker (64 at a time), so round trips overlap.
         if mode == "consume":
             await work(msg)
             return
-        job = asyncio.ensure_future(work(msg))
-        pending.add(job)
-        job.add_done_callback(pending.discard)
+        await bounded(msg)
 
     if mode == "guaranteed":
         await history_stream(client)

@@ -337,11 +337,35 @@ async def shared_buckets_written(scene: Scene) -> str:
         with pytest.raises(PermissionDeniedError) as denied:
             await scene.fe.connection.kv.put(bucket, key, b"{}")
         assert f"$KV.{bucket}.{key}" in denied.value.message
+    # Nor read another role's recorded calls or spending (its own, key by key).
+    for bucket, key in attempts[:3]:
+        if key.startswith("eng-fe."):
+            continue
+        with pytest.raises(PermissionDeniedError) as unread:
+            await scene.fe.connection.kv.get(bucket, key)
+        assert f"DIRECT.GET.KV_{bucket}" in unread.value.message
+    assert await scene.fe.connection.kv.get(BUDGETS_BUCKET, "eng-fe.caps") is None
+    return "denied"
+
+
+async def escalation_event_in_the_ctos_name(scene: Scene) -> str:
+    decided = Event(
+        id="forged-decided",
+        entity="escalation",
+        state="decided",
+        task_id=scene.task.id,
+        role="cto",
+        detail={"decided_by": "cto", "approved": True},
+    )
+    for subject in ("event.escalation.decided.cto", "event.escalation.decided"):
+        with pytest.raises(PermissionDeniedError) as denied:
+            await scene.fe.connection.publish(subject, codec.encode(decided), msg_id=decided.id)
+        assert subject in denied.value.message
     return "denied"
 
 
 FORGERIES: dict[str, Callable[[Scene], Awaitable[str]]] = {
-    "a model call, a budget or a cancel written for another role": shared_buckets_written,
+    "a model call, a budget or a cancel of another role's written or read": shared_buckets_written,
     "an escalation rewritten as approved by the CTO": escalation_rewritten_as_approved,
     "a contract version overwritten and purged": contract_overwritten_and_purged,
     "a completed record under the owner's name": completed_record_under_the_owners_name,
@@ -352,6 +376,7 @@ FORGERIES: dict[str, Callable[[Scene], Awaitable[str]]] = {
     "a dead letter in the CTO's name": dead_letter_in_the_ctos_name,
     "a body that disagrees with its subject": body_disagrees_with_subject,
     "a task in the CTO's name": task_in_the_ctos_name,
+    "an escalation event in the CTO's name": escalation_event_in_the_ctos_name,
 }
 
 

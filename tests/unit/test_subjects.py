@@ -31,8 +31,8 @@ def test_parse_subject_refuses_unknown_families_and_wrong_token_counts() -> None
         subjects.parse_subject("jobs.backend.x")
     with pytest.raises(SubjectError, match="has 5 tokens"):
         subjects.parse_subject("task.backend.x.eng-be.y")
-    with pytest.raises(SubjectError, match=r"has 4 tokens; event subjects have 3"):
-        subjects.parse_subject("event.handoff.offered.x")
+    with pytest.raises(SubjectError, match=r"has 5 tokens; event subjects have 3, or 4"):
+        subjects.parse_subject("event.handoff.offered.x.y")
 
 
 def test_a_role_sends_under_its_own_token() -> None:
@@ -79,4 +79,16 @@ def test_every_subject_lives_in_exactly_one_stream() -> None:
 def test_a_three_token_filter_also_matches_what_a_role_sent() -> None:
     assert subjects.with_senders("task.backend.*") == ["task.backend.*", "task.backend.*.*"]
     assert subjects.with_senders("task.backend.>") == ["task.backend.>"]
-    assert subjects.with_senders("event.task.*") == ["event.task.*"]
+    assert subjects.with_senders("event.escalation.*") == [
+        "event.escalation.*",
+        "event.escalation.*.*",
+    ]
+    assert subjects.with_senders("dlq.eng-be.*") == ["dlq.eng-be.*"]
+
+
+def test_a_role_writes_its_handoff_and_escalation_events_under_its_own_token() -> None:
+    assert subjects.event_subject("escalation", "opened") == "event.escalation.opened"
+    assert subjects.event_subject("handoff", "offered", writer="eng-be") == (
+        "event.handoff.offered.eng-be"
+    )
+    assert subjects.parse_subject("event.escalation.decided.person").sender == "person"

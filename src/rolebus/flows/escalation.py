@@ -37,6 +37,7 @@ from rolebus.wire.messages import Decision, Escalation, Event, Task, utc_now
 from rolebus.wire.subjects import (
     decision_subject,
     escalation_subject,
+    event_subject,
     timer_subjects,
 )
 
@@ -151,7 +152,8 @@ def decision_effects(record: EscalationRecord, team: Team) -> list[Effect]:
             "level": record.level,
         },
     )
-    effects = [effect("event.escalation.decided", event)]
+    decider = record.decided_by or PERSON
+    effects = [effect(event_subject("escalation", "decided", writer=decider), event)]
     if record.asking_role in team.roles:
         effects.insert(
             0,
@@ -248,8 +250,15 @@ def timer_effects(team: Team, escalation: Escalation, record: EscalationRecord) 
 
 
 def escalation_event(
-    role: str, record: EscalationRecord, state: str, *, detail: dict[str, Any] | None = None
+    role: str,
+    record: EscalationRecord,
+    state: str,
+    *,
+    writer: str | None = None,
+    detail: dict[str, Any] | None = None,
 ) -> Effect:
+    """The escalation's event: about ``role``, written by ``writer`` (``role`` unless
+    given), under whose token it lands."""
     event = Event(
         id=f"{record.id}_{state}_{record.level}",
         entity="escalation",
@@ -269,7 +278,7 @@ def escalation_event(
             **(detail or {}),
         },
     )
-    return effect(f"event.escalation.{state}", event)
+    return effect(event_subject("escalation", state, writer=writer or role), event)
 
 
 async def climb(
@@ -310,6 +319,7 @@ async def climb(
                 escalation.to_role,
                 record,
                 "climbed",
+                writer=store.writer,
                 detail={"timeout_at": record.trail[-2] if len(record.trail) > 1 else None},
             )
         ]

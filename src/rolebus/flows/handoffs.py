@@ -10,7 +10,7 @@ from rolebus.flows.contracts import ContractError, ContractRegistry, document_fr
 from rolebus.flows.effects import Effect, effect
 from rolebus.team.roles import PERSON, Team
 from rolebus.wire.messages import Event, Handoff, HandoffRequest, Task
-from rolebus.wire.subjects import handoff_subject
+from rolebus.wire.subjects import event_subject, handoff_subject
 
 __all__ = ["answer_effects", "handoff_event", "offer_effects", "review_item"]
 
@@ -138,4 +138,4 @@ def handoff_event(handoff: Handoff, state: str, *, role: str) -> Effect:
             "reasons": handoff.reasons,
         },
     )
-    return effect(f"event.handoff.{state}", event)
+    return effect(event_subject("handoff", state, writer=role), event)

@@ -155,7 +155,9 @@ def _matches(item: Replayed, wanted: ReplayFilter, team: Team | None) -> bool:
         if is_task_event(item.stored.subject):
             return item.stored.subject.split(".")[3] == wanted.role
         if isinstance(message, Event):
-            return message.role == wanted.role
+            # Written by the role (the subject's writer token), or about it.
+            writer = item.stored.subject.split(".")[3:4]
+            return message.role == wanted.role or writer == [wanted.role]
         if item.stored.subject.startswith("dlq."):
             return item.stored.subject.split(".")[1] == wanted.role
         sender = sender_of(item.stored.subject)

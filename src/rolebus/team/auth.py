@@ -8,8 +8,9 @@ the only one that may delete or purge anything. Each role gets a user that may:
   decisions only to the roles that can escalate to it (its rules' askers and
   everyone below it in the chart), each only under its own sender token
   (``task.<domain>.<kind>.<role>``); its own tasks' records, its dead letters,
-  handoff and escalation events and escalation timers;
-- read its own tasks' records and every bucket; write, each only under its own
+  its handoff and escalation events (under its token too) and escalation timers;
+- read its own tasks' records, its own model calls and budget entries, and the
+  contract, escalation, cancel and rate-limit buckets; write, each only under its own
   token, contract versions (none of a contract the role files give only to other
   roles) and answers, escalation steps, model calls and its spending (not its
   caps, not cancels); and the shared model rate limits;
@@ -74,7 +75,11 @@ def askers_of(team: Team, role_id: str) -> set[str]:
 def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
     """The publish/subscribe permissions of one role's user."""
     consumer = consumer_name(role.id)
-    reads = [f"KV_{bucket}" for bucket in BUCKETS]
+    # Buckets every role reads whole (any role may be handed a contract or hold an
+    # escalation; cancels and rate limits concern every worker); its own model calls
+    # and budget entries it reads key by key, under its own token only.
+    own = (CALLS_BUCKET, BUDGETS_BUCKET)
+    reads = [f"KV_{bucket}" for bucket in BUCKETS if bucket not in own]
     publish = [
         # its own work: pull, ack, heartbeat; look its consumer up
         f"{_API}.CONSUMER.MSG.NEXT.{WORK_STREAM}.{consumer}",
@@ -94,15 +99,15 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         # handoff and escalation events it writes
         f"event.task.*.{role.id}.*",
         f"event.task.*.{role.id}.*.*",
-        "event.handoff.>",
-        "event.escalation.>",
+        f"event.handoff.*.{role.id}",
+        f"event.escalation.*.{role.id}",
         # reading its tasks' records and notes back (the subject names what may be read)
         f"{_API}.DIRECT.GET.{EVENTS_STREAM}.event.task.*.{role.id}.*",
         f"{_API}.DIRECT.GET.{EVENTS_STREAM}.event.task.*.{role.id}.*.*",
         f"dlq.{role.id}.>",  # its own dead letters only
         "timer.schedule.>",
-        # buckets: each write under the writer's token where there is one (read:
-        # every bucket, below)
+        # buckets: each write under the writer's token where there is one (reads
+        # below)
         f"$KV.{CONTRACTS_BUCKET}.v.{role.id}.>",  # its contract versions
         f"$KV.{CONTRACTS_BUCKET}.a.{role.id}.>",  # its answers to them
         f"$KV.{ESCALATIONS_BUCKET}.e.{role.id}.>",  # its escalation steps
@@ -112,6 +117,8 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         f"$KV.{LIMITS_BUCKET}.>",  # model rate limits: one slot per model, shared
         # (cancels: read only; `rolebus cancel` is the operator's)
         *[subject for stream in reads for subject in reader_api_subjects(stream)],
+        *[f"{_API}.STREAM.INFO.KV_{bucket}" for bucket in own],
+        *[f"{_API}.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{role.id}.>" for bucket in own],
         # (not the work stream by sequence: that would be any role's work)
         f"{_API}.STREAM.INFO.{WORK_STREAM}",
         f"{_API}.STREAM.INFO.{EVENTS_STREAM}",

@@ -236,10 +236,11 @@ def sender_of(subject: str) -> str | None:
 
 def with_senders(pattern: str) -> list[str]:
     """The filters that match what ``pattern`` names whoever sent it: a three-token
-    pattern of a family that carries a sender (``task.backend.*``) also matches
-    the same subjects with one (``task.backend.*.*``)."""
+    pattern of a family that carries a sender (``task.backend.*``) or a writer
+    (``event.escalation.*``) also matches the same subjects with one
+    (``task.backend.*.*``)."""
     tokens = pattern.split(".")
-    if len(tokens) == 3 and tokens[0] in SENT_FAMILIES and tokens[2] != ">":
+    if len(tokens) == 3 and tokens[0] in (*SENT_FAMILIES, EVENT) and tokens[2] != ">":
         return [pattern, f"{pattern}.*"]
     return [pattern]
 
@@ -253,8 +254,13 @@ def with_sender(subject: str, sender: str | None) -> str:
     return _sent(subject, sender)
 
 
-def event_subject(entity: str, state: str) -> str:
-    return f"{EVENT}.{validate_token(entity, what='entity')}.{validate_token(state, what='state')}"
+def event_subject(entity: str, state: str, *, writer: str | None = None) -> str:
+    """``event.<entity>.<state>``; a role writes its handoff and escalation events
+    under its own token, ``event.<entity>.<state>.<writer>``."""
+    subject = (
+        f"{EVENT}.{validate_token(entity, what='entity')}.{validate_token(state, what='state')}"
+    )
+    return subject if writer is None else f"{subject}.{validate_token(writer, what='writer')}"
 
 
 #: Every task record (``event.task.<state>.<role>.<task id>``) and no note.
@@ -342,7 +348,8 @@ class ParsedSubject:
     family: str
     second: str
     third: str
-    #: The sending role (a fourth token), None from outside the team.
+    #: The sending (or, for an event, writing) role: a fourth token; None from
+    #: outside the team.
     sender: str | None = None
 
     @property
@@ -373,18 +380,17 @@ def parse_subject(subject: str) -> ParsedSubject:
         for token, name in zip(tokens[1:], names, strict=True):
             validate_token(token, what=f"{name} in {subject!r}:")
         return ParsedSubject(tokens[0], tokens[1], tokens[2])
-    sent = tokens[0] in SENT_FAMILIES
-    if len(tokens) != 3 and not (sent and len(tokens) == 4):
-        shape = f"{tokens[0]}.<...>.<...>" + ("[.<sender>]" if sent else "")
+    if len(tokens) not in (3, 4):
+        fourth = "sender" if tokens[0] in SENT_FAMILIES else "writer"
         raise SubjectError(
-            f"subject {subject!r} has {len(tokens)} tokens; "
-            f"{tokens[0]} subjects have {'3, or 4 with the sender' if sent else 3} ({shape})",
+            f"subject {subject!r} has {len(tokens)} tokens; {tokens[0]} subjects have 3, "
+            f"or 4 with the {fourth} ({tokens[0]}.<...>.<...>[.<{fourth}>])",
             subject=subject,
             hint="e.g. task.backend.implement; see `rolebus subjects`",
         )
     family, second, third = tokens[:3]
     if len(tokens) == 4:
-        validate_token(tokens[3], what=f"sender in {subject!r}:")
+        validate_token(tokens[3], what=f"sender or writer in {subject!r}:")
     names = {
         TASK: ("domain", "kind"),
         HANDOFF: ("role", "contract"),
