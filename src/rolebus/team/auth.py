@@ -45,6 +45,7 @@ from rolebus.wire.subjects import (
     TIMERS_STREAM,
     WORK_STREAM,
     consumer_name,
+    key_reader_api_subjects,
     reader_api_subjects,
 )
 
@@ -117,8 +118,7 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         f"$KV.{LIMITS_BUCKET}.>",  # model rate limits: one slot per model, shared
         # (cancels: read only; `rolebus cancel` is the operator's)
         *[subject for stream in reads for subject in reader_api_subjects(stream)],
-        *[f"{_API}.STREAM.INFO.KV_{bucket}" for bucket in own],
-        *[f"{_API}.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{role.id}.>" for bucket in own],
+        *[subject for bucket in own for subject in key_reader_api_subjects(bucket, f"{role.id}.>")],
         # (not the work stream by sequence: that would be any role's work)
         f"{_API}.STREAM.INFO.{WORK_STREAM}",
         f"{_API}.STREAM.INFO.{EVENTS_STREAM}",

@@ -38,6 +38,7 @@ __all__ = [
     "handoff_subject",
     "is_record",
     "is_task_event",
+    "key_reader_api_subjects",
     "last_try_subject",
     "note_subject",
     "parse_dlq_subject",
@@ -174,6 +175,14 @@ def reader_api_subjects(stream: str) -> list[str]:
         f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
         f"{api}.CONSUMER.DELETE.{stream}.>",
     ]
+
+
+def key_reader_api_subjects(bucket: str, keys: str) -> list[str]:
+    """What a reader of only some keys of a bucket needs (``keys``, a pattern): the
+    bucket's info and a direct get of those keys, which names the key it reads
+    (``KeyValue.get`` reads through it; no scan)."""
+    api = "$JS.API"
+    return [f"{api}.STREAM.INFO.KV_{bucket}", f"{api}.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{keys}"]
 
 
 def stream_holding(pattern: str) -> str | None:
