@@ -501,8 +501,9 @@ async def test_a_malformed_contract_in_a_handoff_is_refused_with_its_problems(
 async def test_a_timed_out_escalation_is_recorded_climbing_to_a_person_with_a_trace(
     rolebus_bus: Bus, start_team: StartTeam, team: Team
 ) -> None:
-    from rolebus.flows.escalation import PERSON, resolve
+    from rolebus.flows.escalation import resolve
     from rolebus.history.replay import ReplayFilter, replay
+    from rolebus.team.roles import PERSON
     from rolebus.wire.subjects import TIMERS_STREAM
 
     results: list[Any] = []

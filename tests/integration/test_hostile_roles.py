@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
 
@@ -44,6 +45,8 @@ from rolebus.worker.runner import start_workers
 
 from .test_security import TEAM, SecuredServer, admin, secured  # noqa: F401 (fixtures)
 
+T = TypeVar("T")
+
 
 @dataclass
 class Scene:
@@ -57,6 +60,18 @@ class Scene:
     record: StoredState
 
 
+async def found(lookup: Callable[[], Awaitable[T | None]]) -> T:
+    """What ``lookup`` finds, once it finds something."""
+
+    async def there() -> bool:
+        return await lookup() is not None
+
+    await wait_for(there)
+    value = await lookup()
+    assert value is not None
+    return value
+
+
 async def settled(bus: Bus, task_id: str, *states: str) -> StoredState:
     """eng-be's record of ``task_id`` once it is in one of ``states``."""
 
@@ -64,13 +79,7 @@ async def settled(bus: Bus, task_id: str, *states: str) -> StoredState:
         stored = await StateStore(bus.connection).get(task_id, role="eng-be")
         return stored if stored is not None and stored.state.state in states else None
 
-    async def there() -> bool:
-        return await current() is not None
-
-    await wait_for(there)
-    found = await current()
-    assert found is not None
-    return found
+    return await found(current)
 
 
 async def as_role(server: SecuredServer, role: str) -> Bus:
@@ -185,13 +194,7 @@ async def dead_letter_of(scene: Scene, task_id: str) -> dlq.DeadLetter:
         entries = [e async for e in dlq.list_dead_letters(scene.admin.connection)]
         return next((e for e in entries if e.task_id == task_id), None)
 
-    async def arrived() -> bool:
-        return await buried() is not None
-
-    await wait_for(arrived)
-    entry = await buried()
-    assert entry is not None
-    return entry
+    return await found(buried)
 
 
 async def body_disagrees_with_subject(scene: Scene) -> str:

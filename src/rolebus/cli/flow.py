@@ -24,7 +24,8 @@ from rolebus.cli.app import (
 from rolebus.errors import ConfigError
 from rolebus.flows.cancels import cancel
 from rolebus.flows.contracts import ContractRegistry, diff, load_document
-from rolebus.flows.escalation import PERSON, EscalationStore, resolve
+from rolebus.flows.escalation import EscalationStore, resolve
+from rolebus.team.roles import PERSON
 
 contracts_app = typer.Typer(
     help="API contracts: semver versions in a registry; breaking changes need a major bump.",

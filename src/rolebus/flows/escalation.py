@@ -24,14 +24,13 @@ from rolebus.errors import ConfigError, NotFoundError, RoleError
 from rolebus.flows.effects import Effect, effect, publish_effects
 from rolebus.flows.escalation_records import (
     DEFAULT_TIMEOUT,
-    PERSON,
     EscalationRecord,
     EscalationStore,
     StoredEscalation,
     climb_target,
 )
 from rolebus.nats.connection import Connection
-from rolebus.team.roles import NeverRule, RoleSpec, Team
+from rolebus.team.roles import PERSON, NeverRule, RoleSpec, Team
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Decision, Escalation, Event, Task, utc_now
 from rolebus.wire.subjects import (
@@ -43,7 +42,6 @@ from rolebus.wire.subjects import (
 
 __all__ = [
     "DEFAULT_TIMEOUT",
-    "PERSON",
     "EscalationRecord",
     "EscalationStore",
     "StoredEscalation",

@@ -30,7 +30,6 @@ from rolebus.wire.subjects import ESCALATIONS_BUCKET, validate_token
 
 __all__ = [
     "DEFAULT_TIMEOUT",
-    "PERSON",
     "EscalationRecord",
     "EscalationStore",
     "StoredEscalation",

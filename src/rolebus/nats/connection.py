@@ -73,7 +73,7 @@ class Connection:
         self._denials = Denials()
         self._reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
         self._closing = False
-        self.publisher = Publisher(client, self._js, self._denials)
+        self.publisher = Publisher(client, self._denials)
         self.streams = StreamReader(self, self._js, self._denials)
         self.kv = KeyValue(self._js, self.streams, self._denials)
         self.admin = Admin(self._js, self._denials, url)

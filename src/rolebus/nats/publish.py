@@ -14,7 +14,6 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js import JetStreamContext
 
 from rolebus.errors import (
     ConnectError,
@@ -47,9 +46,8 @@ def message_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict
 class Publisher:
     """Publishes for one connection (see :class:`~rolebus.nats.connection.Connection`)."""
 
-    def __init__(self, client: Client, js: JetStreamContext, denials: Denials) -> None:
+    def __init__(self, client: Client, denials: Denials) -> None:
         self._client = client
-        self._js = js
         self._denials = denials
         self._group_commit = GroupCommit(self._send_batch)
         self._replies = Replies(client)

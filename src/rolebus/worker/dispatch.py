@@ -35,7 +35,6 @@ from rolebus.flows.effects import (
     publish_event,
 )
 from rolebus.flows.escalation import (
-    PERSON,
     EscalationStore,
     climb,
     escalation_item,
@@ -49,7 +48,7 @@ from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage
 from rolebus.nats.publish import PendingPublish
 from rolebus.team.budget import BUDGET_REASON
-from rolebus.team.roles import LlmHandler, RoleSpec, Team
+from rolebus.team.roles import PERSON, LlmHandler, RoleSpec, Team
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import (

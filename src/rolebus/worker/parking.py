@@ -14,7 +14,6 @@ from rolebus.errors import RoleError
 from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.effects import Effect, effect
 from rolebus.flows.escalation import (
-    PERSON,
     EscalationStore,
     climb_target,
     decision_effects,
@@ -28,7 +27,7 @@ from rolebus.flows.escalation import (
 from rolebus.flows.handoffs import answer_effects
 from rolebus.flows.state import PARKED, StoredState
 from rolebus.nats.delivery import InboundMessage
-from rolebus.team.roles import NeverRule, Team
+from rolebus.team.roles import PERSON, NeverRule, Team
 from rolebus.wire.messages import Escalation, EscalationRequest, Handoff, Outcome, utc_now
 from rolebus.wire.subjects import escalation_subject, task_subject
 from rolebus.worker.settle import Item, Settling
