@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import pytest
@@ -16,7 +17,7 @@ from rolebus.errors import TransportError
 from rolebus.nats.groupcommit import ATOMIC_PUBLISH_DISABLED, MAX_BATCH, GroupCommit, Write
 from rolebus.nats.server import EmbeddedServer
 from rolebus.wire.messages import Event, Task
-from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM
+from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, record_subject, records_of
 
 
 def tasks(count: int, prefix: str) -> list[tuple[str, Task]]:
@@ -63,6 +64,40 @@ async def test_a_batch_with_an_already_stored_msg_id_is_published_again_one_by_o
     assert acks[3].seq == 1
     state = await rolebus_bus.connection.admin.stream_state(WORK_STREAM)
     assert state["messages"] == 5  # each id once
+
+
+async def test_batched_records_keep_their_compare_and_set_answers(rolebus_bus: Bus) -> None:
+    connection = rolebus_bus.connection
+
+    async def append(task_id: str, state: str, *, last_seq: int = 0, msg_id: str = "") -> Any:
+        return await connection.append(
+            record_subject(state, "eng-be", task_id),
+            b"record",
+            msg_id=msg_id or f"{task_id}_{state}_{last_seq}",
+            last_seq=last_seq,
+            on=records_of(task_id, "eng-be"),
+            batch=True,
+        )
+
+    together = await asyncio.gather(*(append(f"r{n}", "completed") for n in range(5)))
+    assert [ack.seq for ack in together] == [1, 2, 3, 4, 5]
+    assert connection.group_commit.by_stream[EVENTS_STREAM] == 5  # one batch of five
+    # A stale expectation (r1 has a record) refuses the whole batch; every write
+    # then goes alone and gets its own answer. The same append again (r2's, as a
+    # retry whose answer was lost) is refused the same way: the server checks the
+    # expectation before the Msg-Id, and the worker then reads the record it wrote.
+    stale, again, fresh = await asyncio.gather(
+        append("r1", "failed"),
+        append("r2", "completed"),
+        append("r9", "completed"),
+    )
+    assert stale is None  # another record came first
+    assert again is None
+    assert fresh is not None
+    assert (fresh.seq, fresh.duplicate) == (6, False)
+    assert connection.group_commit.refused == 1
+    state = await connection.admin.stream_state(EVENTS_STREAM)
+    assert state["messages"] == 6
 
 
 @pytest.fixture
@@ -173,3 +208,20 @@ async def test_a_refused_batch_resolves_its_writes_to_none_so_they_are_sent_alon
     else:  # a duplicate id is about those messages only: the lane stays on
         sender.refuse = None
         assert await after.stored == 1
+
+
+async def test_two_writes_with_one_guard_never_share_a_batch() -> None:
+    # The server checks a batch's expectations against what is stored, not against
+    # the batch's own earlier messages: two records of one task must not meet in one.
+    sender = Sender()
+    commit = GroupCommit(sender)
+    first = commit.write("S", "event.task.completed.eng-be.t1", b"", {}, guard="t1")
+    second = commit.write("S", "event.task.failed.eng-be.t1", b"", {}, guard="t1")
+    other = commit.write("S", "event.task.completed.eng-be.t2", b"", {}, guard="t2")
+    assert second.stored.done()
+    assert await second.stored is None  # sent alone by its caller
+    assert [await first.stored, await other.stored] == [1, 2]
+    assert sender.batches == [["event.task.completed.eng-be.t1", "event.task.completed.eng-be.t2"]]
+    # Once the first is in a batch, the guard is free for the next one.
+    again = commit.write("S", "event.task.completed.eng-be.t1", b"", {}, guard="t1")
+    assert await again.stored == 3

@@ -23,7 +23,7 @@ from rolebus.nats.server import EmbeddedServer
 from rolebus.team.roles import load_team
 from rolebus.testing import wait_for
 from rolebus.wire.messages import Outcome, Task
-from rolebus.wire.subjects import WORK_STREAM
+from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM
 from rolebus.worker.loop import Worker
 from rolebus.worker.runner import Crew, start_workers
 
@@ -115,7 +115,7 @@ async def test_a_task_completes_once_and_its_follow_up_is_published_with_a_deriv
     assert [event.state for event in events if event.task_id == task.id] == ["completed"]
 
 
-async def test_a_worker_with_a_backlog_stores_its_effects_in_atomic_batches(
+async def test_a_worker_with_a_backlog_stores_its_records_and_effects_in_atomic_batches(
     rolebus_bus: Bus, workers: StartWorkers
 ) -> None:
     backlog = [
@@ -138,9 +138,10 @@ async def test_a_worker_with_a_backlog_stores_its_effects_in_atomic_batches(
         return len(await completed_ids(rolebus_bus)) == len(backlog)
 
     await wait_for(all_done)
-    # Far more waiting than it holds: its follow-ups and events shared batches...
+    # Far more waiting than it holds: its records and follow-ups shared batches...
     batched = connection.group_commit.batched
-    assert batched > 0
+    assert connection.group_commit.by_stream.get(EVENTS_STREAM, 0) > 0  # the records
+    assert connection.group_commit.by_stream.get(WORK_STREAM, 0) > 0  # the follow-ups
     assert connection.group_commit.refused == 0
     assert set((await completed_ids(rolebus_bus)).values()) == {1}
     state = await rolebus_bus.connection.admin.stream_state(WORK_STREAM)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from nats.aio.client import Client
+from nats.errors import BadHeaderError
 
 from rolebus.nats.lean import LeanClient
 
@@ -22,3 +23,50 @@ BLOCKS = [
 @pytest.mark.parametrize("block", BLOCKS)
 def test_headers_read_as_nats_py_reads_them(block: bytes) -> None:
     assert LeanClient._parse_header_lines(block) == Client._parse_header_lines(block)
+
+
+SENT = [
+    {"Nats-Msg-Id": "t-1", "Content-Type": "application/msgpack"},
+    {
+        "Nats-Msg-Id": "t-1_completed_0",
+        "Nats-Expected-Last-Subject-Sequence": "0",
+        "Nats-Expected-Last-Subject-Sequence-Subject": "event.task.*.eng-be.t-1",
+    },
+    {" Padded ": "  value with spaces  ", "": "skipped", "Break": "one\r\ntwo\nthree"},
+    {"Unicode": "café ☕"},
+    {},
+]
+
+
+class _Captured:
+    """What a client would write to the socket for one publish."""
+
+    def __init__(self) -> None:
+        self.commands: list[bytes] = []
+
+    async def send_command(self, cmd: bytes, priority: bool = False) -> None:
+        self.commands.append(cmd)
+
+
+async def _sent(client: Client, headers: dict[str, str]) -> list[bytes]:
+    captured = _Captured()
+    client._send_command = captured.send_command  # type: ignore[method-assign]
+    client._flush_queue = None
+    await client._send_publish("task.backend.build", "_INBOX.x.1", b"\x81\xa1a\x01", 4, headers)
+    return captured.commands
+
+
+@pytest.mark.parametrize("headers", SENT)
+async def test_headers_sent_as_nats_py_sends_them(headers: dict[str, str]) -> None:
+    lean = LeanClient()
+    assert await _sent(lean, headers) == await _sent(Client(), headers)
+    # The second time, with the names known, is the same bytes too.
+    assert await _sent(lean, headers) == await _sent(Client(), headers)
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "Colon:", "Semi;colon", 'Quote"'])
+async def test_a_bad_header_name_is_refused_as_nats_py_refuses_it(name: str) -> None:
+    with pytest.raises(BadHeaderError):
+        await _sent(Client(), {name: "x"})
+    with pytest.raises(BadHeaderError):
+        await _sent(LeanClient(), {name: "x"})

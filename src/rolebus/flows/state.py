@@ -310,14 +310,19 @@ class StateStore:
         keep = {"detail": detail, "source": current.state.source}
         return StoredState(claimed.model_copy(update=keep), current.revision)
 
-    async def change(self, stored: StoredState, **changes: Any) -> StoredState | None:
+    async def change(
+        self, stored: StoredState, *, batch: bool = False, **changes: Any
+    ) -> StoredState | None:
         """Compare-and-set: append the changed record if nothing was written under
         the task's role since ``stored`` was read (revision 0: if it has no record);
-        None when something was (re-read and decide again)."""
+        None when something was (re-read and decide again). ``batch``: the append
+        may share an atomic batch with other writes (a saturated worker's)."""
         updated = stored.state.model_copy(update={**changes, "updated_at": utc_now()})
-        return await self._append(updated, stored.revision)
+        return await self._append(updated, stored.revision, batch=batch)
 
-    async def _append(self, state: TaskState, revision: int) -> StoredState | None:
+    async def _append(
+        self, state: TaskState, revision: int, *, batch: bool = False
+    ) -> StoredState | None:
         data = codec.encode_map(record_map(state, revision))
         if state.outcome and state.outcome.get("usage") and not state.usage_reported:
             state = state.model_copy(update={"usage_reported": True})
@@ -327,6 +332,7 @@ class StateStore:
             msg_id=f"{state.task_id}_{state.state}_{revision}",
             last_seq=revision,
             on=records_of(state.task_id, state.role),
+            batch=batch,
         )
         if ack is None:
             return None

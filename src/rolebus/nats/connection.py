@@ -275,10 +275,12 @@ class Connection:
         )
 
     async def append(
-        self, subject: str, data: bytes, *, msg_id: str, last_seq: int, on: str
+        self, subject: str, data: bytes, *, msg_id: str, last_seq: int, on: str, batch: bool = False
     ) -> PubAck | None:
         """Compare-and-set append (see :meth:`Publisher.append`)."""
-        return await self.publisher.append(subject, data, msg_id=msg_id, last_seq=last_seq, on=on)
+        return await self.publisher.append(
+            subject, data, msg_id=msg_id, last_seq=last_seq, on=on, batch=batch
+        )
 
     async def publish_start(
         self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None

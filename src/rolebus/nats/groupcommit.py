@@ -19,6 +19,14 @@ one batch at its end (up to 1,000, the server's limit), at most ``in_flight``
 batches per lane at a time; the rest wait for one to come back. Nothing here talks
 to NATS: the connection hands in ``send``.
 
+A compare-and-set append may share a batch too (a task's record, when its worker
+has a backlog): the server checks each expectation when the batch commits, against
+what is stored, and refuses the whole batch if one fails. It does not check one
+message of a batch against an earlier one of the same batch: two records of one
+task, both expecting "no record yet", would both be stored. So a write carries its
+guard (the subjects its expectation is about), and a write whose guard is already
+queued for the next batch goes alone instead.
+
 A batch is all or nothing. When the server refuses one (a duplicate Msg-Id in it,
 atomic publish disabled on that stream, a timeout) none of it was stored, and each
 of its writes resolves to None: the caller then publishes that message alone, the
@@ -54,12 +62,16 @@ class Write:
     headers: dict[str, str]
     #: The stored sequence, or None: not stored, send it alone.
     stored: asyncio.Future[int | None]
+    #: What its expectation is about (a compare-and-set's subject pattern), or None.
+    guard: str | None = None
 
 
 @dataclass(slots=True)
 class _Lane:
     stream: str
     queue: list[Write] = field(default_factory=list)
+    #: The guards of the queued writes: at most one write per guard in a batch.
+    guards: set[str] = field(default_factory=set)
     in_flight: int = 0
     flush_scheduled: bool = False
     enabled: bool = True
@@ -72,6 +84,7 @@ class GroupCommitStats:
     batches: int = 0  # atomic batches stored
     batched: int = 0  # writes stored in those batches
     refused: int = 0  # batches the server refused (their writes then went alone)
+    by_stream: dict[str, int] = field(default_factory=dict)  # ``batched``, per stream
 
 
 #: ``send(batch_id, writes)`` stores the writes as one atomic batch and returns the
@@ -96,14 +109,25 @@ class GroupCommit:
             lane = self._lanes[stream] = _Lane(stream)
         return lane
 
-    def write(self, stream: str, subject: str, data: bytes, headers: dict[str, str]) -> Write:
-        """Queue a write; await ``write.stored`` for its sequence (None: send it alone)."""
+    def write(
+        self,
+        stream: str,
+        subject: str,
+        data: bytes,
+        headers: dict[str, str],
+        *,
+        guard: str | None = None,
+    ) -> Write:
+        """Queue a write; await ``write.stored`` for its sequence (None: send it
+        alone). ``guard``: what a compare-and-set's expectation is about."""
         loop = asyncio.get_running_loop()
-        entry = Write(subject, data, headers, loop.create_future())
+        entry = Write(subject, data, headers, loop.create_future(), guard)
         lane = self._lane(stream)
-        if not lane.enabled:
+        if not lane.enabled or (guard is not None and guard in lane.guards):
             entry.stored.set_result(None)
             return entry
+        if guard is not None:
+            lane.guards.add(guard)
         lane.queue.append(entry)
         if lane.in_flight < self._in_flight and not lane.flush_scheduled:
             lane.flush_scheduled = True
@@ -119,6 +143,7 @@ class GroupCommit:
         lane.flush_scheduled = False
         while lane.queue and lane.in_flight < self._in_flight:
             batch, lane.queue = lane.queue[:MAX_BATCH], lane.queue[MAX_BATCH:]
+            lane.guards.difference_update(entry.guard for entry in batch if entry.guard)
             lane.in_flight += 1
             task = asyncio.create_task(self._commit(lane, batch))
             self._tasks.add(task)
@@ -130,6 +155,8 @@ class GroupCommit:
             last = await self._send(f"{self._prefix}{next(self._counter):x}", batch)
             self.stats.batches += 1
             self.stats.batched += len(batch)
+            by_stream = self.stats.by_stream
+            by_stream[lane.stream] = by_stream.get(lane.stream, 0) + len(batch)
         except RolebusError as error:
             self.stats.refused += 1
             if getattr(error, "code", 0) == ATOMIC_PUBLISH_DISABLED:
@@ -152,6 +179,7 @@ class GroupCommit:
                     entry.stored.set_result(None if first is None else first + offset)
             if not lane.enabled:
                 queued, lane.queue = lane.queue, []
+                lane.guards.clear()
                 for entry in queued:
                     entry.stored.set_result(None)
             elif lane.queue and not lane.flush_scheduled:

@@ -114,16 +114,35 @@ class Publisher:
             delay = min(delay * 2, 1.0)
 
     async def append(
-        self, subject: str, data: bytes, *, msg_id: str, last_seq: int, on: str
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str,
+        last_seq: int,
+        on: str,
+        batch: bool = False,
     ) -> PubAck | None:
         """Compare-and-set append: stored only if the newest message on ``on`` (a
         subject pattern) is still at ``last_seq`` (0: there is none); None when
         another write came first. A duplicate ack (``duplicate``) means a message
-        with this Msg-Id is stored already: the caller checks it is its own."""
+        with this Msg-Id is stored already: the caller checks it is its own.
+
+        With ``batch``, it first tries the stream's group commit (one fsync shared
+        with the other writes of the moment); if that batch is refused (this very
+        expectation failing, say), it is sent alone, for its own answer."""
         headers = {
             Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_seq),
             Header.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: on,
         }
+        stream = group_commit_stream(subject) if batch else None
+        if stream is not None:
+            all_headers = message_headers(msg_id, headers)
+            self.check_size(subject, data, all_headers)
+            write = self._group_commit.write(stream, subject, data, all_headers, guard=on)
+            seq = await write.stored
+            if seq is not None:
+                return PubAck(stream, seq, False)
         try:
             return await self.publish(subject, data, msg_id=msg_id, headers=headers)
         except TransportError as error:

@@ -167,8 +167,11 @@ class Settling:
         new_detail.pop("waiting_for", None)
         if sent is not None:
             new_detail["sent"] = sent
+        # A saturated worker's records share fsyncs like its effects do.
+        backlog = self.has_backlog(message)
         finished = await self.change(
             stored,
+            batch=backlog,
             state=state,
             result=result,
             error=error,
@@ -182,7 +185,7 @@ class Settling:
             return
         # A first run's effects are new Msg-Ids; a redelivery's (finish_again) may be
         # stored already, and one duplicate refuses a whole batch: those go alone.
-        await self._store_effects(message, finished, batch=self.has_backlog(message))
+        await self._store_effects(message, finished, batch=backlog)
         await message.ack()
         if state == "completed":
             self.stats.completed += 1
@@ -212,9 +215,9 @@ class Settling:
 
     def has_backlog(self, message: InboundMessage) -> bool:
         """More messages wait on the server than the worker holds: it is saturated,
-        and its effects share atomic batches (one fsync for many; bench/README has
-        the gain). A worker keeping up sends them alone: a batch is slow to start,
-        and bursts at a steady rate must not pay that."""
+        and its records and effects share atomic batches (one fsync for many;
+        bench/README has the gain). A worker keeping up sends them alone: a batch
+        is slow to start, and bursts at a steady rate must not pay that."""
         return message.pending >= 2 * self.role.concurrency
 
     async def _store_effects(
@@ -255,9 +258,12 @@ class Settling:
         await message.ack()
         self.stats.redelivered_done += 1
 
-    async def change(self, stored: StoredState, **changes: Any) -> StoredState | None:
+    async def change(
+        self, stored: StoredState, *, batch: bool = False, **changes: Any
+    ) -> StoredState | None:
         """Compare-and-set; None if the item reached a terminal state elsewhere.
-        Applied to a newer record, the change still carries this attempt's outcome."""
+        Applied to a newer record, the change still carries this attempt's outcome.
+        ``batch``: the record may share an atomic batch (see :meth:`has_backlog`)."""
         changes = {
             "outcome": stored.state.outcome,
             "usage_reported": stored.state.usage_reported,
@@ -265,7 +271,7 @@ class Settling:
         }
         current: StoredState | None = stored
         while current is not None:
-            changed = await self.states.change(current, **changes)
+            changed = await self.states.change(current, batch=batch, **changes)
             if changed is not None:
                 return changed
             fresh = await self.states.get(stored.state.task_id, role=stored.state.role)
