@@ -98,7 +98,10 @@ async def main(
                     url, results, steady=size["steady"], saturation=size["saturation"], run=run
                 ),
             ),
-            ("replay", lambda run: cases.bench_replay(url, results, count=size["replay"])),
+            (
+                "replay",
+                lambda run: cases.bench_replay(url, results, count=size["replay"], run=run),
+            ),
             ("layout", lambda run: bench_layout(url, results, count=size["consume"], run=run)),
             ("llm", lambda run: bench_llm(url, results, count=size["llm"], run=run)),
         ]
@@ -106,7 +109,7 @@ async def main(
             if only and name not in only:
                 continue
             started = time.monotonic()
-            runs = {"replay": 1, "e2e": size.get("e2e_runs", size["runs"])}.get(name, size["runs"])
+            runs = {"e2e": size.get("e2e_runs", size["runs"])}.get(name, size["runs"])
             for run in range(runs):
                 await case(run)
             seconds[name] = seconds.get(name, 0.0) + time.monotonic() - started

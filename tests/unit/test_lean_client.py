@@ -16,6 +16,8 @@ BLOCKS = [
     b"no colon here\r\n: empty name\r\n  Spaced  :  trimmed  \r\n",
     b"Twice: one\r\nTwice: two\r\n",
     b"Tab\tInside: no\r\nNats-Expected-Last-Subject-Sequence: 0\r\n",
+    b"Sep\x1cInside: no\r\nTrail\x1c: no\r\nValue: kept\x1c \r\n\x0bLead: yes\r\n",
+    b"Lone\nbreak: inside\r\nColon: a:b:c\r\n:\r\n",
     b"",
 ]
 

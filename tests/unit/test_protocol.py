@@ -14,6 +14,7 @@ from rolebus.nats.protocol import (
     PubAck,
     Status,
     consumer_next_subject,
+    delivery_numbers,
     parse_pub_ack,
     parse_time_stamp,
     subject_matches,
@@ -57,6 +58,7 @@ def test_ack_metadata_reads_every_form_by_position(reply: str, domain: str | Non
         pending=15,
         domain=domain,
     )
+    assert delivery_numbers(reply) == (3, 1042, 1700000000123456789, 15)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +75,8 @@ def test_ack_metadata_reads_every_form_by_position(reply: str, domain: str | Non
 def test_ack_metadata_refuses_what_is_not_an_ack_reply(reply: str | None) -> None:
     with pytest.raises(TransportError):
         AckMetadata.from_reply(reply)
+    with pytest.raises(TransportError):
+        delivery_numbers(reply)
 
 
 def test_a_pub_ack_is_parsed() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 
-from rolebus.nats.protocol import AckMetadata
+from rolebus.nats.protocol import delivery_numbers
 from rolebus.wire.codec import Origin
 from rolebus.wire.headers import Header
 
@@ -54,11 +54,7 @@ class InboundMessage:
         self._msg = msg
         self.subject: str = msg.subject
         self.headers: Mapping[str, str] = msg.headers or {}
-        metadata = AckMetadata.from_reply(msg.reply)
-        self.delivered = metadata.delivered
-        self.stream_seq = metadata.stream_seq
-        self.time_ns = metadata.time_ns
-        self.pending = metadata.pending
+        self.delivered, self.stream_seq, self.time_ns, self.pending = delivery_numbers(msg.reply)
 
     @property
     def data(self) -> bytes:
