@@ -19,6 +19,7 @@ from rolebus.nats.protocol import (
     parse_time_stamp,
     subject_matches,
 )
+from rolebus.wire.messages import from_nanoseconds
 
 # The three forms of a JetStream ack reply, as nats.py documents them.
 ACK_FORMS = [
@@ -172,6 +173,19 @@ def test_time_stamps_keep_microseconds_and_default_to_the_epoch() -> None:
     assert parse_time_stamp("2026-12-01T20:05:56Z") == datetime(2026, 12, 1, 20, 5, 56, tzinfo=UTC)
     assert parse_time_stamp(None) == datetime.fromtimestamp(0, UTC)
     assert parse_time_stamp("yesterday") == datetime.fromtimestamp(0, UTC)
+
+
+@pytest.mark.parametrize(
+    "nanoseconds",
+    [0, 999, 1_000, 999_999_999, 1_000_000_000, 1_764_619_556_123_456_789, 4_102_444_800 * 10**9],
+)
+def test_a_delivery_time_reads_as_its_time_stamp_header_does(nanoseconds: int) -> None:
+    # A delivery carries nanoseconds, a direct get the RFC 3339 header: both must give
+    # the same datetime, cut (not rounded) to microseconds.
+    seconds, rest = divmod(nanoseconds, 1_000_000_000)
+    header = f"{datetime.fromtimestamp(seconds, UTC):%Y-%m-%dT%H:%M:%S}.{rest:09d}Z"
+    assert from_nanoseconds(nanoseconds) == parse_time_stamp(header)
+    assert from_nanoseconds(nanoseconds).tzinfo is UTC
 
 
 def test_the_statuses_that_end_a_pull_request() -> None:

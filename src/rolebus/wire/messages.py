@@ -94,11 +94,16 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+#: The epoch, in UTC: a delivery's time is an offset from it.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def from_nanoseconds(nanoseconds: int) -> datetime:
     """A time in nanoseconds since the epoch, cut to microseconds the same way a
-    ``Nats-Time-Stamp`` is (exactly: no float rounding), so every reader agrees."""
-    seconds, rest = divmod(nanoseconds, 1_000_000_000)
-    return datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=rest // 1000)
+    ``Nats-Time-Stamp`` is (exactly: integer arithmetic, no float rounding), so every
+    reader agrees. (Added to the epoch: ``fromtimestamp`` costs several times more,
+    once for every message replay reads.)"""
+    return _EPOCH + timedelta(microseconds=nanoseconds // 1000)
 
 
 class Envelope(BaseModel):
