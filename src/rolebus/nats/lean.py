@@ -6,9 +6,9 @@ received header name character by character in a generator, and each sent one
 with a regular expression and a translate; together these cost more per task
 than any other step of moving it. Here a received block is decoded once and
 each name checked with one regular expression, and a sent name is checked once
-per client and then known.
-The bytes are the same (``tests/unit/test_lean_client.py`` compares the two on
-the shapes nats-py handles), and nothing else of the client changes.
+per client and then known. The bytes are the same (``tests/unit/test_lean_client.py``
+compares the two on the shapes nats-py handles), and nothing else of the client
+changes.
 """
 
 from __future__ import annotations
