@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
+import pytest
 import uvicorn
 
 from rolebus.bus import Bus
@@ -311,3 +312,32 @@ async def test_the_dashboard_refuses_other_origins_other_hosts_and_other_browser
             assert foreign.status_code == 400
             assert "unknown host" in foreign.text
             assert "csrf" not in foreign.text
+
+
+async def test_the_dashboard_stops_even_when_its_refresh_will_not(
+    rolebus_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refresh that loses its cancel (as asyncio.wait_for could on 3.11, when the
+    # cancel met a message) must not hold the server's stop forever.
+    running, stopped = asyncio.Event(), asyncio.Event()
+
+    async def stubborn(self: Board) -> None:
+        running.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await stopped.wait()  # the lost cancel: it goes on as if nothing happened
+
+    monkeypatch.setattr(Board, "run", stubborn)
+    app = create_app(rolebus_settings, TEAM)
+
+    async def serve_and_stop() -> None:
+        async with app.router.lifespan_context(app):
+            await running.wait()
+
+    stop = asyncio.create_task(serve_and_stop())
+    try:
+        await wait_for(stop.done, timeout=30)  # its bound is 5 s; without one, never
+    finally:
+        stopped.set()
+        await stop

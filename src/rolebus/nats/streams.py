@@ -174,13 +174,15 @@ class StreamReader:
         try:
             while True:
                 try:
-                    # Usually a message is waiting: take it without wait_for's task
-                    # and timer (a large share of replay's time otherwise).
-                    message = (
-                        queue.get_nowait()
-                        if not queue.empty()
-                        else await asyncio.wait_for(queue.get(), timeout=_SILENCE)
-                    )
+                    # Usually a message is waiting: take it without a timer (a large
+                    # share of replay's time otherwise). Else asyncio.timeout, not
+                    # wait_for: on 3.11, wait_for can swallow a cancel that arrives
+                    # as the message does, and the reader would not stop.
+                    if not queue.empty():
+                        message = queue.get_nowait()
+                    else:
+                        async with asyncio.timeout(_SILENCE):
+                            message = await queue.get()
                 except TimeoutError:
                     if time.monotonic() - puller.last_activity < _SILENCE:
                         continue  # idle, but its heartbeats come: nothing new yet

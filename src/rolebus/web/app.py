@@ -153,8 +153,11 @@ def create_app(
             yield
         finally:
             refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            # Bounded: a stop must end even if a refresh does not (a cancel lost in
+            # a read, a server gone).
+            await asyncio.wait({refresher}, timeout=5.0)
+            if not refresher.done():
+                log.warning("the board's refresh did not stop within 5 s; leaving it")
             await watch.close()
             await bus.close()
 
