@@ -135,14 +135,12 @@ class Publisher:
             Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_seq),
             Header.EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: on,
         }
-        stream = group_commit_stream(subject) if batch else None
-        if stream is not None:
-            all_headers = message_headers(msg_id, headers)
-            self.check_size(subject, data, all_headers)
-            write = self._group_commit.write(stream, subject, data, all_headers, guard=on)
-            seq = await write.stored
-            if seq is not None:
-                return PubAck(stream, seq, False)
+        if batch:
+            pending = self.batched(subject, data, msg_id=msg_id, headers=headers, guard=on)
+            if pending.future is not None and pending.batched_in is not None:
+                seq = await pending.future
+                if seq is not None:
+                    return PubAck(pending.batched_in, int(seq), False)
         try:
             return await self.publish(subject, data, msg_id=msg_id, headers=headers)
         except TransportError as error:
@@ -164,19 +162,27 @@ class Publisher:
         return PendingPublish(self, subject, data, msg_id, headers, future)
 
     def batched(
-        self, subject: str, data: bytes, *, msg_id: str, headers: Mapping[str, str] | None = None
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str,
+        headers: Mapping[str, str] | None = None,
+        guard: str | None = None,
     ) -> PendingPublish:
         """Like :meth:`start`, through the stream's group commit: the publishes
         queued in one event-loop turn are stored as atomic batches (one fsync
         each). For bulk publishing, and a worker with a backlog: a batch takes a
-        while to start, so a lone publish is faster sent alone."""
+        while to start, so a lone publish is faster sent alone. ``guard``: what a
+        compare-and-set's expectation is about (see groupcommit.py)."""
         all_headers = message_headers(msg_id, headers)
         self.check_size(subject, data, all_headers)
         stream = group_commit_stream(subject)
         if stream is None:
             future = None  # no batches for this stream: result() publishes alone
         else:
-            future = self._group_commit.write(stream, subject, data, all_headers).stored
+            write = self._group_commit.write(stream, subject, data, all_headers, guard=guard)
+            future = write.stored
         return PendingPublish(self, subject, data, msg_id, headers, future, stream)
 
     async def many(self, items: list[Item], *, window: int = 1000) -> list[PubAck]:
@@ -245,6 +251,12 @@ class PendingPublish:
         # The stream, when ``future`` is a group commit's (a sequence, or None: not
         # stored, publish alone). That future always resolves: no timer needed.
         self._batched = batched
+
+    @property
+    def batched_in(self) -> str | None:
+        """The stream whose group commit has it (``future`` is then its sequence,
+        or None: not stored, send it alone); None when it was sent alone."""
+        return self._batched
 
     async def result(self, timeout: float = 5.0) -> PubAck:
         future = self.future
