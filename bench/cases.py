@@ -29,7 +29,7 @@ from bench.guarantee import (
 from bench.harness import RawPuller, Results, connect, percentile, perf, wait_until
 from rolebus.bus import Bus
 from rolebus.config import Settings
-from rolebus.flows.state import TaskState
+from rolebus.flows.record import TaskState
 from rolebus.history.replay import ReplayFilter, replay
 from rolebus.nats.delivery import StoredMessage
 from rolebus.team.roles import load_team
@@ -771,7 +771,7 @@ def codec_encode(event: Event) -> bytes:
 
 def record_for(task_id: str) -> bytes:
     """A completed task's record, as a worker stores it."""
-    from rolebus.flows.state import record_map
+    from rolebus.flows.record import record_map
     from rolebus.wire import codec
 
     finished = datetime.now(UTC)

@@ -399,7 +399,8 @@ async def test_a_first_delivery_that_meets_a_finished_record_stores_its_missing_
     says completed (its writer's answer was lost with the server), no event exists,
     and the task comes again as a first delivery. The worker must not just ack it:
     the record's follow-up and its `completed` event are stored, once."""
-    from rolebus.flows.state import StateStore, TaskState
+    from rolebus.flows.record import TaskState
+    from rolebus.flows.state import StateStore
 
     team = load_team(write_team(tmp_path / "roles"))
     task = Task(kind="build", title="finished, its event lost")

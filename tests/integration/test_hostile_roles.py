@@ -25,7 +25,8 @@ from rolebus.flows.contracts import (
     version_key,
 )
 from rolebus.flows.escalation import EscalationStore, resolve
-from rolebus.flows.state import PARKED, TERMINAL_STATES, StateStore, StoredState
+from rolebus.flows.record import PARKED, TERMINAL_STATES
+from rolebus.flows.state import StateStore, StoredState
 from rolebus.history.replay import rebuild
 from rolebus.testing import wait_for
 from rolebus.wire import codec

@@ -7,7 +7,8 @@ import random
 from datetime import UTC, datetime, timedelta
 
 from rolebus.bus import Bus
-from rolebus.flows.state import StateStore, TaskState
+from rolebus.flows.record import TaskState
+from rolebus.flows.state import StateStore
 from rolebus.history.projection import LatencyHistogram, TaskProjection
 
 

@@ -193,3 +193,36 @@ def test_a_task_s_time_is_split_where_its_events_say_it_started_waited_and_ended
         ("waiting", 400),
         ("working", 100),
     ]
+
+
+def test_the_lifecycle_diagram_in_docs_is_the_one_drawn_from_the_table() -> None:
+    from pathlib import Path
+
+    from rolebus.web.lifecyclesvg import render_lifecycle
+
+    shipped = Path(__file__).parents[2] / "docs" / "lifecycle.svg"
+    assert shipped.read_text() == render_lifecycle(), (
+        "docs/lifecycle.svg is stale: run `rolebus lifecycle --svg docs/lifecycle.svg`"
+    )
+
+
+def test_the_lifecycle_diagram_draws_every_move_the_table_allows() -> None:
+    """Each move between stages is an arrow between their boxes, labelled with its
+    input, or a caption line when every unfinished stage makes it alike."""
+    from rolebus.flows.lifecycle import STAGES
+    from rolebus.web.lifecyclesvg import lifecycle_boxes, lifecycle_edges, render_lifecycle
+
+    svg = ET.fromstring(render_lifecycle())
+    titles = [title.text or "" for title in svg.iter(f"{SVG}title")]
+    captions = [text.text or "" for text in svg.iter(f"{SVG}text") if "every" in (text.text or "")]
+    box_of = {stage: " · ".join(box) for box in lifecycle_boxes() for stage in box}
+    assert box_of["claimed"] == box_of["retrying"] == box_of["redriven"]
+    assert box_of["input-required"] != box_of["resumed"]
+    for (source, target), inputs in lifecycle_edges().items():
+        arrow = [t for t in titles if t.startswith(f"{box_of[source]} -> {box_of[target]}: ")]
+        for name in inputs:
+            drawn = bool(arrow) and name in arrow[0]
+            told = any(name in line and f"-> {target}" in line for line in captions)
+            assert drawn or told, f"{source} -> {target} by {name} is not in the picture"
+    stages = " ".join(text.text or "" for text in svg.iter(f"{SVG}text"))
+    assert all(stage in stages for stage in STAGES)

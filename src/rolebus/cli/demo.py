@@ -25,7 +25,7 @@ from rolebus.config import Settings
 from rolebus.errors import CodecError, RolebusError
 from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
-from rolebus.flows.state import TaskState
+from rolebus.flows.record import TaskState
 from rolebus.history.replay import flow_states
 from rolebus.nats.delivery import StoredMessage, Subscription
 from rolebus.team.roles import RoleSpec, Team

@@ -29,7 +29,8 @@ from rolebus.cli.app import (
 from rolebus.cli.demo import play
 from rolebus.errors import ConfigError, NotFoundError
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
-from rolebus.flows.state import STATES, StateStore, TaskState, published_tasks
+from rolebus.flows.record import STATES, TaskState
+from rolebus.flows.state import StateStore, published_tasks
 from rolebus.history.flow import Flow, read_flow
 from rolebus.history.replay import (
     Replayed,

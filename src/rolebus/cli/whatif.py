@@ -21,7 +21,8 @@ from rolebus.cli.app import (
 )
 from rolebus.errors import NotFoundError
 from rolebus.flows.contracts import ContractRegistry
-from rolebus.flows.state import StateStore, TaskState, published_tasks
+from rolebus.flows.record import TaskState
+from rolebus.flows.state import StateStore, published_tasks
 from rolebus.handlers.llm import LlmRunner
 from rolebus.handlers.loader import load_handler
 from rolebus.handlers.prompt import prompt_messages

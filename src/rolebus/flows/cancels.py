@@ -14,7 +14,8 @@ import json
 from collections.abc import AsyncGenerator
 
 from rolebus.errors import NotFoundError
-from rolebus.flows.state import StateStore, StoredState, TaskState, published_tasks
+from rolebus.flows.record import TaskState
+from rolebus.flows.state import StateStore, StoredState, published_tasks
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import Team
 from rolebus.wire.messages import utc_now

@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 import structlog
 
 from rolebus.errors import CodecError
-from rolebus.flows.state import TaskState, decode_state
+from rolebus.flows.record import TaskState
+from rolebus.flows.state import decode_state
 from rolebus.nats.connection import Connection
 from rolebus.wire.subjects import EVENTS_STREAM, TASK_RECORDS
 

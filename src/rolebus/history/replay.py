@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rolebus.errors import CodecError, ConfigError
-from rolebus.flows.state import StateStore, TaskState, decode_state
+from rolebus.flows.record import TaskState
+from rolebus.flows.state import StateStore, decode_state
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import StoredMessage
 from rolebus.team.roles import Team, parse_duration

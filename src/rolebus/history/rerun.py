@@ -16,7 +16,7 @@ from rolebus.flows.calls import CallStore
 from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.escalation import EscalationStore, escalation_item
 from rolebus.flows.handoffs import review_item
-from rolebus.flows.state import TaskState
+from rolebus.flows.record import TaskState
 from rolebus.handlers.base import CallLog, Handler, HandlerContext
 from rolebus.history.replay import all_states
 from rolebus.nats.connection import Connection

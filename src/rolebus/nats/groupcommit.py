@@ -10,7 +10,7 @@ Why not always: a batch is slow to start however small, much slower than one
 publish, and it costs the server more CPU per message. A worker's writes (a few per
 task, each awaited before the next step) measured slower end to end through batches
 at a steady rate. So they go alone unless the worker has a backlog (more messages
-waiting on the server than it holds, see ``Settling.has_backlog``): a saturated
+waiting on the server than it holds, see ``Executor.has_backlog``): a saturated
 worker shares fsyncs, one keeping up never waits for a batch (bench/README.md has
 the figures).
 

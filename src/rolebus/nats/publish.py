@@ -36,8 +36,12 @@ Item = tuple[str, bytes, str, Mapping[str, str] | None]
 
 
 def message_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The headers every rolebus message carries, plus ``extra``."""
-    headers = {Header.MSG_ID: msg_id, Header.CONTENT_TYPE: CONTENT_TYPE_MSGPACK}
+    """The headers every rolebus message carries, plus ``extra``. An empty ``msg_id``
+    sends none: a write whose once-only rests on its compare-and-set (a task record)
+    must not be de-duplicated by an id another writer could take first."""
+    headers = {Header.CONTENT_TYPE: CONTENT_TYPE_MSGPACK}
+    if msg_id:
+        headers[Header.MSG_ID] = msg_id
     if extra:
         headers.update(extra)
     return headers

@@ -38,7 +38,8 @@ from rolebus.flows.calls import CallStore
 from rolebus.flows.cancels import cancel
 from rolebus.flows.contracts import ContractRegistry, ContractVersion, diff
 from rolebus.flows.escalation import EscalationStore, resolve
-from rolebus.flows.state import StateStore, TaskState
+from rolebus.flows.record import TaskState
+from rolebus.flows.state import StateStore
 from rolebus.history.flow import read_flow
 from rolebus.history.projection import TaskProjection
 from rolebus.history.replay import ReplayFilter, flow_states, replay

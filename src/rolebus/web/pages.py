@@ -9,7 +9,7 @@ from typing import Any
 from starlette.responses import HTMLResponse
 
 from rolebus.flows.contracts import ContractVersion
-from rolebus.flows.state import TaskState
+from rolebus.flows.record import TaskState
 
 __all__ = ["escape", "page", "slo_cell", "task_card", "version_row"]
 

@@ -1,67 +1,56 @@
-"""What a worker does with each message it receives.
+"""What a worker does with each message it receives, top to bottom.
 
-Every message addressed to a role becomes a *work item* (a :class:`Task`) that
-its handler sees: a task as it is; a contract handoff to review; the answer to a
-handoff this role sent; an escalation to decide; a decision that resumes a
-parked task. The handler's :class:`Outcome` becomes effects (follow-ups,
-handoffs, escalations, decisions, events), recorded in the item's state record
-before they are published, and only then is the message acked.
+1. Decode it, and turn it into a lifecycle input: a task, a contract handoff to
+   review or an escalation to decide is *delivered*; a decision *decides* the task
+   parked behind it; a message that cannot run is *invalid*, an out-of-date one
+   *stale*.
+2. Read the task's record (a first delivery skips the read: its write is
+   conditional on "no record yet" and fails if one exists after all).
+3. :func:`~rolebus.flows.lifecycle.step` decides; the :class:`Executor` appends the
+   record (one conditional write), publishes its outbox and acks.
+4. When the step says *run*, the handler runs, and its answer (prepared by
+   :class:`Answers`) is the next input; when it says *ask the boundary*, the role's
+   ``never`` rule is prepared the same way.
 
-The role's boundaries (``never`` rules) apply before a task's handler runs: an
-``approval`` rule parks the task until the named role approves, ``handoff``
-gives the task to another role, ``refuse`` rejects it.
-
-This module routes the inputs and runs the handler; how a delivery ends (state
-record, effects, ack) is :mod:`rolebus.worker.settle`, and the outcomes that wait for
-someone (escalations, boundaries) are :mod:`rolebus.worker.parking`.
+Every rule is in :mod:`rolebus.flows.lifecycle`; this module only does the I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import Any
 
 import structlog
 
-from rolebus.errors import CodecError, RolebusError, RoleError
+from rolebus.errors import CodecError, RolebusError
+from rolebus.flows.actions import AskBoundary, GrantBudget, Run, Transition
 from rolebus.flows.budgets import BudgetLedger, TaskBudget
 from rolebus.flows.calls import CallStore
-from rolebus.flows.cancels import CANCELLED
-from rolebus.flows.contracts import ContractError, ContractRegistry
-from rolebus.flows.effects import (
-    follow_up_tasks,
-    publish_effects,
-    publish_event,
-)
-from rolebus.flows.escalation import (
-    EscalationStore,
-    climb,
-    escalation_item,
-    record_for,
-)
-from rolebus.flows.handoffs import offer_effects, review_item
+from rolebus.flows.contracts import ContractRegistry
+from rolebus.flows.effects import publish_effects, publish_event
+from rolebus.flows.escalation import EscalationStore, climb, escalation_item, record_for
+from rolebus.flows.handoffs import review_item
+from rolebus.flows.inputs import Cancelled, Decided, Delivered, GaveUp, Input, Invalid, Stale
+from rolebus.flows.lifecycle import step
 from rolebus.flows.limits import RateLimiter
-from rolebus.flows.state import RESUMED, StateStore, StoredState
+from rolebus.flows.record import TaskState
+from rolebus.flows.state import StateStore
 from rolebus.handlers.base import Handler, HandlerContext
 from rolebus.nats.connection import Connection
-from rolebus.nats.delivery import InboundMessage
+from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.nats.publish import PendingPublish
 from rolebus.team.budget import BUDGET_REASON
 from rolebus.team.roles import PERSON, LlmHandler, RoleSpec, Team
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
-from rolebus.wire.messages import (
-    Decision,
-    Escalation,
-    Handoff,
-    Outcome,
-    Task,
-)
+from rolebus.wire.messages import Decision, Escalation, Event, Handoff, Outcome, Task, utc_now
+from rolebus.wire.subjects import note_subject
+from rolebus.worker.answers import Answers, Item
+from rolebus.worker.executor import Delivery, DispatchStats, Executor, Record
 from rolebus.worker.notices import ClaimedNotices
-from rolebus.worker.parking import Parking
 from rolebus.worker.progress import ProgressReporter
-from rolebus.worker.settle import DispatchStats, Item, Settling
 
 __all__ = ["DispatchStats", "Dispatcher"]
 
@@ -107,10 +96,13 @@ class Dispatcher:
             if isinstance(role.handler, LlmHandler) and (role.handler.rpm or role.handler.tpm)
             else None
         )
-        self.stats = DispatchStats()
         self._log = log.bind(role=role.id)
-        self.settle = Settling(connection, role, self.states, self.stats, self._log)
-        self.parking = Parking(self.settle, team, self.escalations, self.contracts)
+        self.executor = Executor(connection, role, self.states, self._log)
+        self.answers = Answers(role, team, self.escalations, self.contracts)
+
+    @property
+    def stats(self) -> DispatchStats:
+        return self.executor.stats
 
     # --- entry -----------------------------------------------------------------------
 
@@ -119,50 +111,81 @@ class Dispatcher:
             decoded = codec.decode(message.subject, message.data, origin=message.origin())
         except CodecError as error:
             reason = "invalid" if "not a valid" in error.message else "undecodable"
-            await self.settle.dead_letter(message, reason=reason, error=error.message)
+            await self._refuse(message, reason, error.message)
             return
         mismatch = codec.disagreement(message.subject, decoded)
         if mismatch is not None:
-            await self.settle.dead_letter(
-                message,
-                reason="invalid",
-                error=f"refused: the body disagrees with the subject: {mismatch}",
-            )
-            return
-        if isinstance(decoded, Task):
-            await self._on_task(message, decoded)
+            why = f"refused: the body disagrees with the subject: {mismatch}"
+            await self._refuse(message, "invalid", why)
+        elif isinstance(decoded, Task):
+            item = Item(task=decoded, kind="task", source=decoded)
+            await self._deliver(message, item, boundary=True)
         elif isinstance(decoded, Handoff):
-            await self._on_handoff(message, decoded)
+            review = review_item(decoded)
+            await self._deliver(message, Item(task=review, kind=review.kind, source=decoded))
         elif isinstance(decoded, Escalation):
             await self._on_escalation(message, decoded)
         elif isinstance(decoded, Decision):
             await self._on_decision(message, decoded)
         else:
-            await self.settle.dead_letter(
-                message, reason="invalid", error=f"{self.role.id} does not handle {message.subject}"
+            await self._refuse(
+                message, "invalid", f"{self.role.id} does not handle {message.subject}"
             )
 
-    # --- the four kinds of input ---------------------------------------------------------
+    async def gave_up(self, original: StoredMessage, error: str, *, attempts: int) -> None:
+        """The server gave up redelivering ``original`` (max deliveries): bury it."""
+        task: Task | None = None
+        with contextlib.suppress(CodecError):
+            task = codec.decode_as(
+                Task, original.data, subject=original.subject, origin=original.origin()
+            )
+        orphan = self._orphan(original.subject, original.seq, task)
+        record = await self._read(orphan.task_id)
+        given = GaveUp(
+            orphan=orphan,
+            reason="max-deliver",
+            error=error,
+            attempt=attempts,
+            stream_seq=original.seq,
+            now=utc_now(),
+        )
+        await self._drive(original, None, record, given)
 
-    async def _on_task(self, message: InboundMessage, task: Task) -> None:
-        item = Item(task=task, kind="task", source=task)
-        stored = await self.settle.claim(message, item)
-        if stored is None:
-            return
-        rule = self.role.never_rule_for(task.kind)
-        if rule is not None and not stored.state.detail.get("approved_by"):
-            await self.parking.apply_boundary(message, item, stored, rule)
-            return
-        await self._run(message, item, stored)
+    # --- the kinds of input ------------------------------------------------------------
 
-    async def _on_handoff(self, message: InboundMessage, handoff: Handoff) -> None:
-        task = review_item(handoff)
-        item = Item(task=task, kind=task.kind, source=handoff)
-        stored = await self.settle.claim(message, item)
-        if stored is not None:
-            await self._run(message, item, stored)
+    async def _deliver(
+        self, message: InboundMessage, item: Item, *, boundary: bool = False
+    ) -> None:
+        task = item.task
+        claim = TaskState(
+            task_id=task.id,
+            state="claimed",
+            role=self.role.id,
+            subject=message.subject,
+            kind=task.kind,
+            title=task.title,
+            attempt=message.delivered,
+            stream_seq=message.stream_seq,
+            correlation_id=task.correlation_id,
+            causation_id=task.causation_id,
+            created_at=task.created_at,
+            started_at=(now := utc_now()),
+            updated_at=now,
+        )
+        # A first delivery is almost always a task never seen before: not even read.
+        record = Record(None) if message.delivered == 1 else await self._read(task.id)
+        given = Delivered(
+            claim=claim,
+            now=now,
+            last_try=message.delivered >= self.role.max_deliver,
+            boundary=self.role.never_rule_for(task.kind) if boundary else None,
+            cancelled=self.cancelled.get(task.id),
+        )
+        await self._drive(message, item, record, given)
 
     async def _on_escalation(self, message: InboundMessage, escalation: Escalation) -> None:
+        """An escalation to decide: checked against its own record (who asked, who
+        holds it, at which level), then delivered like a task."""
         found = await self.escalations.get(escalation.id)
         if found is None:  # published by someone outside the bus: start its record now
             await self.escalations.open(record_for(escalation, kind="question"))
@@ -171,142 +194,164 @@ class Dispatcher:
         if (escalation.from_role or PERSON) != record.asking_role:
             # A climbed copy comes from whoever passed it on (its subject's sender):
             # who asked is what the record's first step says.
-            await self.settle.dead_letter(
-                message,
-                reason="invalid",
-                error=f"refused: its from_role is {escalation.from_role!r} but escalation "
-                f"{escalation.id} was asked by {record.asking_role}",
+            why = (
+                f"refused: its from_role is {escalation.from_role!r} but escalation "
+                f"{escalation.id} was asked by {record.asking_role}"
             )
+            await self._refuse(message, "invalid", why)
             return
         if record.status != "open":
-            await self.settle.stale(
-                message, f"escalation {escalation.id} is already {record.status}"
-            )
+            await self._stale(message, f"escalation {escalation.id} is already {record.status}")
             return
         if escalation.level == record.level + 1 and escalation.to_role == self.role.id:
             # Sent one level up before its record said so (the supervisor records
             # the climb first; an older one did not): record it the same way.
             climbed = await climb(self.escalations, self.team, escalation)
             if climbed is None:
-                await self.settle.stale(message, f"escalation {escalation.id} changed meanwhile")
+                await self._stale(message, f"escalation {escalation.id} changed meanwhile")
                 return
             record, effects = climbed
             trace = message.headers.get(Header.TRACEPARENT)
             await publish_effects(self.connection, effects, trace=trace)
         elif escalation.level != record.level or record.holder != self.role.id:
-            await self.settle.stale(
-                message,
-                f"escalation {escalation.id} is held by {record.holder} at level {record.level}",
-            )
+            held = f"held by {record.holder} at level {record.level}"
+            await self._stale(message, f"escalation {escalation.id} is {held}")
             return
         task = escalation_item(escalation, record)
-        item = Item(task=task, kind="escalation", source=escalation)
-        stored = await self.settle.claim(message, item)
-        if stored is not None:
-            await self._run(message, item, stored)
+        await self._deliver(message, Item(task=task, kind="escalation", source=escalation))
 
     async def _on_decision(self, message: InboundMessage, decision: Decision) -> None:
+        """A decision resumes the task parked behind its escalation. What was decided,
+        and by whom, is what the escalation's record says (its steps are attributed to
+        their writers), not what the message's body says."""
         found = await self.escalations.get(decision.escalation_id)
         if found is None or found.record.task_id is None:
-            await self.settle.dead_letter(
-                message,
-                reason="invalid",
-                error=f"decision for unknown escalation {decision.escalation_id!r}",
-            )
+            why = f"decision for unknown escalation {decision.escalation_id!r}"
+            await self._refuse(message, "invalid", why)
             return
-        record = found.record
-        if record.status != "decided":
-            await self.settle.stale(
-                message, f"escalation {record.id} is not decided: a decision message alone is not"
-            )
+        escalation = found.record
+        if escalation.status != "decided":
+            why = f"escalation {escalation.id} is not decided: a decision message alone is not"
+            await self._stale(message, why)
             return
-        # What was decided, and by whom, is what the escalation's record says (its
-        # steps are attributed to their writers), not what the message's body says.
         decision = decision.model_copy(
             update={
-                "decision": record.decision or decision.decision,
-                "approved": record.approved,
-                "decided_by": record.decided_by or decision.decided_by,
+                "decision": escalation.decision or decision.decision,
+                "approved": escalation.approved,
+                "decided_by": escalation.decided_by or decision.decided_by,
             }
         )
-        parked = await self.states.get(record.task_id or "", role=self.role.id)
-        if parked is None:
-            await self.settle.dead_letter(
-                message,
-                reason="invalid",
-                error=f"no parked task {record.task_id!r} for this decision",
-            )
-            return
-        if parked.state.terminal:
-            await self.settle.finish_again(message, parked)
-            return
-        if parked.state.waiting_for != record.id:
-            await self.settle.stale(
-                message, f"task {record.task_id} is not waiting for {record.id}"
-            )
-            return
-        kept = parked.state.source
-        if kept is None:
-            await self.settle.dead_letter(
-                message,
-                reason="invalid",
-                error=f"task {record.task_id} was parked without its input (rolebus < 0.2?)",
-            )
-            return
-        # The parked item is rebuilt from the message that started it (a task, or a
-        # contract to review; its record keeps it), so that finishing it has the same
-        # effects.
-        original_subject = str(kept["subject"])
-        source = codec.decode(original_subject, codec.encode_map(kept["message"]))
-        if isinstance(source, Handoff):
-            review = review_item(source)
-            item = Item(task=review, kind=review.kind, source=source, resume=record.id)
-        elif isinstance(source, Task):
-            item = Item(task=source, kind="task", source=source, resume=record.id)
-        else:
-            await self.settle.dead_letter(
-                message,
-                reason="invalid",
-                error=f"{original_subject} cannot be resumed by a decision",
-            )
-            return
-        task = item.task
-        stored = await self.settle.claim(
-            message, item, subject=original_subject, stream_seq=parked.state.stream_seq
-        )
-        if stored is None:
-            return
-        decisions = [d for d in stored.state.detail.get("decisions", []) if d["id"] != decision.id]
-        detail = {
-            **stored.state.detail,
-            "decisions": [*decisions, decision.model_dump(mode="json")],
-        }
-        if record.kind == "approval":
-            if decision.approved is False:
-                await self.settle.finish(
-                    message,
-                    item,
-                    stored,
-                    state="rejected",
-                    error=f"not approved by {decision.decided_by}: {decision.decision}",
-                    detail=detail,
-                )
+        record = await self._read(escalation.task_id or "")
+        item = None
+        if record.state is not None and record.state.source is not None:
+            # The parked item is rebuilt from the message that started it (a task, or
+            # a contract to review; its record keeps it), so finishing it has the
+            # same effects.
+            kept = record.state.source
+            source = codec.decode(str(kept["subject"]), codec.encode_map(kept["message"]))
+            if isinstance(source, Handoff):
+                review = review_item(source)
+                item = Item(task=review, kind=review.kind, source=source)
+            elif isinstance(source, Task):
+                item = Item(task=source, kind="task", source=source)
+            else:
+                why = f"{kept['subject']} cannot be resumed by a decision"
+                await self._refuse(message, "invalid", why)
                 return
-            detail["approved_by"] = decision.decided_by
-            if record.reason == BUDGET_REASON:
-                await self.budgets.approve(
-                    self.role,
-                    task.id,
-                    escalation_id=record.id,
-                    options=record.options,
-                    decision=decision.decision,
-                )
-        # The `resumed` record says which decision runs the task (and keeps it).
-        changed = await self.settle.change(stored, state=RESUMED, detail=detail)
-        if changed is None:
-            await self.settle.stale(message, f"task {task.id} changed meanwhile")
-            return
-        await self._run(message, item, changed)
+        given = Decided(
+            escalation_id=escalation.id,
+            approval=escalation.kind == "approval",
+            approved=decision.approved,
+            decided_by=decision.decided_by,
+            text=decision.decision,
+            decision=decision.model_dump(mode="json"),
+            budget=escalation.reason == BUDGET_REASON,
+            orphan=self._orphan(message.subject, message.stream_seq, None),
+            now=utc_now(),
+            attempt=message.delivered,
+            last_try=message.delivered >= self.role.max_deliver,
+            cancelled=self.cancelled.get(escalation.task_id or ""),
+        )
+        await self._drive(message, item, record, given)
+
+    async def _refuse(self, message: InboundMessage, reason: str, error: str) -> None:
+        """A message that cannot run: dead-lettered, named after its place in the work
+        stream (it never became a task this role knows)."""
+        orphan = self._orphan(message.subject, message.stream_seq, None)
+        given = Invalid(
+            orphan=orphan,
+            reason=reason,
+            error=error,
+            attempt=message.delivered,
+            stream_seq=message.stream_seq,
+            now=utc_now(),
+        )
+        await self._drive(message, None, await self._read(orphan.task_id), given)
+
+    async def _stale(self, message: InboundMessage, why: str) -> None:
+        await self._drive(message, None, Record(None), Stale(why=why))
+
+    # --- the loop: step, act, and run the handler when the step says so ----------------
+
+    async def _drive(
+        self, delivery: Delivery, item: Item | None, record: Record, given: Input
+    ) -> None:
+        while True:
+            transition = step(record.state, given)
+            for action in transition.before:
+                if isinstance(action, GrantBudget):
+                    await self._grant(action, transition)
+                else:
+                    await self.executor.do(action, delivery, record)
+            record, transition = await self.executor.commit(delivery, record, transition, given)
+            following: Input | None = None
+            for action in transition.after:
+                if isinstance(action, Run):
+                    assert item is not None
+                    assert isinstance(delivery, InboundMessage)
+                    following = await self._run(delivery, item, record)
+                elif isinstance(action, AskBoundary):
+                    assert item is not None
+                    assert record.state is not None
+                    attempt = record.state.attempt
+                    following = await self.answers.boundary(
+                        item, record.state, action.rule, attempt=attempt, now=utc_now()
+                    )
+                else:
+                    await self.executor.do(action, delivery, record)
+            if following is None:
+                return
+            given = following
+
+    async def _read(self, task_id: str) -> Record:
+        found = await self.states.get(task_id, role=self.role.id)
+        return Record(None) if found is None else Record(found.state, found.revision)
+
+    def _orphan(self, subject: str, stream_seq: int, task: Task | None) -> TaskState:
+        """The record of something that never ran as a task of this role."""
+        return TaskState(
+            task_id=task.id if task is not None else f"seq-{stream_seq}",
+            state="claimed",
+            role=self.role.id,
+            subject=subject,
+            kind=task.kind if task is not None else "",
+            title=task.title if task is not None else "",
+            stream_seq=stream_seq,
+            correlation_id=task.correlation_id if task is not None else None,
+            causation_id=task.causation_id if task is not None else None,
+            created_at=task.created_at if task is not None else None,
+        )
+
+    async def _grant(self, action: GrantBudget, transition: Transition) -> None:
+        found = await self.escalations.require(action.escalation_id)
+        assert transition.record is not None
+        await self.budgets.approve(
+            self.role,
+            transition.record.task_id,
+            escalation_id=action.escalation_id,
+            options=found.record.options,
+            decision=found.record.decision or "",
+        )
 
     # --- running the handler -------------------------------------------------------------
 
@@ -317,38 +362,29 @@ class Dispatcher:
         if running is not None:
             running.cancel()
 
-    async def _end_cancelled(
-        self, message: InboundMessage, item: Item, stored: StoredState
-    ) -> None:
-        reason = self.cancelled.get(item.task.id, "")
-        await self.settle.finish(
-            message, item, stored, state=CANCELLED, error=f"cancelled: {reason}"
-        )
-
-    async def _run(self, message: InboundMessage, item: Item, stored: StoredState) -> None:
-        if item.task.id in self.cancelled:
-            await self._end_cancelled(message, item, stored)
-            return
+    async def _run(self, message: InboundMessage, item: Item, record: Record) -> Input:
+        """Run the handler; its answer as the next input."""
+        state = record.state
+        assert state is not None
         trace = message.headers.get(Header.TRACEPARENT)
 
         def publish_claimed() -> Awaitable[PendingPublish]:
-            subject, event = self.settle.note(item, message, "claimed")
+            subject, event = self._claimed_note(item, message)
             return publish_event(self.connection, event, trace=trace, subject=subject)
 
         self.notices.begin(message, publish_claimed)
+        outcome: Outcome | None
         try:
             context = HandlerContext(
                 role=self.role,
-                subject=stored.state.subject,
+                subject=state.subject,
                 attempt=message.delivered,
-                decisions=[
-                    Decision.model_validate(d) for d in stored.state.detail.get("decisions", [])
-                ],
+                decisions=[Decision.model_validate(d) for d in state.detail.get("decisions", [])],
                 contracts=await self.contracts.resolve(item.task.payload.get("contracts")),
                 extra={"input": item.kind},
                 team=self.team,
-                previous_error=stored.state.previous_error,
-                generation=stored.state.failures,
+                previous_error=state.previous_error,
+                generation=state.failures,
                 calls=self.calls,
                 budget=TaskBudget(self.budgets, self.role, item.task.id) if self._gated else None,
                 progress_sink=ProgressReporter(self.connection, self.role.id, item.task, message),
@@ -370,77 +406,24 @@ class Dispatcher:
         finally:
             self._running.pop(item.task.id, None)
         await self.notices.end(message)
+        now = utc_now()
         if outcome is None:  # stopped by `rolebus cancel`
-            await self._end_cancelled(message, item, stored)
-            return
-        try:
-            await self._apply(message, item, stored, outcome)
-        except (RoleError, ContractError) as error:
-            # The outcome asked for something impossible (an unknown role, a contract
-            # that breaks its predecessor): a permanent failure with the reason.
-            await self._apply(message, item, stored, Outcome.failed(error.message, retryable=False))
+            reason = self.cancelled.get(item.task.id, "")
+            return Cancelled(now=now, attempt=message.delivered, error=f"cancelled: {reason}")
+        return await self.answers.of(item, state, outcome, attempt=message.delivered, now=now)
 
-    async def _apply(
-        self, message: InboundMessage, item: Item, stored: StoredState, outcome: Outcome
-    ) -> None:
+    def _claimed_note(self, item: Item, message: InboundMessage) -> tuple[str, Event]:
+        """A note that this attempt runs (for a watcher), and where it goes."""
         task = item.task
-        # What the handler answered is kept with the state (``rolebus rerun`` compares
-        # a new handler's answers with it); every change below carries it along.
-        # (Set in place: this attempt's state is its own, made when it was claimed.)
-        stored.state.outcome = outcome.model_dump(mode="json", exclude_defaults=True)
-        stored.state.usage_reported = False
-        sent = stored.state.sent
-        follow_ups = follow_up_tasks(task, outcome.tasks, role=self.role.id, first=sent + 1)
-        sent += len(follow_ups)
-        if outcome.status == "completed":
-            extra = await self.parking.completion_effects(item, outcome)
-            await self.settle.finish(
-                message,
-                item,
-                stored,
-                state="completed",
-                result=outcome.result,
-                effects=follow_ups + extra,
-                sent=sent,
-            )
-        elif outcome.status == "handoff":
-            if outcome.handoff is None:
-                raise ContractError("a handoff outcome needs 'handoff'")
-            # Handing a reviewed contract on accepts it: the sender hears so too.
-            extra = await self.parking.completion_effects(item, outcome)
-            handoff_effects = await offer_effects(
-                task,
-                outcome.handoff,
-                number=sent + 1,
-                role=self.role.id,
-                team=self.team,
-                registry=self.contracts,
-            )
-            await self.settle.finish(
-                message,
-                item,
-                stored,
-                state="completed",
-                result=outcome.result or {"handed": outcome.handoff.model_dump()},
-                effects=follow_ups + extra + handoff_effects,
-                sent=sent + 1,
-            )
-        elif outcome.status == "escalate":
-            if outcome.escalation is None:
-                raise RoleError("an escalate outcome needs 'escalation'")
-            if item.kind == "escalation":
-                await self.parking.climb(
-                    message, item, stored, outcome.escalation, follow_ups, sent
-                )
-            else:
-                await self.parking.park(
-                    message,
-                    item,
-                    stored,
-                    outcome.escalation,
-                    follow_ups,
-                    sent,
-                    approval=outcome.escalation.approval,
-                )
-        else:
-            await self.settle.failed(message, item, stored, outcome)
+        number = f"{message.stream_seq}-{message.delivered}"
+        return note_subject("claimed", self.role.id, task.id, number), Event(
+            id=f"{task.id}_claimed_{message.stream_seq}_{message.delivered}",
+            state="claimed",
+            task_id=task.id,
+            role=self.role.id,
+            subject=message.subject,
+            attempt=message.delivered,
+            correlation_id=task.flow_id,
+            causation_id=task.id,
+            detail={"input": item.kind, "title": task.title},
+        )

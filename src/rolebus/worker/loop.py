@@ -37,7 +37,7 @@ from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.nats.puller import Puller
 from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire import codec
-from rolebus.wire.messages import Event, Task, from_nanoseconds
+from rolebus.wire.messages import Event, from_nanoseconds
 from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, consumer_name, last_try_subject
 from rolebus.worker.dispatch import Dispatcher, DispatchStats
 from rolebus.worker.slots import Slots
@@ -260,7 +260,7 @@ class Worker:
 
     async def _kept(self, seq: int) -> StoredMessage | None:
         """The message at ``seq`` of the work stream, from the note its last attempt
-        left (see Settling._last_try); without one (that attempt died before it
+        left (the lifecycle's KeepLastTry); without one (that attempt died before it
         wrote it), from the stream itself, if this user may read it by sequence."""
         note = await self._connection.streams.last(
             EVENTS_STREAM, last_try_subject(self.role.id, "*", seq)
@@ -300,18 +300,10 @@ class Worker:
         original = await self._kept(seq)
         if original is None:
             return
-        task: Task | None = None
-        with contextlib.suppress(CodecError):
-            task = codec.decode_as(
-                Task, original.data, subject=original.subject, origin=original.origin()
-            )
         last = self._failures.pop(seq, None)
-        await self.dispatcher.settle.bury(
+        await self.dispatcher.gave_up(
             original,
-            reason="max-deliver",
-            error=f"no ack after {deliveries} deliveries (max_deliver {self.role.max_deliver})"
+            f"no ack after {deliveries} deliveries (max_deliver {self.role.max_deliver})"
             + (f"; the last attempt failed: {last}" if last else ""),
             attempts=deliveries,
-            task=task,
-            stored=await self.states.get(task.id, role=self.role.id) if task is not None else None,
         )
