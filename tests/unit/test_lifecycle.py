@@ -25,6 +25,7 @@ from rolebus.flows.actions import (
 )
 from rolebus.flows.inputs import (
     INPUTS,
+    Breach,
     Cancelled,
     Completed,
     Decided,
@@ -95,7 +96,7 @@ def decided(escalation_id: str = WAITING_FOR, **changes: Any) -> Decided:
         "decided_by": "cto",
         "text": "go ahead",
         "decision": {"id": "d1", "decision": "go ahead"},
-        "budget": False,
+        "reason": "spec",
         "orphan": orphan,
         "now": NOW,
         "attempt": 1,
@@ -118,9 +119,9 @@ def sample(kind: type, sent: int = 0) -> Input:
         return Refused(now=NOW, attempt=1, error="eng-be never spend")
     if kind is Cancelled:
         return Cancelled(now=NOW, attempt=1, error="cancelled: stop")
-    if kind is Escalated:
+    if kind in (Escalated, Breach):
         escalation = f"{TASK}-{sent + 1}"
-        return Escalated(
+        return kind(
             escalation_id=escalation,
             to="architect",
             reason="spec",
@@ -224,7 +225,7 @@ def test_a_refused_approval_rejects_the_task_with_who_refused() -> None:
 
 
 def test_an_approved_budget_is_granted_before_the_task_resumes() -> None:
-    transition = step(record(PARKED), decided(approval=True, approved=True, budget=True))
+    transition = step(record(PARKED), decided(approval=True, approved=True, reason="budget"))
     assert transition.before == (GrantBudget(WAITING_FOR),)
     assert transition.record is not None
     assert transition.record.detail["approved_by"] == "cto"
@@ -485,3 +486,45 @@ def test_rolebus_lifecycle_lists_every_rule_and_refuses_an_unknown_stage(
         main(["lifecycle", "--stage", "sleeping"])
     assert refused.value.code == 1
     assert "unknown stage 'sleeping'" in capsys.readouterr().err
+
+
+# --- an untrusted world: ids taken, rounds counted, brakes approved ---------------------------
+
+
+def test_a_delivery_on_another_subject_is_another_message_that_took_the_id() -> None:
+    """eng-fe sent a task with eng-be's next follow-up id first: the real one is not
+    acked as already done; it is dead-lettered, naming both subjects."""
+    taken = record("completed", subject="task.backend.build.eng-fe")
+    real = claim()
+    transition = step(taken, delivered(claim=real))
+    assert transition.rule == "taken"
+    assert not transition.write
+    dead = transition.before[0]
+    assert isinstance(dead, DeadLetter)
+    assert dead.reason == "id-taken"
+    assert "task.backend.build.eng-fe" in dead.error
+    assert "task.backend.build" in dead.error
+
+
+def test_an_answer_that_meets_another_senders_record_is_not_taken_for_done() -> None:
+    answer = Completed(now=NOW, attempt=1, numbered_from=0, subject="task.backend.build")
+    other = record("completed", subject="task.backend.build.eng-fe")
+    assert step(other, answer).rule == "taken"
+    same = record("completed")
+    assert step(same, answer).rule == "again"
+
+
+def test_a_handlers_escalations_count_rounds_and_a_breach_does_not() -> None:
+    asked = step(claim(), sample(Escalated))
+    assert asked.record is not None
+    assert asked.record.detail["escalations"] == 1
+    breached = step(claim(), sample(Breach))
+    assert breached.record is not None
+    assert "escalations" not in breached.record.detail
+
+
+def test_an_approved_brake_lets_the_task_go_as_far_again() -> None:
+    transition = step(record(PARKED), decided(approval=True, approved=True, reason="brake"))
+    assert transition.record is not None
+    assert transition.record.detail["brakes_approved"] == 1
+    assert not any(isinstance(action, GrantBudget) for action in transition.before)

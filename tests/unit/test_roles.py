@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from rolebus.errors import RoleError
-from rolebus.team.roles import CommandHandler, Team, load_team, parse_duration, parse_role
+from rolebus.team.durations import parse_duration
+from rolebus.team.roles import CommandHandler, Team, load_team, parse_role
 
 from ..conftest import REPO, CliRunner
 

@@ -23,7 +23,7 @@ from rolebus.cli.app import (
 )
 from rolebus.config import Settings
 from rolebus.history.status import RoleStatus, collect, serve_metrics
-from rolebus.team.roles import parse_duration
+from rolebus.team.durations import parse_duration
 
 
 def _cell(check: dict[str, Any], unit: str = "") -> str:

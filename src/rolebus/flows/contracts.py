@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +28,7 @@ from rolebus.nats.connection import Connection
 from rolebus.team.roles import PERSON, Team
 from rolebus.wire import codec
 from rolebus.wire.codec import validation_problems
-from rolebus.wire.messages import utc_now
+from rolebus.wire.messages import Instant, utc_now
 from rolebus.wire.subjects import CONTRACTS_BUCKET, validate_token
 
 __all__ = [
@@ -107,7 +106,7 @@ class ContractVersion(BaseModel):
 
     document: ContractDocument
     author: str
-    published_at: datetime = Field(default_factory=utc_now)
+    published_at: Instant = Field(default_factory=utc_now)
     accepted_by: list[str] = Field(default_factory=list)
     changes_requested: dict[str, list[str]] = Field(default_factory=dict)
 

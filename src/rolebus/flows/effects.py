@@ -49,9 +49,15 @@ def effect(
 
 
 def follow_up_tasks(
-    task: Task, follow_ups: list[FollowUp], *, role: str, first: int
+    task: Task,
+    follow_ups: list[FollowUp],
+    *,
+    role: str,
+    first: int,
+    flow_budget: int | None = None,
 ) -> list[Effect]:
-    """Follow-up tasks, numbered from ``first``, in the cause's flow."""
+    """Follow-up tasks, numbered from ``first``, in the cause's flow, each with
+    ``flow_budget`` (the share of its cause's it may still cause)."""
     effects = []
     for number, follow_up in enumerate(follow_ups, start=first):
         parsed = parse_subject(follow_up.subject)
@@ -75,6 +81,7 @@ def follow_up_tasks(
             from_role=role,
             correlation_id=task.flow_id,
             causation_id=task.id,
+            flow_budget=flow_budget,
         )
         effects.append(effect(with_sender(parsed.subject, role), child))
     return effects

@@ -25,7 +25,7 @@ from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import KvChange
 from rolebus.team.roles import PERSON, Team
 from rolebus.wire import codec
-from rolebus.wire.messages import EscalationOption, utc_now
+from rolebus.wire.messages import EscalationOption, Instant, utc_now
 from rolebus.wire.subjects import ESCALATIONS_BUCKET, validate_token
 
 __all__ = [
@@ -64,12 +64,12 @@ class EscalationRecord(BaseModel):
     level: int = 0
     status: Literal["open", "decided"] = "open"
     timeout_s: float = DEFAULT_TIMEOUT
-    deadline: datetime | None = None
-    opened_at: datetime = Field(default_factory=utc_now)
+    deadline: Instant | None = None
+    opened_at: Instant = Field(default_factory=utc_now)
     decision: str | None = None
     approved: bool | None = None
     decided_by: str | None = None
-    decided_at: datetime | None = None
+    decided_at: Instant | None = None
     correlation_id: str | None = None
     trail: list[str] = Field(default_factory=list)
     #: Who the timeouts pass it to from this level on (recorded by whoever opened

@@ -16,6 +16,7 @@ from rolebus.team.roles import NeverRule
 __all__ = [
     "INPUTS",
     "Answer",
+    "Breach",
     "Cancelled",
     "Completed",
     "Decided",
@@ -60,8 +61,9 @@ class Decided:
     text: str
     #: The decision as it is kept in the record (the handler sees it when resumed).
     decision: Mapping[str, Any]
-    #: An approval of a budget breach: the ledger grants it before the task resumes.
-    budget: bool
+    #: The escalation's reason: an approved ``budget`` is granted by the ledger before
+    #: the task resumes, an approved ``brake`` widens the bound it met.
+    reason: str
     #: The record to write when the task has none (it is dead-lettered under it).
     orphan: TaskState
     now: datetime
@@ -80,6 +82,9 @@ class Answer:
     #: The record's message count the answer's messages were numbered from (None:
     #: it sends no numbered message).
     numbered_from: int | None = None
+    #: The subject of the delivery that ran (None: not known): a record under another
+    #: subject belongs to another message that took the same task id.
+    subject: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +129,13 @@ class Escalated(Answer):
     sent: int
     #: The input a decision resumes (``{"subject", "message"}``).
     source: Mapping[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Breach(Escalated):
+    """A bound was met (a budget cap, a brake on a loop the model drives): the task
+    waits for an approval the bus asked for, with amounts it computed. Only the bus
+    makes this input; a handler's answer that claims one is refused."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +184,7 @@ Input = (
     | Refused
     | Cancelled
     | Escalated
+    | Breach
     | Failed
     | Invalid
     | GaveUp
@@ -186,6 +199,7 @@ INPUTS: Final = (
     Refused,
     Cancelled,
     Escalated,
+    Breach,
     Failed,
     Invalid,
     GaveUp,

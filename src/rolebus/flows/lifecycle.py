@@ -39,6 +39,7 @@ from rolebus.flows.actions import (
 )
 from rolebus.flows.inputs import (
     Answer,
+    Breach,
     Cancelled,
     Completed,
     Decided,
@@ -54,6 +55,8 @@ from rolebus.flows.inputs import (
     Stale,
 )
 from rolebus.flows.record import PARKED, RESUMED, TERMINAL_STATES, TaskState
+from rolebus.team.authority import BRAKE_REASON
+from rolebus.team.budget import BUDGET_REASON
 
 __all__ = ["ENDINGS", "STAGES", "TABLE", "Rule", "stage_of", "step"]
 
@@ -177,8 +180,10 @@ def _resume(record: TaskState | None, given: Input) -> Transition:
         return Transition(ended.record, True, before, ended.after, rule="reject")
     if given.approval:
         detail["approved_by"] = given.decided_by
-        if given.budget:
+        if given.reason == BUDGET_REASON:
             before = (*before, GrantBudget(given.escalation_id))
+        elif given.reason == BRAKE_REASON:
+            detail["brakes_approved"] = int(detail.get("brakes_approved", 0)) + 1
     if given.cancelled is not None:
         cancel = Cancelled(
             now=given.now,
@@ -257,6 +262,8 @@ def _park(record: TaskState | None, given: Input) -> Transition:
         "escalated_to": given.to,
         "reason": given.reason,
     }
+    if not isinstance(given, Breach):  # the rounds a handler's questions take
+        detail["escalations"] = int(record.detail.get("escalations", 0)) + 1
     parked = _changed(
         record,
         given.now,
@@ -375,6 +382,7 @@ def _answers() -> dict[type, Rule]:
     return {
         **ends,
         Escalated: Rule("parks behind the escalation: record, outbox, ack", (PARKED,), _park),
+        Breach: Rule("parks for the approval the bus asked: record, outbox, ack", (PARKED,), _park),
         Failed: Rule(
             "retries with backoff while attempts remain, else dead-letters", (RETRYING, DEAD), _fail
         ),
@@ -389,7 +397,7 @@ def _build_table() -> dict[tuple[str, type], Rule]:
         table[(stage, GaveUp)] = _BURY_ENDED if terminal else _BURY
         table[(stage, Stale)] = _IGNORE
         if terminal:
-            for kind in (Delivered, Decided, *ENDINGS, Escalated, Failed):
+            for kind in (Delivered, Decided, *ENDINGS, Escalated, Breach, Failed):
                 table[(stage, kind)] = _AGAIN
             continue
         if stage in (PARKED, RESUMED):
@@ -411,10 +419,10 @@ def _build_table() -> dict[tuple[str, type], Rule]:
                 else _DECISION_AGAIN
             )
         if stage == NEW:
-            for kind in (*ENDINGS, Escalated, Failed):
+            for kind in (*ENDINGS, Escalated, Breach, Failed):
                 table[(stage, kind)] = _ILLEGAL
         elif stage == PARKED:
-            for kind in (*ENDINGS, Escalated, Failed):
+            for kind in (*ENDINGS, Escalated, Breach, Failed):
                 table[(stage, kind)] = _ANOTHER_PARKED
         else:
             table.update({(stage, kind): rule for kind, rule in _answers().items()})
@@ -427,5 +435,33 @@ TABLE: Final[Mapping[tuple[str, type], Rule]] = _build_table()
 
 def step(record: TaskState | None, given: Input) -> Transition:
     """What ``given`` does to the task whose newest record is ``record`` (None: it
-    has none under this role). Pure: the same arguments give the same transition."""
+    has none under this role). Pure: the same arguments give the same transition.
+
+    Before the table, one rule holds in every stage: a delivery (or its answer) whose
+    subject is not the record's is another message that took the same task id first
+    (the subject names its sender): it is dead-lettered as ``id-taken``, never taken
+    for a redelivery of work already done."""
+    if (taken := _taken(record, given)) is not None:
+        return taken
     return TABLE[(stage_of(record), type(given))].apply(record, given)
+
+
+def _taken(record: TaskState | None, given: Input) -> Transition | None:
+    if record is None or not record.subject:
+        return None
+    if isinstance(given, Delivered):
+        subject: str | None = given.claim.subject
+    elif isinstance(given, Answer):
+        subject = given.subject
+    else:
+        return None
+    if subject is None or subject == record.subject:
+        return None
+    error = (
+        f"task id {record.task_id} was taken first by a message on {record.subject}; this "
+        f"one came on {subject}: two senders used one id"
+    )
+    attempt = given.claim.attempt if isinstance(given, Delivered) else given.attempt
+    return Transition(
+        record, before=(DeadLetter("id-taken", error, attempt),), after=(Ack(),), rule="taken"
+    )

@@ -7,12 +7,11 @@ stream (see :mod:`rolebus.flows.state` for how records are appended, and
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rolebus.wire.messages import EVENT_SCHEMA_VERSION, Event, utc_now
+from rolebus.wire.messages import EVENT_SCHEMA_VERSION, Event, Instant, utc_now
 
 __all__ = [
     "PARKED",
@@ -54,10 +53,10 @@ class TaskState(BaseModel):
     stream_seq: int = 0
     correlation_id: str | None = None
     causation_id: str | None = None
-    created_at: datetime | None = None
-    updated_at: datetime = Field(default_factory=utc_now)
+    created_at: Instant | None = None
+    updated_at: Instant = Field(default_factory=utc_now)
     #: When this attempt's handler started (after the task waited in the backlog).
-    started_at: datetime | None = None
+    started_at: Instant | None = None
     result: Any = None
     error: str | None = None
     #: The handler's last answer (an Outcome as a map), for ``rolebus rerun``.

@@ -13,12 +13,14 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from rolebus.errors import RolebusError
 from rolebus.team.budget import Breach
 from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire.codec import validation_problems
-from rolebus.wire.messages import Decision, Outcome, Task
+from rolebus.wire.messages import Decision, EscalationRequest, Outcome, Task, Usage
 
 __all__ = [
+    "BudgetBreachError",
     "BudgetGate",
     "CallLog",
     "Handler",
@@ -37,6 +39,18 @@ class CallLog(Protocol):
     async def get(self, key: str) -> dict[str, Any] | None: ...
 
     async def put(self, key: str, record: dict[str, Any]) -> None: ...
+
+
+class BudgetBreachError(RolebusError):
+    """The budget gate refused a call: the task parks behind ``request``, an approval
+    whose amounts the bus computed. A handler raises it (never answers it as an
+    outcome: an outcome that claims a budget escalation is refused); ``usage`` is
+    what the attempt paid before the refused call."""
+
+    def __init__(self, request: EscalationRequest, usage: Usage | None = None) -> None:
+        super().__init__(request.question)
+        self.request = request
+        self.usage = usage
 
 
 class BudgetGate(Protocol):

@@ -5,15 +5,32 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from rolebus.handlers.base import HandlerContext
+from rolebus.handlers.prompt import OUTCOME_SCHEMA
+from rolebus.team.roles import LlmHandler
 from rolebus.wire.codec import validation_problems
 from rolebus.wire.messages import Outcome, Task
 
-__all__ = ["parse_answer", "retry_after", "scrub", "urgency"]
+__all__ = [
+    "MODES",
+    "Mode",
+    "answer_text",
+    "checked_usage",
+    "parse_answer",
+    "request_for",
+    "retry_after",
+    "scrub",
+    "urgency",
+]
+
+Mode = Literal["json_schema", "tool", "prompt"]
+#: The ways an answer is asked for, in the order they are tried.
+MODES: tuple[Mode, ...] = ("json_schema", "tool", "prompt")
+TOOL = "submit_outcome"
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
 
@@ -57,3 +74,59 @@ def retry_after(headers: Any) -> float | None:
 def scrub(text: str, key: str) -> str:
     """Never let a key into an error (and so an event, a log or a page)."""
     return text.replace(key, "***") if key and len(key) >= 4 else text
+
+
+def checked_usage(
+    prompt_tokens: int,
+    completion_tokens: int,
+    *,
+    prompt_chars: int,
+    answer_chars: int,
+    max_tokens: int,
+) -> tuple[int, int, list[str]]:
+    """What a call is counted as: the server's figures, bounded by what the request
+    could cost (a token is at least a character of the prompt, up to ``max_tokens``
+    of answer), or estimated (about four characters a token) when it gave none."""
+    if prompt_tokens <= 0 and completion_tokens <= 0 and answer_chars:
+        return prompt_chars // 4 + 1, min(max_tokens, answer_chars // 4 + 1), ["estimated"]
+    prompt = min(max(prompt_tokens, 0), prompt_chars + 64)
+    completion = min(max(completion_tokens, 0), max_tokens)
+    clamped = (prompt, completion) != (prompt_tokens, completion_tokens)
+    return prompt, completion, ["clamped"] if clamped else []
+
+
+def request_for(spec: LlmHandler, messages: list[dict[str, Any]], mode: Mode) -> dict[str, Any]:
+    """The chat-completion request for ``mode``."""
+    request: dict[str, Any] = {
+        "model": spec.llm,
+        "messages": messages,
+        "max_tokens": spec.max_tokens,
+    }
+    if spec.temperature is not None:
+        request["temperature"] = spec.temperature
+    if mode == "json_schema":
+        request["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "outcome", "schema": OUTCOME_SCHEMA},
+        }
+    elif mode == "tool":
+        request["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": TOOL,
+                    "description": "Submit the outcome of the task.",
+                    "parameters": OUTCOME_SCHEMA,
+                },
+            }
+        ]
+        request["tool_choice"] = {"type": "function", "function": {"name": TOOL}}
+    return request
+
+
+def answer_text(response: Any, mode: Mode) -> str:
+    """The answer in a (not streamed) response: the content, or the tool call's arguments."""
+    message = response.choices[0].message
+    if mode == "tool" and message.tool_calls:
+        return str(message.tool_calls[0].function.arguments or "")
+    return str(message.content or "")

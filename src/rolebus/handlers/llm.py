@@ -21,16 +21,26 @@ import os
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import openai
 import structlog
 
-from rolebus.handlers.base import HandlerContext
-from rolebus.handlers.completion import parse_answer, retry_after, scrub, urgency
+from rolebus.handlers.base import BudgetBreachError, HandlerContext
+from rolebus.handlers.completion import (
+    MODES,
+    Mode,
+    answer_text,
+    checked_usage,
+    parse_answer,
+    request_for,
+    retry_after,
+    scrub,
+    urgency,
+)
 from rolebus.handlers.pricing import cost_usd
-from rolebus.handlers.prompt import OUTCOME_SCHEMA, prompt_messages
-from rolebus.team.budget import breach_request
+from rolebus.handlers.prompt import prompt_messages
+from rolebus.team.authority import breach_request, refusal
 from rolebus.team.roles import LlmHandler
 from rolebus.wire.messages import Outcome, Task, Usage
 
@@ -38,10 +48,6 @@ __all__ = ["MODES", "LlmRunner", "call_key"]
 
 T = TypeVar("T")
 log = structlog.get_logger("rolebus.handlers.llm")
-
-Mode = Literal["json_schema", "tool", "prompt"]
-MODES: tuple[Mode, ...] = ("json_schema", "tool", "prompt")
-_TOOL = "submit_outcome"
 
 
 def call_key(task_id: str, generation: int, number: int) -> str:
@@ -71,6 +77,7 @@ class LlmRunner:
         self.name = f"llm:{spec.llm}"
         self._mode: Mode | None = None  # the first mode this server accepted
         self._streams = spec.stream  # until the server refuses to stream
+        self._flagged: set[str] = set()  # the usage checks already warned about
         # One client (its connection pool) per URL and key: the key is still read at
         # every call, and a changed one gets a new client.
         self._clients: dict[tuple[str | None, str], openai.AsyncOpenAI] = {}
@@ -125,24 +132,36 @@ class LlmRunner:
         key = os.environ.get(self.spec.api_key_env) or ""
         usage = Usage(model=self.spec.llm)
         problem = ""
+        refused: str | None = None
         client = self._client(key)
         try:
             for number in range(1, self.spec.max_repairs + 2):
                 answer = await self._answer(client, messages, task, context, number, key)
                 usage = usage.plus(answer.usage)
                 outcome, problem = parse_answer(answer.text)
-                if outcome is not None:
+                refused = refusal(outcome, context.role) if outcome is not None else None
+                if outcome is not None and refused is None:
                     return outcome.model_copy(update={"usage": usage})
+                problem = refused or problem
+                why = "is refused" if refused else "is not a valid outcome"
                 messages += [
                     {"role": "assistant", "content": answer.text},
                     {
                         "role": "user",
-                        "content": f"That answer is not a valid outcome: {problem}. "
+                        "content": f"That answer {why}: {problem}. "
                         "Answer again with the corrected JSON object only.",
                     },
                 ]
         except _AttemptEndedError as failed:
             return failed.outcome.model_copy(update={"usage": usage if usage.calls else None})
+        except BudgetBreachError as breach:
+            breach.usage = usage if usage.calls else None
+            raise
+        if refused:  # asked again and again for what only the bus decides: not a retry
+            return Outcome.failed(
+                f"refused after {self.spec.max_repairs} repair turn(s): {problem}",
+                retryable=False,
+            ).model_copy(update={"usage": usage})
         return Outcome.failed(
             f"the model's answer is not a valid outcome after {self.spec.max_repairs} "
             f"repair turn(s): {problem}",
@@ -179,10 +198,11 @@ class LlmRunner:
                     )
                 )
         reserved = await self._reserve(messages, context)
-        if context.limiter is not None:
-            await context.limiter.acquire(self._tokens(messages), urgency(task, context))
         started = time.monotonic()
         try:
+            if context.limiter is not None:
+                await context.limiter.acquire(self._tokens(messages), urgency(task, context))
+                started = time.monotonic()
             text, mode, prompt_tokens, completion_tokens = await self._call(
                 client, messages, key, context
             )
@@ -191,9 +211,25 @@ class LlmRunner:
                 await context.budget.settle(reserved, (0, 0.0))  # a refused call costs nothing
             raise
         latency = time.monotonic() - started
+        reported = (prompt_tokens, completion_tokens)
+        prompt_tokens, completion_tokens, flags = checked_usage(
+            *reported,
+            prompt_chars=len(json.dumps(messages)),
+            answer_chars=len(text),
+            max_tokens=self.spec.max_tokens,
+        )
+        if flags and flags[0] not in self._flagged:
+            self._flagged.add(flags[0])  # once per kind: a server that does it, does it always
+            log.warning(
+                "model server's usage figures were " + flags[0],
+                model=self.spec.llm,
+                reported=list(reported),
+                counted=[prompt_tokens, completion_tokens],
+            )
         usage = Usage(
             model=self.spec.llm,
             calls=1,
+            flags=flags,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             cost_usd=cost_usd(
@@ -244,10 +280,7 @@ class LlmRunner:
         )
         breach = await context.budget.reserve(worst, worst_usd)
         if breach is not None:
-            request = breach_request(
-                context.role.id, context.role.budget_approver, breach, usd=worst_usd
-            )
-            raise _AttemptEndedError(Outcome(status="escalate", escalation=request))
+            raise BudgetBreachError(breach_request(context.role, breach, usd=worst_usd))
         return worst, worst_usd or 0.0
 
     def _tokens(self, messages: list[dict[str, Any]]) -> int:
@@ -315,7 +348,7 @@ class LlmRunner:
             response = await client.chat.completions.create(**request)
         usage = response.usage
         return (
-            self._text(response, mode),
+            answer_text(response, mode),
             int(getattr(usage, "prompt_tokens", 0) or 0),
             int(getattr(usage, "completion_tokens", 0) or 0),
         )
@@ -351,33 +384,6 @@ class LlmRunner:
                 await context.progress("the model is answering", chunks=chunks)
         return "".join(parts), prompt_tokens, completion_tokens
 
-    def _request(self, messages: list[dict[str, Any]], mode: Mode) -> dict[str, Any]:
-        request: dict[str, Any] = {
-            "model": self.spec.llm,
-            "messages": messages,
-            "max_tokens": self.spec.max_tokens,
-        }
-        if self.spec.temperature is not None:
-            request["temperature"] = self.spec.temperature
-        if mode == "json_schema":
-            request["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "outcome", "schema": OUTCOME_SCHEMA},
-            }
-        elif mode == "tool":
-            request["tools"] = [
-                {
-                    "type": "function",
-                    "function": {
-                        "name": _TOOL,
-                        "description": "Submit the outcome of the task.",
-                        "parameters": OUTCOME_SCHEMA,
-                    },
-                }
-            ]
-            request["tool_choice"] = {"type": "function", "function": {"name": _TOOL}}
-        return request
-
     async def _with_retries(
         self,
         client: openai.AsyncOpenAI,
@@ -387,7 +393,7 @@ class LlmRunner:
         context: HandlerContext,
     ) -> tuple[str, int, int]:
         """One request; 429 and 5xx are retried after Retry-After (or a backoff)."""
-        request = self._request(messages, mode)
+        request = request_for(self.spec, messages, mode)
         for retry in range(self.spec.max_retries + 1):
             try:
                 # A server that trickles bytes must not hold the slot past the timeout.
@@ -403,7 +409,11 @@ class LlmRunner:
                             retryable=True,
                         )
                     ) from error
-                delay = retry_after(error.response.headers) or min(30.0, 2.0**retry)
+                # Capped: a Retry-After of an hour must not stop a role for an hour.
+                delay = min(
+                    retry_after(error.response.headers) or min(30.0, 2.0**retry),
+                    self.spec.max_retry_after,
+                )
                 log.info(
                     "model server busy; retrying",
                     model=self.spec.llm,
@@ -463,10 +473,3 @@ class LlmRunner:
             f"({error.status_code}): {scrub(error.message, key)}",
             retryable=False,
         )
-
-    @staticmethod
-    def _text(response: Any, mode: Mode) -> str:
-        message = response.choices[0].message
-        if mode == "tool" and message.tool_calls:
-            return str(message.tool_calls[0].function.arguments or "")
-        return str(message.content or "")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from rolebus.handlers.base import Handler, HandlerContext
+from rolebus.handlers.base import BudgetBreachError, Handler, HandlerContext
 from rolebus.handlers.scripted import scripted
-from rolebus.team.budget import breach_request
+from rolebus.team.authority import breach_request
 from rolebus.wire.messages import (
     EscalationOption,
     EscalationRequest,
@@ -164,10 +164,7 @@ async def eng_be(task: Task, context: HandlerContext) -> Outcome:
         if context.budget is not None:
             breach = await context.budget.reserve(_IMPLEMENT_TOKENS, _IMPLEMENT_USD)
             if breach is not None:
-                request = breach_request(
-                    context.role.id, context.role.budget_approver, breach, usd=_IMPLEMENT_USD
-                )
-                return Outcome(status="escalate", escalation=request)
+                raise BudgetBreachError(breach_request(context.role, breach, usd=_IMPLEMENT_USD))
             await context.budget.settle(
                 (_IMPLEMENT_TOKENS, _IMPLEMENT_USD), (_IMPLEMENT_USAGE.tokens, _IMPLEMENT_COST)
             )

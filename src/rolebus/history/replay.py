@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+
 from rolebus.errors import CodecError, ConfigError
 from rolebus.flows.record import TaskState
 from rolebus.flows.state import StateStore, decode_state
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import StoredMessage
-from rolebus.team.roles import Team, parse_duration
+from rolebus.team.durations import parse_duration
+from rolebus.team.roles import Team
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Envelope, Event, Task
@@ -35,6 +38,8 @@ from rolebus.wire.subjects import (
     validate_pattern,
     with_senders,
 )
+
+log = structlog.get_logger("rolebus.history.replay")
 
 __all__ = [
     "ReplayFilter",
@@ -198,20 +203,25 @@ async def replay(
 async def iter_events(
     connection: Connection, *, states: list[str] | None = None
 ) -> AsyncIterator[Event]:
-    """Every task event so far, oldest first (optionally only some states)."""
+    """Every event so far (task events of some ``states`` only, when given), oldest
+    first. A stored event this rolebus cannot decode is passed over with a warning:
+    one bad message must not stop every reader (``replay`` shows it as it is)."""
     subjects = [f"event.task.{state}.>" for state in states] if states else None
     async for stored in connection.streams.read(EVENTS_STREAM, filter_subjects=subjects):
-        yield codec.decode_as(Event, stored.data, subject=stored.subject)
+        try:
+            yield codec.decode_as(Event, stored.data, subject=stored.subject)
+        except CodecError as error:
+            log.warning(
+                "an event cannot be decoded; passed over",
+                seq=stored.seq,
+                subject=stored.subject,
+                error=error.message,
+            )
 
 
 async def read_events(connection: Connection, *, states: list[str] | None = None) -> list[Event]:
     """All events (every entity unless ``states`` picks task states), oldest first."""
-    if states:
-        return [event async for event in iter_events(connection, states=states)]
-    return [
-        codec.decode_as(Event, stored.data, subject=stored.subject)
-        async for stored in connection.streams.read(EVENTS_STREAM)
-    ]
+    return [event async for event in iter_events(connection, states=states)]
 
 
 async def all_states(connection: Connection) -> list[TaskState]:

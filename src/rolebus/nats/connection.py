@@ -36,7 +36,7 @@ from rolebus.nats.groupcommit import GroupCommitStats
 from rolebus.nats.kv import KeyValue
 from rolebus.nats.lean import LeanClient
 from rolebus.nats.protocol import PubAck
-from rolebus.nats.publish import Item, PendingPublish, Publisher
+from rolebus.nats.publish import Item, PendingPublish, Publisher, writer_key
 from rolebus.nats.puller import Puller
 from rolebus.nats.streams import StreamReader
 from rolebus.nats.translate import Denials
@@ -59,6 +59,16 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if settings.tls_cert is not None and settings.tls_key is not None:
         context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
     return context
+
+
+def _secret(settings: Settings) -> bytes | None:
+    """What this client authenticates with (its Msg-Ids are signed with a key made
+    from it); None on an open server."""
+    for path in (settings.creds_file, settings.nkey_seed_file):
+        if path is not None:
+            with contextlib.suppress(OSError):
+                return path.read_bytes()
+    return settings.password.encode() if settings.password else None
 
 
 class Connection:
@@ -179,6 +189,7 @@ class Connection:
         client.options["max_reconnect_attempts"] = -1
         connection = cls(client, url)
         connection._url_source = url_source
+        connection.publisher.id_key = writer_key(_secret(settings))
         return connection
 
     def _warn(self, message: str, **fields: Any) -> None:

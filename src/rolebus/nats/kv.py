@@ -10,6 +10,7 @@ from typing import Any
 import nats.js.errors
 from nats.js import JetStreamContext
 
+from rolebus.errors import CodecError
 from rolebus.nats.delivery import KvChange
 from rolebus.nats.protocol import API, ErrorCode
 from rolebus.nats.streams import StreamReader
@@ -89,14 +90,30 @@ class KeyValue:
             raise
 
     async def change_json(
-        self, bucket: str, key: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+        self,
+        bucket: str,
+        key: str,
+        change: Callable[[dict[str, Any]], dict[str, Any]],
+        *,
+        replace_unreadable: bool = False,
     ) -> dict[str, Any]:
         """Read-modify-write a JSON object by compare-and-set, retried until it lands:
         ``change`` gets the current value (``{}`` when absent) and returns the new one
-        (an exception from it leaves the entry as it was). The value written."""
+        (an exception from it leaves the entry as it was). The value written.
+        A value that is not JSON raises :class:`CodecError`, or with
+        ``replace_unreadable`` (shared state no one accounts by) counts as ``{}``."""
         while True:
             found = await self.get(bucket, key)
-            value, revision = (json.loads(found[0]), found[1]) if found and found[0] else ({}, 0)
+            value: Any = {}
+            revision = found[1] if found else 0
+            if found and found[0]:
+                try:
+                    value = json.loads(found[0])
+                except ValueError as error:
+                    if not replace_unreadable:
+                        raise CodecError(
+                            f"{bucket}/{key} does not hold JSON", hint="the operator can fix it"
+                        ) from error
             updated = change(dict(value) if isinstance(value, dict) else {})
             written = await self._write(bucket, key, json.dumps(updated).encode(), revision)
             if written is not None:

@@ -7,6 +7,8 @@ de-duplicated by the server: retrying is always safe.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -29,19 +31,45 @@ from rolebus.nats.translate import Denials
 from rolebus.wire.headers import CONTENT_TYPE_MSGPACK, Header
 from rolebus.wire.subjects import group_commit_stream
 
-__all__ = ["PendingPublish", "Publisher", "message_headers", "wait_all"]
+__all__ = [
+    "PendingPublish",
+    "Publisher",
+    "message_headers",
+    "own_msg_id",
+    "wait_all",
+    "writer_key",
+]
 
 #: ``(subject, data, msg_id, headers)``: one message of a bulk publish.
 Item = tuple[str, bytes, str, Mapping[str, str] | None]
 
 
-def message_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def own_msg_id(msg_id: str, key: bytes | None) -> str:
+    """The Msg-Id a writer with ``key`` sends for ``msg_id``: JetStream de-duplicates
+    ids across a whole stream, so a plain id (``<task>-1``, predictable) could be taken
+    first by any other writer and the message would vanish as a "duplicate". Signed
+    with a key only this writer's credentials give, it cannot be; the same writer
+    (any replica, any retry) always forms the same one."""
+    if key is None or not msg_id:
+        return msg_id
+    return f"{msg_id}~{hmac.new(key, msg_id.encode(), hashlib.sha256).hexdigest()[:16]}"
+
+
+def writer_key(secret: bytes | None) -> bytes | None:
+    """The key a writer signs its Msg-Ids with, from the secret it authenticates with."""
+    return None if not secret else hashlib.sha256(b"rolebus msg-id\x00" + secret).digest()
+
+
+def message_headers(
+    msg_id: str, extra: Mapping[str, str] | None = None, key: bytes | None = None
+) -> dict[str, str]:
     """The headers every rolebus message carries, plus ``extra``. An empty ``msg_id``
     sends none: a write whose once-only rests on its compare-and-set (a task record)
-    must not be de-duplicated by an id another writer could take first."""
+    must not be de-duplicated by an id another writer could take first; ``key``
+    signs the id (see :func:`own_msg_id`)."""
     headers = {Header.CONTENT_TYPE: CONTENT_TYPE_MSGPACK}
     if msg_id:
-        headers[Header.MSG_ID] = msg_id
+        headers[Header.MSG_ID] = own_msg_id(msg_id, key)
     if extra:
         headers.update(extra)
     return headers
@@ -50,9 +78,12 @@ def message_headers(msg_id: str, extra: Mapping[str, str] | None = None) -> dict
 class Publisher:
     """Publishes for one connection (see :class:`~rolebus.nats.connection.Connection`)."""
 
-    def __init__(self, client: Client, denials: Denials) -> None:
+    def __init__(self, client: Client, denials: Denials, *, id_key: bytes | None = None) -> None:
         self._client = client
         self._denials = denials
+        #: Signs this writer's Msg-Ids (None: an open server, where every client is
+        #: trusted anyway): see :func:`own_msg_id`.
+        self.id_key = id_key
         self._group_commit = GroupCommit(self._send_batch)
         self._replies = Replies(client)
 
@@ -86,7 +117,7 @@ class Publisher:
     ) -> PubAck:
         """Publish and wait for the ack; retry with the same Msg-Id (the server
         de-duplicates) until ``give_up_after`` seconds have passed."""
-        all_headers = message_headers(msg_id, headers)
+        all_headers = message_headers(msg_id, headers, self.id_key)
         self.check_size(subject, data, all_headers)
         deadline = time.monotonic() + give_up_after
         delay = 0.05
@@ -157,7 +188,7 @@ class Publisher:
     ) -> PendingPublish:
         """Send now, wait for the ack later with ``await pending.result()``: lets
         several publishes share one round trip."""
-        all_headers = message_headers(msg_id, headers)
+        all_headers = message_headers(msg_id, headers, self.id_key)
         self.check_size(subject, data, all_headers)
         try:
             future = await self._replies.send(subject, data, headers=all_headers, timeout=5.0)
@@ -179,7 +210,7 @@ class Publisher:
         each). For bulk publishing, and a worker with a backlog: a batch takes a
         while to start, so a lone publish is faster sent alone. ``guard``: what a
         compare-and-set's expectation is about (see groupcommit.py)."""
-        all_headers = message_headers(msg_id, headers)
+        all_headers = message_headers(msg_id, headers, self.id_key)
         self.check_size(subject, data, all_headers)
         stream = group_commit_stream(subject)
         if stream is None:
@@ -194,7 +225,7 @@ class Publisher:
         commit); a batch the server refuses (a duplicate Msg-Id among them, say)
         is published again one by one."""
         for subject, data, msg_id, headers in items:
-            self.check_size(subject, data, message_headers(msg_id, headers))
+            self.check_size(subject, data, message_headers(msg_id, headers, self.id_key))
         acks: list[PubAck] = []
         for start in range(0, len(items), window):
             pending = [

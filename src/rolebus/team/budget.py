@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from rolebus.wire.messages import EscalationOption, EscalationRequest
 
 __all__ = [
     "BUDGET_REASON",
@@ -15,7 +12,6 @@ __all__ = [
     "RAISE_TASK_ALLOWANCE",
     "Breach",
     "Budget",
-    "breach_request",
 ]
 
 #: The escalation reason of a budget breach (``escalation.<approver>.budget``).
@@ -37,6 +33,9 @@ class Budget(BaseModel):
     tokens_per_task: int | None = Field(default=None, ge=0)
     #: Who approves a breach (default: the target of the role's spend rule, else reports_to).
     approver: str | None = None
+    #: A breach asking for more than this goes to a person: no role decides it.
+    person_above_usd: float | None = Field(default=None, ge=0)
+    person_above_tokens: int | None = Field(default=None, ge=0)
 
     @property
     def capped(self) -> bool:
@@ -67,44 +66,3 @@ class Breach:
             f"{role} would pass its {self.cap} cap of {amount(self.limit)}: it spent "
             f"{amount(self.spent)}, this call needs up to {amount(self.needs)}"
         )
-
-
-def breach_request(
-    role: str, approver: str | None, breach: Breach, *, usd: float | None
-) -> EscalationRequest:
-    """The approval a breach asks for: who, why, and the options with their amounts."""
-    # What the call may need, not only the shortfall: the resumed task's prompt also
-    # carries the decision, so it asks for a little more than the refused one.
-    is_usd = breach.cap.startswith("usd")
-    grant = max(breach.shortfall, breach.needs)
-    tokens = 0 if is_usd else math.ceil(grant)
-    dollars = round(grant, 6) if is_usd else 0.0
-    amount = f"${dollars:.4f}" if is_usd else f"{tokens:,} tokens"
-    cost = f" (this call: up to ${usd:.2f})" if usd is not None else ""
-    return EscalationRequest(
-        reason=BUDGET_REASON,
-        to=approver,
-        approval=True,
-        question=f"{breach.describe(role)}{cost}. Approve to let the task go on.",
-        options=[
-            EscalationOption.model_validate(
-                {
-                    "name": RAISE_TASK_ALLOWANCE,
-                    "tradeoffs": f"this task may spend {amount} more; the caps stay",
-                    "tokens": tokens,
-                    "usd": dollars,
-                }
-            ),
-            EscalationOption.model_validate(
-                {
-                    "name": RAISE_DAILY_CAP,
-                    "tradeoffs": f"raise {role}'s {breach.cap} by {amount} for every task today "
-                    "(decide with this option's name in the decision)",
-                    "cap": breach.cap,
-                    "tokens": tokens,
-                    "usd": dollars,
-                }
-            ),
-            EscalationOption(name="reject", tradeoffs="end the task rejected, nothing spent"),
-        ],
-    )

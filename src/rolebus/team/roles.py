@@ -16,7 +16,6 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -28,10 +27,12 @@ from pydantic import (
 
 from rolebus.errors import RoleError, SubjectError
 from rolebus.team.budget import Budget
+from rolebus.team.durations import Duration
 from rolebus.wire.subjects import role_filter_subjects, validate_role_id, validate_token
 
 __all__ = [
     "PERSON",
+    "Brakes",
     "CommandHandler",
     "EscalationRule",
     "LlmHandler",
@@ -42,38 +43,11 @@ __all__ = [
     "Team",
     "load_role",
     "load_team",
-    "parse_duration",
     "with_model",
 ]
 
 #: Above the top of the chart: a person, through the CLI or the dashboard (no role id).
 PERSON: Final = "person"
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-#: The longest duration a role file may set: far beyond any real ack_wait or
-#: timeout, and well inside what the server stores (nanoseconds in 64 bits).
-MAX_DURATION = 365 * 86400.0
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from ``30``, ``"30s"``, ``"500ms"``, ``"5m"``, ``"2h"`` or ``"1d"``."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like '30s'")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    else:
-        raise ValueError(f"{value!r} is not a duration: use seconds (30) or '30s', '5m', '2h'")
-    if seconds <= 0:
-        raise ValueError("a duration must be positive")
-    if seconds > MAX_DURATION:
-        raise ValueError(f"{value!r} is longer than the longest duration allowed, 365d")
-    return seconds
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Strict(BaseModel):
@@ -110,6 +84,8 @@ class LlmHandler(_Strict):
     max_repairs: int = Field(default=2, ge=0, le=10)
     #: Retries of a call the server refused for now (429, 5xx), honouring Retry-After.
     max_retries: int = Field(default=3, ge=0, le=20)
+    #: The longest a server's Retry-After may pause this model's callers.
+    max_retry_after: Duration = 60.0
     prices: ModelPrices | None = None
     #: Stream the answer (shown as the task's progress) when the server allows it.
     stream: bool = True
@@ -154,6 +130,9 @@ class NeverRule(_Strict):
     kinds: list[str] = Field(min_length=1)
     action: Literal["approval", "handoff", "refuse"]
     to: str | None = None
+    #: An approval for a task whose ``payload.usd`` is above this (or not a number)
+    #: goes to a person, whatever ``to`` is: no role decides it.
+    person_above_usd: float | None = Field(default=None, ge=0)
 
 
 class EscalationRule(_Strict):
@@ -162,6 +141,18 @@ class EscalationRule(_Strict):
     reason: str
     to: str
     timeout: Duration = 3600.0
+
+
+class Brakes(_Strict):
+    """Bounds on the work one flow (a correlation) may make this role send: met, the
+    task parks and asks ``reports_to`` (approving lets the flow go as far again).
+    The defaults are far above any real flow and stop a storm within seconds."""
+
+    follow_ups_per_task: int = Field(default=20, ge=1, le=10_000)
+    #: Follow-up generations below the flow's root task.
+    depth: int = Field(default=12, ge=1, le=1000)
+    #: Tasks this role sends in one flow.
+    tasks_per_flow: int = Field(default=200, ge=1, le=1_000_000)
 
 
 class Slo(_Strict):
@@ -190,6 +181,10 @@ class RoleSpec(_Strict):
     backoff: list[Duration] = Field(default_factory=lambda: [1.0, 5.0, 30.0])
     never: list[NeverRule] = Field(default_factory=list)
     escalate: list[EscalationRule] = Field(default_factory=list)
+    #: How many times one task may ask (escalate) before the bus asks the role's
+    #: ``reports_to`` whether it may go on (a brake: approving allows as many more).
+    max_escalations: int = Field(default=5, ge=1, le=1000)
+    brakes: Brakes = Field(default_factory=Brakes)
     slo: Slo = Field(default_factory=Slo)
     budget: Budget = Field(default_factory=Budget)
     persona: str = ""

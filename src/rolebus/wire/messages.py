@@ -12,12 +12,22 @@ import math
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 __all__ = [
+    "EARLIEST",
     "EVENT_SCHEMA_VERSION",
+    "LATEST",
+    "MAX_COUNT",
     "MAX_DEPTH",
     "SCHEMA_VERSION",
     "Decision",
@@ -29,10 +39,13 @@ __all__ = [
     "FollowUp",
     "Handoff",
     "HandoffRequest",
+    "Identifier",
+    "Instant",
     "Outcome",
     "OutcomeStatus",
     "Task",
     "Usage",
+    "as_utc",
     "check_value",
     "from_nanoseconds",
     "new_id",
@@ -96,6 +109,36 @@ def utc_now() -> datetime:
 
 #: The epoch, in UTC: a delivery's time is an offset from it.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The times a message may carry (subjects.md): a time outside them is refused at
+#: decode, so no reader ever computes with a year 9999 that overflows once shifted.
+EARLIEST = _EPOCH
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` in UTC, inside [EARLIEST, LATEST). RFC 3339 without an offset is
+    read as UTC rather than refused: other languages' clients often omit it."""
+    try:
+        moment = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        moment = None
+    if moment is None or not EARLIEST <= moment < LATEST:
+        raise ValueError(
+            f"time {value.isoformat()} is out of range: give a UTC time from "
+            f"{EARLIEST:%Y} to before {LATEST:%Y} (RFC 3339)"
+        )
+    return moment
+
+
+#: The most any count in a message may say (far above any real one): a larger one is
+#: refused at validation rather than carried into a ledger or an encoder.
+MAX_COUNT = 10**12
+#: A time every message field uses: UTC, in range (see :func:`as_utc`).
+Instant = Annotated[datetime, AfterValidator(as_utc)]
+#: An id that may stand in a subject token or a KV key (see subjects.md).
+Identifier = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_\-]+$")
+]
 
 
 def from_nanoseconds(nanoseconds: int) -> datetime:
@@ -115,17 +158,10 @@ class Envelope(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     id: str = Field(default_factory=new_id, min_length=1, max_length=256)
-    from_role: str | None = None
-    correlation_id: str | None = None
-    causation_id: str | None = None
-    created_at: datetime = Field(default_factory=utc_now)
-
-    @field_validator("created_at")
-    @classmethod
-    def _as_utc(cls, value: datetime) -> datetime:
-        # RFC 3339 without an offset is read as UTC rather than refused: other
-        # languages' clients often omit it.
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    from_role: Identifier | None = None
+    correlation_id: Identifier | None = None
+    causation_id: Identifier | None = None
+    created_at: Instant = Field(default_factory=utc_now)
 
     @field_validator("schema_version")
     @classmethod
@@ -158,7 +194,10 @@ class Task(Envelope):
     title: str
     payload: dict[str, Any] = Field(default_factory=dict)
     priority: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
-    deadline: datetime | None = None
+    deadline: Instant | None = None
+    #: How many tasks this one may still cause in its flow (set by the bus on a
+    #: follow-up: a share of its cause's; None: the receiving role's own limit).
+    flow_budget: int | None = Field(default=None, ge=0, le=MAX_COUNT)
 
     @field_validator("payload")
     @classmethod
@@ -227,7 +266,7 @@ class Event(Envelope):
     role: str | None = None
     subject: str | None = None
     attempt: int = 0
-    at: datetime = Field(default_factory=utc_now)
+    at: Instant = Field(default_factory=utc_now)
     result: Any = None
     error: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict)
@@ -286,11 +325,14 @@ class Usage(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     model: str
-    calls: int = Field(default=0, ge=0)
-    reused_calls: int = Field(default=0, ge=0)
-    prompt_tokens: int = Field(default=0, ge=0)
-    completion_tokens: int = Field(default=0, ge=0)
-    cost_usd: float | None = Field(default=None, ge=0)
+    calls: int = Field(default=0, ge=0, le=MAX_COUNT)
+    reused_calls: int = Field(default=0, ge=0, le=MAX_COUNT)
+    prompt_tokens: int = Field(default=0, ge=0, le=MAX_COUNT)
+    completion_tokens: int = Field(default=0, ge=0, le=MAX_COUNT)
+    cost_usd: float | None = Field(default=None, ge=0, le=MAX_COUNT)
+    #: How the figures were checked: ``clamped`` (the server reported more than the
+    #: request could cost, or less than nothing), ``estimated`` (it reported none).
+    flags: list[str] = Field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -309,6 +351,7 @@ class Usage(BaseModel):
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             cost_usd=cost,
+            flags=sorted({*self.flags, *other.flags}),
         )
 
 

@@ -30,6 +30,7 @@ from rolebus.flows.escalation import (
 )
 from rolebus.flows.handoffs import answer_effects, offer_effects
 from rolebus.flows.inputs import (
+    Breach,
     Completed,
     Escalated,
     Failed,
@@ -38,6 +39,8 @@ from rolebus.flows.inputs import (
     Refused,
 )
 from rolebus.flows.record import TaskState
+from rolebus.handlers.base import BudgetBreachError
+from rolebus.team.authority import approver_for, quoted, refusal
 from rolebus.team.roles import PERSON, NeverRule, RoleSpec, Team
 from rolebus.wire.messages import (
     Envelope,
@@ -49,6 +52,7 @@ from rolebus.wire.messages import (
     utc_now,
 )
 from rolebus.wire.subjects import escalation_subject, task_subject
+from rolebus.worker.brakes import BrakeCheck
 
 __all__ = ["Answers", "Item"]
 
@@ -72,6 +76,7 @@ class Answers:
         escalations: EscalationStore,
         contracts: ContractRegistry,
     ) -> None:
+        self.brakes = BrakeCheck(role)
         self.role = role
         self.team = team
         self.escalations = escalations
@@ -84,10 +89,40 @@ class Answers:
         unknown role, a contract that breaks its predecessor) is a permanent
         failure with the reason."""
         answered = outcome.model_dump(mode="json", exclude_defaults=True)
+        refused = refusal(outcome, self.role)
+        if refused is not None:
+            why = f"refused: {refused}"
+            return self.failed(record, why, answered, attempt=attempt, now=now)
         try:
             return await self._prepare(item, record, outcome, answered, attempt=attempt, now=now)
         except (RoleError, ContractError) as error:
             return self.failed(record, error.message, answered, attempt=attempt, now=now)
+
+    async def breach(
+        self,
+        item: Item,
+        record: TaskState,
+        breach: BudgetBreachError,
+        *,
+        attempt: int,
+        now: datetime,
+    ) -> Escalated:
+        """The budget gate refused a call: park for the approval the bus asked."""
+        answered: dict[str, Any] = {"status": "escalate", "escalation": breach.request.model_dump()}
+        if breach.usage is not None:
+            answered["usage"] = breach.usage.model_dump(mode="json")
+        return await self.escalate(
+            item,
+            record,
+            breach.request,
+            [],
+            record.sent,
+            approval=True,
+            now=now,
+            attempt=attempt,
+            outcome=answered,
+            made_by_bus=True,
+        )
 
     def failed(
         self,
@@ -101,6 +136,7 @@ class Answers:
     ) -> Failed:
         return Failed(
             now=now,
+            subject=record.subject,
             attempt=attempt,
             outcome=answered,
             error=error,
@@ -120,13 +156,30 @@ class Answers:
         now: datetime,
     ) -> Input:
         task = item.task
-        follow_ups = follow_up_tasks(task, outcome.tasks, role=self.role.id, first=record.sent + 1)
+        flow_brake, share = self.brakes.flow(task, record, len(outcome.tasks))
+        if flow_brake is not None:  # nothing of this answer is sent: the task asks first
+            return await self.escalate(
+                item,
+                record,
+                flow_brake,
+                [],
+                record.sent,
+                approval=True,
+                now=now,
+                attempt=attempt,
+                outcome=answered,
+                made_by_bus=True,
+            )
+        follow_ups = follow_up_tasks(
+            task, outcome.tasks, role=self.role.id, first=record.sent + 1, flow_budget=share
+        )
         sent = record.sent + len(follow_ups)
         numbered: dict[str, Any] = {
             "now": now,
             "attempt": attempt,
             "outcome": answered,
             "numbered_from": record.sent,
+            "subject": record.subject,
         }
         if outcome.status == "completed":
             extra = await self._completion_effects(item, outcome)
@@ -163,13 +216,15 @@ class Answers:
                     sent=sent,
                     **numbered,
                 )
+            brake = self.brakes.rounds(record, outcome.escalation)
             return await self.escalate(
                 item,
                 record,
-                outcome.escalation,
+                brake or outcome.escalation,
                 follow_ups,
                 sent,
-                approval=outcome.escalation.approval,
+                approval=brake is not None or outcome.escalation.approval,
+                made_by_bus=brake is not None,
                 now=now,
                 attempt=attempt,
                 outcome=answered,
@@ -192,9 +247,9 @@ class Answers:
         if rule.action == "approval":
             request = EscalationRequest(
                 reason=task.kind,
-                to=rule.to,
-                question=f"{self.role.title} asks approval to {task.kind}: {task.title} "
-                f"(rule: never {rule.what})",
+                to=approver_for(rule, task),
+                question=f"{self.role.title} asks approval to {task.kind} the task titled "
+                f"{quoted(task.title)} (rule: never {rule.what})",
             )
             return await self.escalate(
                 item,
@@ -224,6 +279,7 @@ class Answers:
             subject = task_subject(target.domains[0], task.kind, sender=self.role.id)
             return HandedOver(
                 now=now,
+                subject=record.subject,
                 attempt=attempt,
                 numbered_from=sent,
                 result={
@@ -235,7 +291,8 @@ class Answers:
                 effects=(effect(subject, moved),),
                 sent=sent + 1,
             )
-        return Refused(now=now, attempt=attempt, error=f"{self.role.id} never {rule.what}")
+        why = f"{self.role.id} never {rule.what}"
+        return Refused(now=now, attempt=attempt, subject=record.subject, error=why)
 
     async def escalate(
         self,
@@ -250,8 +307,10 @@ class Answers:
         attempt: int,
         outcome: dict[str, Any] | None = None,
         boundary: str | None = None,
+        made_by_bus: bool = False,
     ) -> Escalated:
-        """Open the escalation the task will wait for, and the messages that ask it."""
+        """Open the escalation the task will wait for, and the messages that ask it
+        (``made_by_bus``: a breach or a brake, not a handler's question)."""
         task = item.task
         to = resolve_target(self.team, self.role, request.reason, request.to)
         escalation = Escalation(
@@ -281,8 +340,10 @@ class Answers:
                 self.role.id, opened, "opened", detail={"boundary": boundary} if boundary else {}
             ),
         ]
-        return Escalated(
+        kind = Breach if made_by_bus else Escalated
+        return kind(
             now=now,
+            subject=record.subject,
             attempt=attempt,
             outcome=outcome,
             numbered_from=record.sent,

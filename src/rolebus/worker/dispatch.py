@@ -37,11 +37,10 @@ from rolebus.flows.lifecycle import step
 from rolebus.flows.limits import RateLimiter
 from rolebus.flows.record import TaskState
 from rolebus.flows.state import StateStore
-from rolebus.handlers.base import Handler, HandlerContext
+from rolebus.handlers.base import BudgetBreachError, Handler, HandlerContext
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.nats.publish import PendingPublish
-from rolebus.team.budget import BUDGET_REASON
 from rolebus.team.roles import PERSON, LlmHandler, RoleSpec, Team
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
@@ -92,6 +91,7 @@ class Dispatcher:
                 base_url=role.handler.base_url,
                 rpm=role.handler.rpm,
                 tpm=role.handler.tpm,
+                max_pause=role.handler.max_retry_after,
             )
             if isinstance(role.handler, LlmHandler) and (role.handler.rpm or role.handler.tpm)
             else None
@@ -265,7 +265,7 @@ class Dispatcher:
             decided_by=decision.decided_by,
             text=decision.decision,
             decision=decision.model_dump(mode="json"),
-            budget=escalation.reason == BUDGET_REASON,
+            reason=escalation.reason,
             orphan=self._orphan(message.subject, message.stream_seq, None),
             now=utc_now(),
             attempt=message.delivered,
@@ -296,14 +296,18 @@ class Dispatcher:
     async def _drive(
         self, delivery: Delivery, item: Item | None, record: Record, given: Input
     ) -> None:
-        while True:
-            transition = step(record.state, given)
+        async def before(transition: Transition, known: Record) -> None:
             for action in transition.before:
                 if isinstance(action, GrantBudget):
                     await self._grant(action, transition)
                 else:
-                    await self.executor.do(action, delivery, record)
-            record, transition = await self.executor.commit(delivery, record, transition, given)
+                    await self.executor.do(action, delivery, known)
+
+        while True:
+            transition = step(record.state, given)
+            record, transition = await self.executor.commit(
+                delivery, record, transition, given, before
+            )
             following: Input | None = None
             for action in transition.after:
                 if isinstance(action, Run):
@@ -374,6 +378,7 @@ class Dispatcher:
 
         self.notices.begin(message, publish_claimed)
         outcome: Outcome | None
+        breach: BudgetBreachError | None = None
         try:
             context = HandlerContext(
                 role=self.role,
@@ -398,6 +403,8 @@ class Dispatcher:
             if item.task.id not in self.cancelled or current is None or current.uncancel():
                 raise  # the worker stops: not a cancel request
             outcome = None
+        except BudgetBreachError as error:  # the bus's own gate: it asks, with its amounts
+            breach, outcome = error, None
         except RolebusError as error:
             outcome = Outcome.failed(error.message, retryable=False)
         except Exception as error:  # a handler's bug is a retryable failure, not ours
@@ -406,11 +413,13 @@ class Dispatcher:
         finally:
             self._running.pop(item.task.id, None)
         await self.notices.end(message)
-        now = utc_now()
+        now, attempt = utc_now(), message.delivered
+        if breach is not None:
+            return await self.answers.breach(item, state, breach, attempt=attempt, now=now)
         if outcome is None:  # stopped by `rolebus cancel`
-            reason = self.cancelled.get(item.task.id, "")
-            return Cancelled(now=now, attempt=message.delivered, error=f"cancelled: {reason}")
-        return await self.answers.of(item, state, outcome, attempt=message.delivered, now=now)
+            why = f"cancelled: {self.cancelled.get(item.task.id, '')}"
+            return Cancelled(now=now, attempt=attempt, subject=state.subject, error=why)
+        return await self.answers.of(item, state, outcome, attempt=attempt, now=now)
 
     def _claimed_note(self, item: Item, message: InboundMessage) -> tuple[str, Event]:
         """A note that this attempt runs (for a watcher), and where it goes."""

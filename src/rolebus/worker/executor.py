@@ -9,6 +9,7 @@ same input, so what a newer record means is decided by the table too.
 from __future__ import annotations
 
 import base64
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,12 +94,19 @@ class Executor:
         )
 
     async def commit(
-        self, delivery: Delivery, record: Record, transition: Transition, given: Input
+        self,
+        delivery: Delivery,
+        record: Record,
+        transition: Transition,
+        given: Input,
+        before: Callable[[Transition, Record], Awaitable[None]],
     ) -> tuple[Record, Transition]:
-        """Append the transition's record if nothing was written since ``record`` was
-        read; when something was, read the newest and step again with ``given``.
-        Returns the record as stored and the transition that was carried out (its
-        ``before`` actions were already done by the first)."""
+        """Do the transition's ``before`` actions, then append its record if nothing
+        was written since ``record`` was read; when something was, read the newest
+        and step again with ``given`` (its own ``before`` actions first: they are
+        idempotent, so one the first transition did already changes nothing).
+        Returns the record as stored and the transition that was carried out."""
+        await before(transition, record)
         batch = transition.rule in _BATCHED_RULES and self.has_backlog(delivery)
         while transition.write and transition.record is not None:
             written = await self.states.append(transition.record, record.revision, batch=batch)
@@ -114,6 +122,7 @@ class Executor:
                 )
             record = Record(None) if fresh is None else Record(fresh.state, fresh.revision)
             transition = step(record.state, given)
+            await before(transition, record)
             batch = False
         if transition.rule == "again":
             self.stats.redelivered_done += 1
