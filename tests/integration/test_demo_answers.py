@@ -2,9 +2,11 @@
 records moved into the history stream (``demo_answers.json``, made by
 ``demo_answers.py`` at the commit before that change).
 
-One difference is deliberate and taken out before comparing: since then a role
-sends under its own token (``task.architecture.design.pm``; subjects.md, "Who
-sent it"), so the subjects ``rolebus tasks`` lists carry their sender."""
+Two differences are deliberate. Since then a role sends under its own token
+(``task.architecture.design.pm``; subjects.md, "Who sent it"), so the subjects
+``rolebus tasks`` lists carry their sender: taken out before comparing. And a
+boundary's approval question quotes the task's title as data (``the task titled
+«...»``: the model is untrusted, README), which demo_answers.json was updated for."""
 
 from __future__ import annotations
 

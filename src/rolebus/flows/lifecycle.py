@@ -169,15 +169,14 @@ def _resume(record: TaskState | None, given: Input) -> Transition:
     # A new attempt starts: what the last one answered is not this one's.
     fresh = {"attempt": given.attempt, "started_at": given.now, "result": None, "error": None}
     fresh |= {"outcome": None, "effects": [], "usage_reported": False}
+
+    def end_as(ending: type[Refused | Cancelled], error: str, rule: str) -> Transition:
+        answer = ending(now=given.now, attempt=given.attempt, error=error, detail=detail)
+        ended = _end(_changed(record, given.now, None, **fresh), answer)
+        return Transition(ended.record, True, before, ended.after, rule=rule)
+
     if given.approval and given.approved is False:
-        refused = Refused(
-            now=given.now,
-            attempt=given.attempt,
-            error=f"not approved by {given.decided_by}: {given.text}",
-            detail=detail,
-        )
-        ended = _end(_changed(record, given.now, None, **fresh), refused)
-        return Transition(ended.record, True, before, ended.after, rule="reject")
+        return end_as(Refused, f"not approved by {given.decided_by}: {given.text}", "reject")
     if given.approval:
         detail["approved_by"] = given.decided_by
         if given.reason == BUDGET_REASON:
@@ -185,14 +184,7 @@ def _resume(record: TaskState | None, given: Input) -> Transition:
         elif given.reason == BRAKE_REASON:
             detail["brakes_approved"] = int(detail.get("brakes_approved", 0)) + 1
     if given.cancelled is not None:
-        cancel = Cancelled(
-            now=given.now,
-            attempt=given.attempt,
-            error=f"cancelled: {given.cancelled}",
-            detail=detail,
-        )
-        ended = _end(_changed(record, given.now, None, **fresh), cancel)
-        return Transition(ended.record, True, before, ended.after, rule="cancel")
+        return end_as(Cancelled, f"cancelled: {given.cancelled}", "cancel")
     # The `resumed` record says which decision runs the task (and keeps it).
     resumed = _changed(record, given.now, None, state=RESUMED, detail=detail, **fresh)
     return Transition(resumed, True, before, (Run(),), rule="resume")

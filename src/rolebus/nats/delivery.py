@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from rolebus.nats.protocol import delivery_numbers
 from rolebus.wire.codec import Origin
 from rolebus.wire.headers import Header
+from rolebus.wire.messages import from_nanoseconds
 
 __all__ = ["InboundMessage", "KvChange", "StoredMessage", "Subscription"]
 
@@ -59,6 +60,17 @@ class InboundMessage:
     @property
     def data(self) -> bytes:
         return self._msg.data
+
+    def stored(self, stream: str) -> StoredMessage:
+        """This delivery as the message ``stream`` stores (for a dead letter, a reader)."""
+        return StoredMessage(
+            stream=stream,
+            seq=self.stream_seq,
+            subject=self.subject,
+            time=from_nanoseconds(self.time_ns),
+            headers=self.headers,
+            data=self.data,
+        )
 
     def origin(self) -> Origin:
         """Where it is stored (see :class:`~rolebus.wire.codec.Origin`)."""

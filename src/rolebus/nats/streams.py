@@ -20,7 +20,6 @@ from rolebus.nats.protocol import API, parse_time_stamp
 from rolebus.nats.puller import CoreNats, Puller
 from rolebus.nats.translate import TIMEOUTS, Denials, translated
 from rolebus.wire.headers import Header
-from rolebus.wire.messages import from_nanoseconds
 
 __all__ = ["StreamReader"]
 
@@ -139,14 +138,7 @@ class StreamReader:
                 async with contextlib.aclosing(self._pull(stream, info.name, batch)) as pulled:
                     async for message in pulled:
                         last_seq = message.stream_seq
-                        yield StoredMessage(
-                            stream=stream,
-                            seq=message.stream_seq,
-                            subject=message.subject,
-                            time=from_nanoseconds(message.time_ns),
-                            headers=message.headers,
-                            data=message.data,
-                        )
+                        yield message.stored(stream)
                         if message.pending == 0 and not follow:
                             return
             finally:

@@ -41,6 +41,8 @@ class Reply:
     retry_after: float | None = None
     delay: float = 0.0
     error: str = ""
+    #: The usage the server reports (a server may lie); None: counted from the text.
+    usage: dict[str, Any] | None = None
 
     @classmethod
     def with_outcome(cls, outcome: dict[str, Any], *, delay: float = 0.0) -> Reply:
@@ -224,7 +226,7 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
                 }
             prompt_tokens = len(json.dumps(body.get("messages", []))) // 4
             completion_tokens = max(1, len(content or "") // 4)
-            usage = {
+            usage = reply.usage or {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
@@ -243,11 +245,7 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
                     "created": int(time.time()),
                     "model": body.get("model", "test-model"),
                     "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens,
-                    },
+                    "usage": usage,
                 },
                 {},
             )

@@ -111,10 +111,23 @@ class Answers:
         answered: dict[str, Any] = {"status": "escalate", "escalation": breach.request.model_dump()}
         if breach.usage is not None:
             answered["usage"] = breach.usage.model_dump(mode="json")
+        return await self._bus_asks(item, record, breach.request, answered, attempt, now)
+
+    async def _bus_asks(
+        self,
+        item: Item,
+        record: TaskState,
+        request: EscalationRequest,
+        answered: dict[str, Any],
+        attempt: int,
+        now: datetime,
+    ) -> Escalated:
+        """Park for an approval the bus asks (a breach, a brake): nothing of the
+        answer that met it is sent."""
         return await self.escalate(
             item,
             record,
-            breach.request,
+            request,
             [],
             record.sent,
             approval=True,
@@ -157,19 +170,8 @@ class Answers:
     ) -> Input:
         task = item.task
         flow_brake, share = self.brakes.flow(task, record, len(outcome.tasks))
-        if flow_brake is not None:  # nothing of this answer is sent: the task asks first
-            return await self.escalate(
-                item,
-                record,
-                flow_brake,
-                [],
-                record.sent,
-                approval=True,
-                now=now,
-                attempt=attempt,
-                outcome=answered,
-                made_by_bus=True,
-            )
+        if flow_brake is not None:
+            return await self._bus_asks(item, record, flow_brake, answered, attempt, now)
         follow_ups = follow_up_tasks(
             task, outcome.tasks, role=self.role.id, first=record.sent + 1, flow_budget=share
         )

@@ -35,7 +35,7 @@ from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.team.roles import RoleSpec
 from rolebus.wire.headers import Header
-from rolebus.wire.messages import Event, from_nanoseconds
+from rolebus.wire.messages import Event
 from rolebus.wire.subjects import WORK_STREAM, last_try_subject
 
 __all__ = ["Delivery", "DispatchStats", "Executor", "Record"]
@@ -177,7 +177,7 @@ class Executor:
     async def _dead_letter(self, delivery: Delivery, action: DeadLetter) -> None:
         """The one dead-letter path: the message goes to ``dlq.>`` with the reason
         (for the worker's own give-ups and for the server's)."""
-        original = _stored(delivery)
+        original = delivery if isinstance(delivery, StoredMessage) else delivery.stored(WORK_STREAM)
         await dlq.dead_letter(
             self.connection,
             subject=original.subject,
@@ -245,16 +245,3 @@ class Executor:
                 if key in state.detail
             },
         )
-
-
-def _stored(delivery: Delivery) -> StoredMessage:
-    if isinstance(delivery, StoredMessage):
-        return delivery
-    return StoredMessage(
-        stream=WORK_STREAM,
-        seq=delivery.stream_seq,
-        subject=delivery.subject,
-        time=from_nanoseconds(delivery.time_ns),
-        headers=delivery.headers,
-        data=delivery.data,
-    )
