@@ -3,17 +3,35 @@ chat-completions server."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
 import pytest
 
 from rolebus.bus import Bus
-from rolebus.flows.budgets import BudgetLedger
+from rolebus.flows.budgets import BudgetLedger, today
 from rolebus.flows.escalation import EscalationStore, resolve
+from rolebus.flows.escalation_records import EscalationRecord
 from rolebus.history.replay import read_events
 from rolebus.nats.server import EmbeddedServer
+from rolebus.team.roles import Team
 from rolebus.testing import LlmServer, Reply, wait_for
+from rolebus.wire.subjects import BUDGETS_BUCKET
 
 from ..conftest import CliRunner
-from .llm_team import StartTeam, until
+from .llm_team import StartTeam, until, write_llm_team
+
+
+def records_of(bus: Bus, team: Team) -> Callable[[str], Awaitable[EscalationRecord | None]]:
+    """Escalation records as a worker's ledger reads them (to verify grants)."""
+    store = EscalationStore(bus.connection, writer="person", team=team)
+
+    async def escalation(escalation_id: str) -> EscalationRecord | None:
+        found = await store.get(escalation_id)
+        return None if found is None else found.record
+
+    return escalation
 
 
 async def test_a_task_over_its_token_cap_asks_the_cto_before_any_call(
@@ -35,7 +53,9 @@ async def test_a_task_over_its_token_cap_asks_the_cto_before_any_call(
     await resolve(rolebus_bus.connection, team, record.id, decision="ok", approved=True)
     await until(rolebus_bus, task.id, "completed")
     assert llm_server.answered == 1
-    spent = await BudgetLedger(rolebus_bus.connection).spent_on("eng-be", task.id)
+    ledger = BudgetLedger(rolebus_bus.connection, escalations=records_of(rolebus_bus, team))
+    spent = await ledger.allowed_on(team.role("eng-be"), task.id)
+    assert spent.granted == (record.id,)  # the entry names the approval; the record says how much
     assert spent.allowance_tokens == allowance
     assert 0 < spent.tokens <= 500 + allowance
 
@@ -65,15 +85,23 @@ async def test_a_raised_daily_cap_lasts_the_day_and_leaves_the_operators_caps_al
         rolebus_bus.connection, team, record.id, decision="raise-daily-cap", approved=True
     )
     await until(rolebus_bus, task.id, "completed")
-    ledger = BudgetLedger(rolebus_bus.connection)
-    today = await ledger.spent_today("eng-be")
-    assert today.allowance_tokens == tokens  # today's entry, which eng-be's user may write
-    assert (await ledger.spent_on("eng-be", task.id)).allowance_tokens == 0
-    caps = await ledger.caps(team.role("eng-be"))
+    ledger = BudgetLedger(rolebus_bus.connection, escalations=records_of(rolebus_bus, team))
+    role = team.role("eng-be")
+    assert (await ledger.allowed_today(role)).allowance_tokens == tokens  # as the approval says
+    assert (await ledger.allowed_on(role, task.id)).allowance_tokens == 0
+    caps = await ledger.caps(role)
     assert caps.tokens_per_day == 300  # the caps (the operator's) are as the role file says
     # A redelivered decision raises nothing more.
-    await ledger.raise_today("eng-be", tokens=tokens, usd=0.0, because=record.id)
-    assert (await ledger.spent_today("eng-be")).allowance_tokens == tokens
+    await ledger.approve(role, task.id, escalation_id=record.id)
+    assert (await ledger.allowed_today(role)).allowance_tokens == tokens
+    # The role writes its own day entry: an allowance it writes there counts for nothing,
+    # and an id that is not an approval of its own is not one.
+    await rolebus_bus.connection.kv.put(
+        BUDGETS_BUCKET,
+        f"eng-be.day.{today()}",
+        json.dumps({"allowance_tokens": 10**12, "granted": [record.id, "made-up"]}).encode(),
+    )
+    assert (await ledger.allowed_today(role)).allowance_tokens == tokens
 
 
 async def test_two_replicas_on_one_daily_cap_never_overspend_it_together(
@@ -201,3 +229,34 @@ async def test_an_urgent_task_goes_before_background_work_when_the_limit_is_shor
     ]
     assert order.index("title: urgent") <= 2  # not behind the background work
     assert order[-1] != "title: urgent"
+
+
+async def test_a_reservation_left_by_a_worker_that_died_expires_and_a_settled_one_counts_its_cost(
+    rolebus_bus: Bus, tmp_path: Path
+) -> None:
+    team = write_llm_team(
+        tmp_path / "roles", "http://127.0.0.1:9/v1", budget="tokens_per_day = 1000"
+    )
+    role = team.role("eng-be")
+    ledger = BudgetLedger(rolebus_bus.connection)
+    # A call reserves its worst case, and its worker dies before it settles.
+    assert (
+        await ledger.reserve(role, "t1", tokens=900, usd=None, reservation="r1", expires_in=0.5)
+        is None
+    )
+    refused = await ledger.reserve(
+        role, "t2", tokens=200, usd=None, reservation="r2", expires_in=60
+    )
+    assert refused is not None  # while it holds, it counts
+
+    async def expired() -> bool:
+        return (await ledger.spent_today("eng-be")).tokens == 0
+
+    await wait_for(expired, timeout=10)
+    assert (
+        await ledger.reserve(role, "t2", tokens=200, usd=None, reservation="r2", expires_in=60)
+        is None
+    )
+    await ledger.settle("eng-be", "t2", reservation="r2", used=(150, 0.0))
+    assert (await ledger.spent_today("eng-be")).tokens == 150  # the cost, not the worst case
+    assert (await ledger.spent_on("eng-be", "t2")).tokens == 150

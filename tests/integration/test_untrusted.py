@@ -341,3 +341,16 @@ async def test_a_retry_after_of_an_hour_is_capped_and_garbage_in_the_shared_limi
     first, second = llm_server.requests
     assert first.status == 429
     assert 0.9 <= second.at - first.at < 10  # the server said an hour
+
+
+async def test_a_task_with_its_flows_tokens_spent_asks_before_it_calls_the_model(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    team, _ = await start_llm_team()
+    poor = Task(kind="x", title="deep in a storm", flow_tokens=10)
+    await rolebus_bus.publish("task.backend.x", poor)
+    await until(rolebus_bus, poor.id, "input-required")
+    assert llm_server.requests == []  # the call that would pass the flow's tokens did not happen
+    [record] = await EscalationStore(rolebus_bus.connection, writer="person", team=team).all()
+    assert (record.reason, record.kind) == ("budget", "approval")
+    assert "tokens_per_flow" in record.question

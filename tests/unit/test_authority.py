@@ -164,3 +164,27 @@ def test_a_spend_above_the_rules_amount_or_without_one_is_a_persons_to_approve(
         what="spend", kinds=["spend"], action="approval", to="cto", person_above_usd=100
     )
     assert approver_for(rule, Task(kind="spend", title="t", payload=payload)) == approver
+
+
+def test_follow_ups_share_what_their_cause_may_still_cause_and_spend() -> None:
+    from rolebus.flows.record import TaskState
+    from rolebus.team.roles import Brakes
+    from rolebus.worker.brakes import BrakeCheck
+
+    role = ROLE.model_copy(update={"brakes": Brakes(tasks_per_flow=10, tokens_per_flow=1000)})
+    check = BrakeCheck(role)
+    record = TaskState(task_id="root", state="claimed", role="eng-be", subject="task.backend.x")
+    root = Task(id="root", kind="build", title="t")
+    brake, shares = check.flow(root, record, 2, spent_tokens=200)
+    assert brake is None
+    assert (shares.tasks, shares.tokens) == (4, 400)  # (10 - 2) // 2, (1000 - 200) // 2
+    child = Task(id="root-1", kind="build", title="t", correlation_id="root", flow_budget=4)
+    assert check.flow(child, record, 2, spent_tokens=0)[1].tasks == 1
+    poor = Task(id="root-1-1", kind="build", title="t", correlation_id="root", flow_budget=1)
+    brake, _ = check.flow(poor, record, 2, spent_tokens=0)
+    assert brake is not None
+    assert "tasks_per_flow = 10" in brake.question
+    # A role never takes more than its own limit, whatever a task says it was given.
+    rich = Task(id="x", kind="build", title="t", flow_tokens=10**9, flow_budget=10**9)
+    assert check.tokens_for(rich) == 1000
+    assert check.flow(rich, record, 20, spent_tokens=0)[0] is not None

@@ -55,9 +55,10 @@ def follow_up_tasks(
     role: str,
     first: int,
     flow_budget: int | None = None,
+    flow_tokens: int | None = None,
 ) -> list[Effect]:
-    """Follow-up tasks, numbered from ``first``, in the cause's flow, each with
-    ``flow_budget`` (the share of its cause's it may still cause)."""
+    """Follow-up tasks, numbered from ``first``, in the cause's flow, each with its
+    share of what its cause may still cause (``flow_budget``) and spend (``flow_tokens``)."""
     effects = []
     for number, follow_up in enumerate(follow_ups, start=first):
         parsed = parse_subject(follow_up.subject)
@@ -82,6 +83,7 @@ def follow_up_tasks(
             correlation_id=task.flow_id,
             causation_id=task.id,
             flow_budget=flow_budget,
+            flow_tokens=flow_tokens,
         )
         effects.append(effect(with_sender(parsed.subject, role), child))
     return effects

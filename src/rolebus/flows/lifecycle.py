@@ -97,6 +97,11 @@ ENDINGS: Final[Mapping[type[Ending], str]] = {
 }
 
 
+#: The actions most transitions end with (built once: they carry nothing).
+_OUTBOX_THEN_ACK: Final[tuple[Action, ...]] = (Publish(), Ack())
+_RUN: Final[tuple[Action, ...]] = (Run(),)
+
+
 def stage_of(record: TaskState | None) -> str:
     return NEW if record is None else record.state
 
@@ -117,7 +122,7 @@ def _again(record: TaskState | None, _input: Input) -> Transition:
     handler does not run twice."""
     last_try = isinstance(_input, Delivered | Decided) and _input.last_try and record is not None
     before: tuple[Action, ...] = (KeepLastTry(record.task_id),) if last_try and record else ()
-    return Transition(record, before=before, after=(Publish(), Ack()), rule="again")
+    return Transition(record, before=before, after=_OUTBOX_THEN_ACK, rule="again")
 
 
 def _claim(record: TaskState | None, given: Input) -> Transition:
@@ -136,7 +141,7 @@ def _claim(record: TaskState | None, given: Input) -> Transition:
         )
         ended = _end(claimed, ending)
         return Transition(ended.record, True, before, ended.after, rule="cancel")
-    return Transition(claimed, before=before, after=(Run(),), rule="run")
+    return Transition(claimed, before=before, after=_RUN, rule="run")
 
 
 def _resume(record: TaskState | None, given: Input) -> Transition:
@@ -187,7 +192,7 @@ def _resume(record: TaskState | None, given: Input) -> Transition:
         return end_as(Cancelled, f"cancelled: {given.cancelled}", "cancel")
     # The `resumed` record says which decision runs the task (and keeps it).
     resumed = _changed(record, given.now, None, state=RESUMED, detail=detail, **fresh)
-    return Transition(resumed, True, before, (Run(),), rule="resume")
+    return Transition(resumed, True, before, _RUN, rule="resume")
 
 
 def _orphan_decision(record: TaskState | None, given: Input) -> Transition:
@@ -239,7 +244,7 @@ def _end(record: TaskState | None, given: Input) -> Transition:
         detail=detail,
         source=None,  # a finished task is resumed by nothing
     )
-    return Transition(ended, True, after=(Publish(), Ack()), rule="end")
+    return Transition(ended, True, after=_OUTBOX_THEN_ACK, rule="end")
 
 
 def _park(record: TaskState | None, given: Input) -> Transition:
@@ -267,7 +272,7 @@ def _park(record: TaskState | None, given: Input) -> Transition:
         error=None,
         source=dict(given.source),
     )
-    return Transition(parked, True, after=(Publish(), Ack()), rule="park")
+    return Transition(parked, True, after=_OUTBOX_THEN_ACK, rule="park")
 
 
 def _fail(record: TaskState | None, given: Input) -> Transition:

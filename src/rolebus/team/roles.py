@@ -151,8 +151,10 @@ class Brakes(_Strict):
     follow_ups_per_task: int = Field(default=20, ge=1, le=10_000)
     #: Follow-up generations below the flow's root task.
     depth: int = Field(default=12, ge=1, le=1000)
-    #: Tasks this role sends in one flow.
+    #: Tasks one task this role receives may cause below it.
     tasks_per_flow: int = Field(default=200, ge=1, le=1_000_000)
+    #: Model tokens one task this role receives may spend, with what it causes.
+    tokens_per_flow: int = Field(default=2_000_000, ge=1, le=10**12)
 
 
 class Slo(_Strict):

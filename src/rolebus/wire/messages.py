@@ -198,6 +198,9 @@ class Task(Envelope):
     #: How many tasks this one may still cause in its flow (set by the bus on a
     #: follow-up: a share of its cause's; None: the receiving role's own limit).
     flow_budget: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+    #: The model tokens this task, with what it causes, may still spend in its flow
+    #: (set like ``flow_budget``; None: the receiving role's own limit).
+    flow_tokens: int | None = Field(default=None, ge=0, le=MAX_COUNT)
 
     @field_validator("payload")
     @classmethod

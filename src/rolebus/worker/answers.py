@@ -169,11 +169,17 @@ class Answers:
         now: datetime,
     ) -> Input:
         task = item.task
-        flow_brake, share = self.brakes.flow(task, record, len(outcome.tasks))
+        spent = outcome.usage.tokens if outcome.usage is not None else 0
+        flow_brake, shares = self.brakes.flow(task, record, len(outcome.tasks), spent_tokens=spent)
         if flow_brake is not None:
             return await self._bus_asks(item, record, flow_brake, answered, attempt, now)
         follow_ups = follow_up_tasks(
-            task, outcome.tasks, role=self.role.id, first=record.sent + 1, flow_budget=share
+            task,
+            outcome.tasks,
+            role=self.role.id,
+            first=record.sent + 1,
+            flow_budget=shares.tasks,
+            flow_tokens=shares.tokens,
         )
         sent = record.sent + len(follow_ups)
         numbered: dict[str, Any] = {

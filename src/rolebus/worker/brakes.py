@@ -7,12 +7,14 @@ approving lets the task go as far again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rolebus.flows.record import TaskState
 from rolebus.team.authority import brake_request, depth_in_flow, quoted
 from rolebus.team.roles import RoleSpec
 from rolebus.wire.messages import EscalationRequest, Task
 
-__all__ = ["BrakeCheck"]
+__all__ = ["BrakeCheck", "Shares"]
 
 
 class BrakeCheck:
@@ -35,36 +37,60 @@ class BrakeCheck:
             asked=asked + quoted(request.question),
         )
 
+    def tokens_for(self, task: Task) -> int:
+        """The model tokens ``task`` (with what it causes) may still spend in its flow:
+        what it was given, never more than this role's own ``tokens_per_flow``. The
+        budget gate refuses a call past it, and asks like any budget breach."""
+        limit = self.role.brakes.tokens_per_flow
+        return limit if task.flow_tokens is None else min(task.flow_tokens, limit)
+
     def flow(
-        self, task: Task, record: TaskState, follow_ups: int
-    ) -> tuple[EscalationRequest | None, int]:
-        """The brake these follow-ups meet (None: none), and the flow budget each of
-        them gets: what this task may still cause, less what it sends, shared out.
-        No write: the bound travels with the work (``Task.flow_budget``), and each
-        role takes the smaller of what it received and its own limit, so a flow's
-        tasks below any root stay bounded without a counter anyone could poison."""
+        self, task: Task, record: TaskState, follow_ups: int, *, spent_tokens: int
+    ) -> tuple[EscalationRequest | None, Shares]:
+        """The brake these follow-ups meet (None: none), and what each of them gets:
+        what this task may still cause (and spend), less what it sends (and spent),
+        shared out. No write: the bounds travel with the work (``Task.flow_budget``,
+        ``Task.flow_tokens``), and each role takes the smaller of what it received
+        and its own limit, so a flow below any root stays bounded without a counter
+        anyone could poison."""
+        if not follow_ups:
+            return None, _NONE
         brakes = self.role.brakes
         approved = int(record.detail.get("brakes_approved", 0))
         times = 1 + approved
         limit = brakes.tasks_per_flow
         budget = min(limit if task.flow_budget is None else task.flow_budget, limit)
         budget += limit * approved
-        if not follow_ups:
-            return None, 0
         fan_out = brakes.follow_ups_per_task * times
         if follow_ups > fan_out:
             asked = f"task {task.id} asks to send {follow_ups} follow-ups at once"
-            return brake_request(
+            request = brake_request(
                 self.role, limit="follow_ups_per_task", value=fan_out, asked=asked
-            ), 0
-        depth = brakes.depth * times
-        if depth_in_flow(task) + 1 > depth:
-            asked = f"task {task.id} is {depth_in_flow(task)} generations deep and asks for more"
-            return brake_request(self.role, limit="depth", value=depth, asked=asked), 0
+            )
+            return request, _NONE
+        depth, deep = brakes.depth * times, depth_in_flow(task)
+        if deep + 1 > depth:
+            asked = f"task {task.id} is {deep} generations deep and asks for more"
+            return brake_request(self.role, limit="depth", value=depth, asked=asked), _NONE
         if follow_ups > budget:
             asked = (
                 f"task {task.id} of flow {task.flow_id} may cause {budget} more tasks and "
                 f"asks for {follow_ups}"
             )
-            return brake_request(self.role, limit="tasks_per_flow", value=limit, asked=asked), 0
-        return None, (budget - follow_ups) // follow_ups
+            request = brake_request(self.role, limit="tasks_per_flow", value=limit, asked=asked)
+            return request, _NONE
+        tokens_left = max(0, self.tokens_for(task) - spent_tokens)
+        return None, Shares(
+            tasks=(budget - follow_ups) // follow_ups, tokens=tokens_left // follow_ups
+        )
+
+
+@dataclass(frozen=True)
+class Shares:
+    """What each follow-up may still cause (tasks) and spend (model tokens) in its flow."""
+
+    tasks: int
+    tokens: int
+
+
+_NONE = Shares(0, 0)

@@ -31,6 +31,7 @@ from rolebus.flows.calls import CallStore
 from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.effects import publish_effects, publish_event
 from rolebus.flows.escalation import EscalationStore, climb, escalation_item, record_for
+from rolebus.flows.escalation_records import EscalationRecord
 from rolebus.flows.handoffs import review_item
 from rolebus.flows.inputs import Cancelled, Decided, Delivered, GaveUp, Input, Invalid, Stale
 from rolebus.flows.lifecycle import step
@@ -77,7 +78,7 @@ class Dispatcher:
         self.escalations = EscalationStore(connection, writer=role.id, team=team)
         self.contracts = ContractRegistry(connection, team=team)
         self.calls = CallStore(connection, role=role.id)
-        self.budgets = BudgetLedger(connection)
+        self.budgets = BudgetLedger(connection, escalations=self._escalation)
         #: Tasks ``rolebus cancel`` asked to stop (task id -> reason), and the ones
         #: running now (task id -> the slot's asyncio task running its handler).
         self.cancelled: dict[str, str] = {}
@@ -347,15 +348,13 @@ class Dispatcher:
         )
 
     async def _grant(self, action: GrantBudget, transition: Transition) -> None:
-        found = await self.escalations.require(action.escalation_id)
         assert transition.record is not None
-        await self.budgets.approve(
-            self.role,
-            transition.record.task_id,
-            escalation_id=action.escalation_id,
-            options=found.record.options,
-            decision=found.record.decision or "",
-        )
+        task_id = transition.record.task_id
+        await self.budgets.approve(self.role, task_id, escalation_id=action.escalation_id)
+
+    async def _escalation(self, escalation_id: str) -> EscalationRecord | None:
+        found = await self.escalations.get(escalation_id)
+        return None if found is None else found.record
 
     # --- running the handler -------------------------------------------------------------
 
@@ -391,7 +390,14 @@ class Dispatcher:
                 previous_error=state.previous_error,
                 generation=state.failures,
                 calls=self.calls,
-                budget=TaskBudget(self.budgets, self.role, item.task.id) if self._gated else None,
+                budget=TaskBudget(
+                    self.budgets,
+                    self.role,
+                    item.task.id,
+                    flow_tokens=self.answers.brakes.tokens_for(item.task),
+                )
+                if self._gated
+                else None,
                 progress_sink=ProgressReporter(self.connection, self.role.id, item.task, message),
                 limiter=self.limiter,
             )

@@ -44,6 +44,8 @@ __all__ = ["Delivery", "DispatchStats", "Executor", "Record"]
 #: the server gave up on (nothing to ack).
 Delivery = InboundMessage | StoredMessage
 
+#: What a written record is logged as, where it is not ``task <state>``.
+_EVENTS = {"retrying": "task failed; will retry", PARKED: "task escalated"}
 #: The rules after which a record's outbox may share an atomic batch (a first run's
 #: messages are new ids; one stored already would refuse a whole batch).
 _BATCHED_RULES = frozenset({"end", "cancel", "reject"})
@@ -59,7 +61,7 @@ class DispatchStats:
     by_state: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """The task's newest record as this delivery knows it (None: none yet) and the
     compare-and-set's revision (0: none)."""
@@ -106,7 +108,8 @@ class Executor:
         and step again with ``given`` (its own ``before`` actions first: they are
         idempotent, so one the first transition did already changes nothing).
         Returns the record as stored and the transition that was carried out."""
-        await before(transition, record)
+        if transition.before:
+            await before(transition, record)
         batch = transition.rule in _BATCHED_RULES and self.has_backlog(delivery)
         while transition.write and transition.record is not None:
             written = await self.states.append(transition.record, record.revision, batch=batch)
@@ -122,7 +125,8 @@ class Executor:
                 )
             record = Record(None) if fresh is None else Record(fresh.state, fresh.revision)
             transition = step(record.state, given)
-            await before(transition, record)
+            if transition.before:
+                await before(transition, record)
             batch = False
         if transition.rule == "again":
             self.stats.redelivered_done += 1
@@ -220,28 +224,26 @@ class Executor:
         line per task is a cost on the hot path, and a flood)."""
         state = transition.record
         assert state is not None
-        if state.state in TERMINAL_STATES and state.state != "dead":
-            self.stats.by_state[state.state] = self.stats.by_state.get(state.state, 0) + 1
-        if state.state == "completed":
+        name = state.state
+        if name == "completed":
             self.stats.completed += 1
-        elif state.state == "retrying":
+            self.stats.by_state[name] = self.stats.by_state.get(name, 0) + 1
+            self.log.debug("task completed", task_id=state.task_id, attempt=state.attempt)
+            return
+        if name in TERMINAL_STATES and name != "dead":
+            self.stats.by_state[name] = self.stats.by_state.get(name, 0) + 1
+        elif name == "retrying":
             self.stats.failed += 1
-        elif state.state == PARKED:
+        elif name == PARKED:
             self.stats.parked += 1
-        elif state.state == "dead":
+        elif name == "dead":
             self.stats.dead += 1
-        report = self.log.debug if state.state == "completed" else self.log.info
-        names = {"retrying": "task failed; will retry", PARKED: "task escalated"}
-        report(
-            names.get(state.state, f"task {state.state}"),
+        self.log.info(
+            _EVENTS.get(name, f"task {name}"),
             task_id=state.task_id,
             subject=state.subject,
             attempt=state.attempt,
             rule=transition.rule,
             error=state.error,
-            **{
-                key: state.detail[key]
-                for key in ("escalated_to", "waiting_for")
-                if key in state.detail
-            },
+            escalated_to=state.detail.get("escalated_to"),
         )
