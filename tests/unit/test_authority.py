@@ -188,3 +188,18 @@ def test_follow_ups_share_what_their_cause_may_still_cause_and_spend() -> None:
     rich = Task(id="x", kind="build", title="t", flow_tokens=10**9, flow_budget=10**9)
     assert check.tokens_for(rich) == 1000
     assert check.flow(rich, record, 20, spent_tokens=0)[0] is not None
+
+
+def test_a_flows_dollars_are_shared_out_only_where_a_role_or_a_task_sets_them() -> None:
+    from rolebus.flows.record import TaskState
+    from rolebus.team.roles import Brakes
+    from rolebus.worker.brakes import BrakeCheck
+
+    record = TaskState(task_id="root", state="claimed", role="eng-be", subject="task.backend.x")
+    root = Task(id="root", kind="build", title="t")
+    unpriced = BrakeCheck(ROLE)
+    assert unpriced.usd_for(root) is None
+    assert unpriced.flow(root, record, 2, spent_tokens=0)[1].usd is None
+    priced = BrakeCheck(ROLE.model_copy(update={"brakes": Brakes(usd_per_flow=1.0)}))
+    assert priced.usd_for(Task(kind="b", title="t", flow_usd=5.0)) == 1.0  # its own limit at most
+    assert priced.flow(root, record, 2, spent_tokens=0, spent_usd=0.5)[1].usd == 0.25

@@ -246,6 +246,7 @@ class BudgetLedger:
         reservation: str,
         expires_in: float,
         flow_tokens: int | None = None,
+        flow_usd: float | None = None,
     ) -> Breach | None:
         """Count a call's worst case against the caps, or the breach it would be. The
         reservation holds for ``expires_in`` seconds unless settled first: a worker
@@ -260,6 +261,12 @@ class BudgetLedger:
         if flow_tokens is not None and task.tokens + tokens > flow_tokens + task.allowance_tokens:
             limit = flow_tokens + task.allowance_tokens
             return Breach("tokens_per_flow", limit, task.tokens, tokens)
+        if (
+            flow_usd is not None
+            and usd is not None
+            and task.usd + usd > flow_usd + task.allowance_usd
+        ):
+            return Breach("usd_per_flow", flow_usd + task.allowance_usd, task.usd, usd)
         breach: list[Breach] = []
         now = time.time()
         held = [tokens, usd or 0.0, now + expires_in]
@@ -320,12 +327,19 @@ class TaskBudget:
     (:class:`~rolebus.handlers.base.BudgetGate`)."""
 
     def __init__(
-        self, ledger: BudgetLedger, role: RoleSpec, task_id: str, *, flow_tokens: int | None = None
+        self,
+        ledger: BudgetLedger,
+        role: RoleSpec,
+        task_id: str,
+        *,
+        flow_tokens: int | None = None,
+        flow_usd: float | None = None,
     ) -> None:
         self._ledger = ledger
         self._role = role
         self._task_id = task_id
         self._flow_tokens = flow_tokens
+        self._flow_usd = flow_usd
         #: The reservations made and not settled yet: (id, amounts, day).
         self._open: list[tuple[str, tuple[int, float], str]] = []
         handler = role.handler
@@ -343,6 +357,7 @@ class TaskBudget:
             reservation=reservation,
             expires_in=self._expires_in,
             flow_tokens=self._flow_tokens,
+            flow_usd=self._flow_usd,
         )
         if breach is None:
             self._open.append((reservation, (tokens, usd or 0.0), today()))

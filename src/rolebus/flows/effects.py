@@ -56,6 +56,7 @@ def follow_up_tasks(
     first: int,
     flow_budget: int | None = None,
     flow_tokens: int | None = None,
+    flow_usd: float | None = None,
 ) -> list[Effect]:
     """Follow-up tasks, numbered from ``first``, in the cause's flow, each with its
     share of what its cause may still cause (``flow_budget``) and spend (``flow_tokens``)."""
@@ -84,6 +85,7 @@ def follow_up_tasks(
             causation_id=task.id,
             flow_budget=flow_budget,
             flow_tokens=flow_tokens,
+            flow_usd=flow_usd,
         )
         effects.append(effect(with_sender(parsed.subject, role), child))
     return effects

@@ -155,6 +155,9 @@ class Brakes(_Strict):
     tasks_per_flow: int = Field(default=200, ge=1, le=1_000_000)
     #: Model tokens one task this role receives may spend, with what it causes.
     tokens_per_flow: int = Field(default=2_000_000, ge=1, le=10**12)
+    #: US dollars it may spend, with what it causes (off by default: a local model
+    #: has no price, and a role with prices sets its own).
+    usd_per_flow: float | None = Field(default=None, ge=0)
 
 
 class Slo(_Strict):

@@ -201,6 +201,8 @@ class Task(Envelope):
     #: The model tokens this task, with what it causes, may still spend in its flow
     #: (set like ``flow_budget``; None: the receiving role's own limit).
     flow_tokens: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+    #: The US dollars likewise (None: the receiving role's own ``usd_per_flow``).
+    flow_usd: float | None = Field(default=None, ge=0, le=MAX_COUNT)
 
     @field_validator("payload")
     @classmethod

@@ -169,8 +169,14 @@ class Answers:
         now: datetime,
     ) -> Input:
         task = item.task
-        spent = outcome.usage.tokens if outcome.usage is not None else 0
-        flow_brake, shares = self.brakes.flow(task, record, len(outcome.tasks), spent_tokens=spent)
+        usage = outcome.usage
+        flow_brake, shares = self.brakes.flow(
+            task,
+            record,
+            len(outcome.tasks),
+            spent_tokens=usage.tokens if usage is not None else 0,
+            spent_usd=(usage.cost_usd or 0.0) if usage is not None else 0.0,
+        )
         if flow_brake is not None:
             return await self._bus_asks(item, record, flow_brake, answered, attempt, now)
         follow_ups = follow_up_tasks(
@@ -180,6 +186,7 @@ class Answers:
             first=record.sent + 1,
             flow_budget=shares.tasks,
             flow_tokens=shares.tokens,
+            flow_usd=shares.usd,
         )
         sent = record.sent + len(follow_ups)
         numbered: dict[str, Any] = {

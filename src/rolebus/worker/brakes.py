@@ -44,8 +44,22 @@ class BrakeCheck:
         limit = self.role.brakes.tokens_per_flow
         return limit if task.flow_tokens is None else min(task.flow_tokens, limit)
 
+    def usd_for(self, task: Task) -> float | None:
+        """The US dollars ``task`` may still spend in its flow, likewise (None: no
+        bound: neither its role nor anything it was given sets one)."""
+        limit = self.role.brakes.usd_per_flow
+        if limit is None or task.flow_usd is None:
+            return task.flow_usd if limit is None else limit
+        return min(task.flow_usd, limit)
+
     def flow(
-        self, task: Task, record: TaskState, follow_ups: int, *, spent_tokens: int
+        self,
+        task: Task,
+        record: TaskState,
+        follow_ups: int,
+        *,
+        spent_tokens: int,
+        spent_usd: float = 0.0,
     ) -> tuple[EscalationRequest | None, Shares]:
         """The brake these follow-ups meet (None: none), and what each of them gets:
         what this task may still cause (and spend), less what it sends (and spent),
@@ -80,8 +94,11 @@ class BrakeCheck:
             request = brake_request(self.role, limit="tasks_per_flow", value=limit, asked=asked)
             return request, _NONE
         tokens_left = max(0, self.tokens_for(task) - spent_tokens)
+        usd = self.usd_for(task)
         return None, Shares(
-            tasks=(budget - follow_ups) // follow_ups, tokens=tokens_left // follow_ups
+            tasks=(budget - follow_ups) // follow_ups,
+            tokens=tokens_left // follow_ups,
+            usd=None if usd is None else max(0.0, usd - spent_usd) / follow_ups,
         )
 
 
@@ -91,6 +108,7 @@ class Shares:
 
     tasks: int
     tokens: int
+    usd: float | None = None
 
 
 _NONE = Shares(0, 0)

@@ -395,6 +395,7 @@ class Dispatcher:
                     self.role,
                     item.task.id,
                     flow_tokens=self.answers.brakes.tokens_for(item.task),
+                    flow_usd=self.answers.brakes.usd_for(item.task),
                 )
                 if self._gated
                 else None,
