@@ -356,3 +356,102 @@ async def test_a_task_with_its_flows_tokens_spent_asks_before_it_calls_the_model
     [record] = await EscalationStore(rolebus_bus.connection, writer="person", team=team).all()
     assert (record.reason, record.kind) == ("budget", "approval")
     assert "tokens_per_flow" in record.question
+
+
+async def test_a_task_that_escalates_every_time_it_resumes_meets_its_rounds_brake(
+    rolebus_bus: Bus, rolebus_settings: object, tmp_path: object
+) -> None:
+    from pathlib import Path
+
+    from rolebus.config import Settings
+    from rolebus.team.roles import load_team
+
+    from ..team import write_team
+
+    assert isinstance(rolebus_settings, Settings)
+    assert isinstance(tmp_path, Path)
+    base = load_team(write_team(tmp_path / "roles"))
+    team = Team.from_roles(
+        [r.model_copy(update={"max_escalations": 2}) if r.id == "eng-be" else r for r in base]
+    )
+
+    async def asks_forever(task: Task, context: HandlerContext) -> Outcome:
+        return Outcome.model_validate(
+            {"status": "escalate", "escalation": {"reason": "spec", "question": "and now?"}}
+        )
+
+    crew = await start_workers(
+        rolebus_settings, team, [team.role("eng-be")], handlers={"eng-be": asks_forever}, grace=1
+    )
+    store = EscalationStore(rolebus_bus.connection, writer="person", team=team)
+    try:
+        task, _ = await rolebus_bus.publish_task("task.backend.build", title="loops")
+        for round_number in (1, 2):
+            escalation_id = f"{task.id}-{round_number}"
+
+            async def opened(escalation_id: str = escalation_id) -> bool:
+                return await store.get(escalation_id) is not None
+
+            await wait_for(opened)
+            await resolve(
+                rolebus_bus.connection, team, escalation_id, decision="go on", approved=None
+            )
+
+        async def braked() -> bool:
+            found = await store.get(f"{task.id}-3")
+            return found is not None
+
+        await wait_for(braked)
+        brake = (await store.require(f"{task.id}-3")).record
+        assert (brake.reason, brake.kind, brake.holder) == ("brake", "approval", "cto")
+        assert "max_escalations = 2" in brake.question
+        assert "«and now?»" in brake.question  # the model's text, quoted as data
+    finally:
+        await crew.stop(grace=0)
+
+
+async def test_a_cleared_pause_wakes_the_calls_waiting_on_it(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    import time
+
+    key = hashlib.sha256(f"{llm_server.url}|test-model".encode()).hexdigest()[:32]
+    pause = {"paused_until": time.time() + 50, "next_at": 0}
+    await rolebus_bus.connection.kv.put(LIMITS_BUCKET, key, json.dumps(pause).encode())
+    await start_llm_team(extra=', rpm = 600, max_retry_after = "60s"')
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="waits for the pause")
+
+    async def waiting() -> bool:
+        events = await read_events(rolebus_bus.connection)
+        return any(e.task_id == task.id and e.state == "claimed" for e in events)
+
+    await wait_for(waiting, timeout=10)  # its handler runs, and waits for its slot
+    assert llm_server.requests == []
+    await rolebus_bus.connection.kv.put(LIMITS_BUCKET, key, b"{}")  # the pause is cleared
+    started = time.monotonic()
+    await until(rolebus_bus, task.id, "completed", timeout=20)
+    assert time.monotonic() - started < 10  # not the 50 s the pause said
+
+
+async def test_a_storm_model_is_braked_within_seconds(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    import time
+
+    more = [{"subject": "task.backend.x", "title": "more"}] * 2
+    llm_server.default = Reply.with_outcome({"status": "completed", "tasks": more})
+    # (the role file's [budget] table is written last: [brakes] follows it)
+    team, _ = await start_llm_team(budget="\n[brakes]\ntasks_per_flow = 20")
+    started = time.monotonic()
+    root, _ = await rolebus_bus.publish_task("task.backend.x", title="storm")
+    store = EscalationStore(rolebus_bus.connection, writer="person", team=team)
+
+    async def braked() -> bool:
+        return any(r.reason == "brake" for r in await store.all())
+
+    await wait_for(braked, timeout=10)
+    assert time.monotonic() - started < 10
+    sent = [t async for t, _ in published_tasks(rolebus_bus.connection, root.id, descendants=True)]
+    assert len(sent) <= 1 + 20
+    brake = next(r for r in await store.all() if r.reason == "brake")
+    assert "tasks_per_flow = 20" in brake.question

@@ -17,7 +17,14 @@ from rolebus.team.roles import RoleSpec
 from rolebus.wire import codec
 from rolebus.wire.messages import Outcome, Task, Usage
 
-ROLE = RoleSpec.model_validate({"id": "eng-be", "title": "Backend", "handler": "builtin:echo"})
+ROLE = RoleSpec.model_validate(
+    {
+        "id": "eng-be",
+        "title": "Backend",
+        "handler": "builtin:echo",
+        "never": [{"what": "spend", "kinds": ["spend"], "action": "approval", "to": "cto"}],
+    }
+)
 
 
 def escalation(**request: object) -> Outcome:
@@ -32,6 +39,7 @@ def escalation(**request: object) -> Outcome:
         (escalation(reason="budget", approval=True), "opened by the bus alone"),
         (escalation(reason="brake"), "opened by the bus alone"),
         (escalation(to="eng-be"), "cannot escalate to itself"),
+        (escalation(reason="spend", approval=True), "opened by the bus, for a task of that kind"),
         (
             escalation(options=[{"name": "raise-daily-cap", "tokens": 169 * 10**12}]),
             "names tokens",

@@ -50,6 +50,12 @@ def refusal(outcome: Outcome, role: RoleSpec) -> str | None:
             f"an escalation with reason {request.reason!r} is opened by the bus alone, "
             "with amounts it computed: ask a question with another reason"
         )
+    asked_first = {kind for rule in role.never if rule.action == "approval" for kind in rule.kinds}
+    if request.approval and request.reason in asked_first:
+        return (
+            f"a {request.reason!r} approval is opened by the bus, for a task of that kind "
+            "(the role's boundary): send that task instead"
+        )
     if request.to == role.id:
         return f"{role.id} cannot escalate to itself: leave 'to' out, or name another role"
     for option in request.options:
