@@ -87,7 +87,7 @@ async def test_an_llm_role_completes_with_the_models_structured_result(
     assert call["mode"] == "json_schema"
 
 
-@pytest.mark.parametrize("mode", ["json_schema", "tool", "prompt"])
+@pytest.mark.parametrize("mode", ["json_schema", "json_object", "tool", "prompt"])
 async def test_each_answer_mode_works_against_a_server_that_supports_only_it(
     rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam, mode: str
 ) -> None:
@@ -105,7 +105,10 @@ async def test_each_answer_mode_works_against_a_server_that_supports_only_it(
     second, _ = await rolebus_bus.publish_task("task.backend.x", title="two")
     await until(rolebus_bus, second.id, "completed")
     assert llm_server.requests[-1].mode == mode
-    assert len(llm_server.requests) == [*["json_schema", "tool", "prompt"]].index(mode) + 2
+    assert (
+        len(llm_server.requests)
+        == [*["json_schema", "json_object", "tool", "prompt"]].index(mode) + 2
+    )
 
 
 async def test_an_invalid_answer_is_repaired_and_a_hopeless_one_fails_with_the_reason(
@@ -119,9 +122,11 @@ async def test_an_invalid_answer_is_repaired_and_a_hopeless_one_fails_with_the_r
     task, _ = await rolebus_bus.publish_task("task.backend.x", title="repairable")
     await until(rolebus_bus, task.id, "completed")
     assert llm_server.answered == 2
-    repair = llm_server.requests[1].messages
-    assert repair[-2] == {"role": "assistant", "content": "Sure! I implemented it."}
+    first, repair = llm_server.requests[0].messages, llm_server.requests[1].messages
+    # One note after the first request: the error and an excerpt, not the whole answer.
+    assert repair[:-1] == first
     assert "not a valid outcome: it is not JSON" in repair[-1]["content"]
+    assert "It began: «Sure! I implemented it.»" in repair[-1]["content"]
     [completed] = await read_events(rolebus_bus.connection, states=["completed"])
     assert completed.detail["usage"]["calls"] == 2
 
@@ -532,3 +537,94 @@ async def test_a_streamed_answer_shows_as_progress_and_a_server_that_cannot_stre
     plain, _ = await rolebus_bus.publish_task("task.backend.x", title="no streaming here")
     await until(rolebus_bus, plain.id, "completed")
     assert [r.body.get("stream") for r in llm_server.requests[1:]] == [True, None]
+
+
+# --- real servers as they are: modes, refusals, context ---------------------------------------
+
+
+async def test_a_500_that_names_the_answer_mode_moves_to_the_next_mode_without_retrying(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    # llama-cpp-python answers a json_schema response_format it does not know with 500.
+    llm_server.script(
+        Reply.failing(500, error="Unrecognized response_format type: json_schema"),
+        Reply.completed({"via": "json_object"}),
+    )
+    await start_llm_team()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="one")
+    await until(rolebus_bus, task.id, "completed")
+    assert [(r.mode, r.status) for r in llm_server.requests] == [
+        ("json_schema", 500),
+        ("json_object", 200),
+    ]
+    assert llm_server.requests[1].body["response_format"]["schema"]["title"] == "Outcome"
+
+
+async def test_a_context_overflow_is_never_taken_for_a_refused_mode(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    too_long = "This model's maximum context length is 4096 tokens; your request has 5000."
+    llm_server.script(Reply.failing(400, error=too_long))
+    await start_llm_team()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="too long")
+
+    async def retrying() -> bool:
+        events = await read_events(rolebus_bus.connection, states=["retrying"])
+        return any(e.task_id == task.id for e in events)
+
+    await wait_for(retrying, timeout=20)
+    [event, *_] = [
+        e
+        for e in await read_events(rolebus_bus.connection, states=["retrying"])
+        if e.task_id == task.id
+    ]
+    assert "does not fit the model's context window" in (event.error or "")
+    assert "handler.max_tokens" in (event.error or "")
+    assert [r.mode for r in llm_server.requests][:1] == ["json_schema"]
+    assert "json_object" not in [r.mode for r in llm_server.requests[:2]]  # no mode switch
+
+
+async def test_a_handoff_answer_without_its_handoff_gets_a_repair_turn(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    llm_server.script(
+        Reply.with_outcome({"status": "handoff", "result": {"done": True}}),
+        Reply.completed({"repaired": True}),
+    )
+    await start_llm_team()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="hands off nothing")
+    await until(rolebus_bus, task.id, "completed")
+    note = llm_server.requests[1].messages[-1]["content"]
+    assert "status 'handoff' needs 'handoff'" in note
+
+
+async def test_a_context_window_shrinks_max_tokens_and_a_prompt_that_cannot_fit_is_not_sent(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    _, roomy = await start_llm_team(extra=", context_window = 4096, max_tokens = 4000")
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="fits, shorter")
+    await until(rolebus_bus, task.id, "completed")
+    asked = llm_server.requests[0].body["max_tokens"]
+    assert 64 <= asked < 4000  # what the prompt leaves of the window
+    await roomy.stop(grace=0)
+
+    await start_llm_team(extra=", context_window = 256")
+    sent = len(llm_server.requests)
+    big, _ = await rolebus_bus.publish_task("task.backend.x", title="cannot fit")
+
+    async def retrying() -> bool:
+        events = await read_events(rolebus_bus.connection, states=["retrying"])
+        return any(e.task_id == big.id for e in events)
+
+    await wait_for(retrying, timeout=20)
+    assert len(llm_server.requests) == sent  # it was never sent
+
+
+async def test_a_role_file_mode_asks_only_that_way(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    llm_server.supports = {"json_schema", "prompt"}
+    await start_llm_team(extra=', mode = "prompt"')
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="prompted")
+    await until(rolebus_bus, task.id, "completed")
+    assert {r.mode for r in llm_server.requests} == {"prompt"}

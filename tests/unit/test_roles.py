@@ -6,7 +6,8 @@ import pytest
 
 from rolebus.errors import RoleError
 from rolebus.team.durations import parse_duration
-from rolebus.team.roles import CommandHandler, Team, load_team, parse_role
+from rolebus.team.handler_specs import CommandHandler
+from rolebus.team.roles import Team, load_team, parse_role
 
 from ..conftest import REPO, CliRunner
 

@@ -35,7 +35,8 @@ from rolebus.errors import ConfigError, RolebusError
 from rolebus.handlers.loader import check_team_handlers
 from rolebus.nats.server import serve
 from rolebus.team.auth import ADMIN, Credentials, render_config
-from rolebus.team.roles import LlmHandler, RoleSpec, Team
+from rolebus.team.handler_specs import LlmHandler
+from rolebus.team.roles import RoleSpec, Team
 from rolebus.wire import subjects as names
 from rolebus.worker.runner import provision_team, start_workers, stop_on_signals
 

@@ -28,7 +28,7 @@ from rolebus.handlers.loader import load_handler
 from rolebus.handlers.prompt import prompt_messages
 from rolebus.history.replay import parse_since
 from rolebus.history.rerun import RerunResult, context_for, rerun, work_item
-from rolebus.team.roles import CommandHandler
+from rolebus.team.handler_specs import CommandHandler
 from rolebus.wire.messages import Task
 from rolebus.wire.subjects import WORK_STREAM
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from rolebus.handlers.base import HandlerContext, outcome_from_json
 from rolebus.handlers.processes import RunRecords, die_with_parent
-from rolebus.team.roles import CommandHandler
+from rolebus.team.handler_specs import CommandHandler
 from rolebus.wire.messages import Outcome, Task
 
 __all__ = ["CommandRunner"]

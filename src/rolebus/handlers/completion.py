@@ -11,32 +11,56 @@ from pydantic import ValidationError
 
 from rolebus.handlers.base import HandlerContext
 from rolebus.handlers.prompt import OUTCOME_SCHEMA
-from rolebus.team.roles import LlmHandler
+from rolebus.team.handler_specs import LlmHandler
 from rolebus.wire.codec import validation_problems
 from rolebus.wire.messages import Outcome, Task
 
 __all__ = [
+    "EXCERPT",
     "MODES",
     "Mode",
+    "Refusal",
     "answer_text",
     "checked_usage",
+    "overflow_outcome",
     "parse_answer",
+    "refusal_kind",
+    "refused_outcome",
+    "repair_note",
     "request_for",
     "retry_after",
     "scrub",
     "urgency",
 ]
 
-Mode = Literal["json_schema", "tool", "prompt"]
-#: The ways an answer is asked for, in the order they are tried.
-MODES: tuple[Mode, ...] = ("json_schema", "tool", "prompt")
+Mode = Literal["json_schema", "json_object", "tool", "prompt"]
+#: The ways an answer is asked for, in the order ``auto`` tries them.
+MODES: tuple[Mode, ...] = ("json_schema", "json_object", "tool", "prompt")
+#: What a server's refusal means: the request's size, the answer mode, busy, or else.
+Refusal = Literal["overflow", "mode", "busy", "other"]
+#: How servers say a request does not fit the model's context (OpenAI, vLLM,
+#: llama.cpp and llama-cpp-python, Ollama).
+_OVERFLOW = (
+    "context length",
+    "context_length",
+    "context window",
+    "context size",
+    "exceed_context",
+    "too many tokens",
+    "prompt is too long",
+)
+#: What names the answer mode in a refusal (llama.cpp answers an unknown one with 500).
+_MODE_WORDS = ("response_format", "json_schema", "json_object", "tools", "tool_choice", "grammar")
+#: How much of a bad answer a repair turn quotes back (the rest costs context).
+EXCERPT = 300
 TOOL = "submit_outcome"
 
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
 
 
 def parse_answer(text: str) -> tuple[Outcome | None, str]:
-    """The outcome in a model's answer, or None and what is wrong with it."""
+    """The outcome in a model's answer, or None and what is wrong with it (its form,
+    or what an outcome of its status must carry)."""
     fenced = _FENCE.match(text)
     body = fenced.group(1) if fenced else text.strip()
     try:
@@ -47,9 +71,41 @@ def parse_answer(text: str) -> tuple[Outcome | None, str]:
         return None, f"it is a JSON {type(value).__name__}, not an object with 'status'"
     value.pop("usage", None)  # the bus's to fill
     try:
-        return Outcome.model_validate(value), ""
+        outcome = Outcome.model_validate(value)
     except ValidationError as error:
         return None, validation_problems(error)
+    missing = {"handoff": "handoff", "escalate": "escalation"}.get(outcome.status)
+    if missing is not None and getattr(outcome, missing) is None:
+        return None, f"status {outcome.status!r} needs {missing!r} (see the protocol)"
+    return outcome, ""
+
+
+def refusal_kind(status: int, message: str) -> Refusal:
+    """What a refused request means. A context overflow is never a refused mode (it
+    is the request's size, whatever the mode), and a 500 is a refused mode only when
+    it names the mode's fields: else the server is busy."""
+    text = message.lower()
+    if any(marker in text for marker in _OVERFLOW):
+        return "overflow"
+    if status in (400, 422) or (status >= 500 and any(word in text for word in _MODE_WORDS)):
+        return "mode"
+    if status == 429 or status >= 500:
+        return "busy"
+    return "other"
+
+
+def repair_note(answer: str, problem: str, *, refused: bool) -> dict[str, str]:
+    """The turn that asks again: the error and a bounded excerpt of the answer, not
+    the whole answer (which may fill a small model's context)."""
+    excerpt = " ".join(answer.split())
+    if len(excerpt) > EXCERPT:
+        excerpt = excerpt[: EXCERPT - 1] + "…"
+    why = "is refused" if refused else "is not a valid outcome"
+    return {
+        "role": "user",
+        "content": f"Your answer {why}: {problem}. It began: «{excerpt}». "
+        "Answer again with the corrected JSON object only.",
+    }
 
 
 def urgency(task: Task, context: HandlerContext) -> int:
@@ -95,12 +151,14 @@ def checked_usage(
     return prompt, completion, ["clamped"] if clamped else []
 
 
-def request_for(spec: LlmHandler, messages: list[dict[str, Any]], mode: Mode) -> dict[str, Any]:
+def request_for(
+    spec: LlmHandler, messages: list[dict[str, Any]], mode: Mode, *, max_tokens: int | None = None
+) -> dict[str, Any]:
     """The chat-completion request for ``mode``."""
     request: dict[str, Any] = {
         "model": spec.llm,
         "messages": messages,
-        "max_tokens": spec.max_tokens,
+        "max_tokens": spec.max_tokens if max_tokens is None else max_tokens,
     }
     if spec.temperature is not None:
         request["temperature"] = spec.temperature
@@ -109,6 +167,8 @@ def request_for(spec: LlmHandler, messages: list[dict[str, Any]], mode: Mode) ->
             "type": "json_schema",
             "json_schema": {"name": "outcome", "schema": OUTCOME_SCHEMA},
         }
+    elif mode == "json_object":  # llama.cpp's and others' form: JSON, the schema beside it
+        request["response_format"] = {"type": "json_object", "schema": OUTCOME_SCHEMA}
     elif mode == "tool":
         request["tools"] = [
             {
@@ -130,3 +190,33 @@ def answer_text(response: Any, mode: Mode) -> str:
     if mode == "tool" and message.tool_calls:
         return str(message.tool_calls[0].function.arguments or "")
     return str(message.content or "")
+
+
+def overflow_outcome(spec: LlmHandler, where: str, said: str) -> Outcome:
+    """A request that does not fit the model's context: retryable (a shorter prompt
+    may fit), naming the settings that make it fit."""
+    window = f" of {spec.context_window} tokens" if spec.context_window else ""
+    return Outcome.failed(
+        f"the request does not fit the model's context window{window} at {where}: {said}; "
+        f"lower handler.max_tokens ({spec.max_tokens}) or handler.max_repairs "
+        f"({spec.max_repairs}), or set handler.context_window to the model's",
+        retryable=True,
+    )
+
+
+def refused_outcome(
+    spec: LlmHandler, where: str, error: Any, key: str, mode: Mode | None = None
+) -> Outcome:
+    """The server refused the request for good (``mode``: the answer mode it refused,
+    the last one tried)."""
+    tried = ""
+    if mode is not None:
+        tried = (
+            f" (answer mode {mode}, handler.mode = {spec.mode!r}: set handler.mode to one "
+            "this server honours: auto, json_schema, json_object, tool or prompt)"
+        )
+    return Outcome.failed(
+        f"the model server at {where} refused the request "
+        f"({error.status_code}): {scrub(error.message, key)}{tried}",
+        retryable=False,
+    )

@@ -20,7 +20,8 @@ from rolebus.handlers.llm import LlmRunner
 from rolebus.handlers.python import PythonHandler, import_callable
 from rolebus.handlers.scripted import noop, scripted
 from rolebus.handlers.team import TEAM_AGENTS
-from rolebus.team.roles import CommandHandler, LlmHandler, Team
+from rolebus.team.handler_specs import CommandHandler, LlmHandler
+from rolebus.team.roles import Team
 
 __all__ = ["BUILTINS", "builtin", "check_team_handlers", "load_handler"]
 

@@ -7,7 +7,7 @@ import contextlib
 from genai_prices import Usage as PriceUsage
 from genai_prices import calc_price
 
-from rolebus.team.roles import ModelPrices
+from rolebus.team.handler_specs import ModelPrices
 
 __all__ = ["cost_usd"]
 

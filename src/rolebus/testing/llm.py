@@ -28,7 +28,7 @@ import pytest
 
 __all__ = ["LlmServer", "Reply", "Request", "llm_server", "serve_llm"]
 
-MODES = frozenset({"json_schema", "tool", "prompt"})
+MODES = frozenset({"json_schema", "json_object", "tool", "prompt"})
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ class LlmServer:
 
 def _mode(body: dict[str, Any]) -> str:
     if "response_format" in body:
-        return "json_schema"
+        kind = body["response_format"].get("type")
+        return "json_object" if kind == "json_object" else "json_schema"
     if body.get("tools"):
         return "tool"
     return "prompt"

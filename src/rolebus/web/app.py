@@ -46,7 +46,8 @@ from rolebus.history.replay import ReplayFilter, flow_states, replay
 from rolebus.history.status import AttemptCounts, collect
 from rolebus.history.usage import UsageLedger
 from rolebus.nats.delivery import StoredMessage
-from rolebus.team.roles import LlmHandler, RoleSpec, Team
+from rolebus.team.handler_specs import LlmHandler
+from rolebus.team.roles import RoleSpec, Team
 from rolebus.web.charts import role_charts
 from rolebus.web.flowsvg import render_flow
 from rolebus.web.guard import LOOPBACK, BrowserGuard, csrf_of, csrf_ok

@@ -42,7 +42,8 @@ from rolebus.handlers.base import BudgetBreachError, Handler, HandlerContext
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.nats.publish import PendingPublish
-from rolebus.team.roles import PERSON, LlmHandler, RoleSpec, Team
+from rolebus.team.handler_specs import LlmHandler
+from rolebus.team.roles import PERSON, RoleSpec, Team
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
 from rolebus.wire.messages import Decision, Escalation, Event, Handoff, Outcome, Task, utc_now
