@@ -15,11 +15,49 @@ from rolebus.wire.messages import Outcome, Task
 
 __all__ = ["OUTCOME_SCHEMA", "prompt_messages", "system_message", "user_message"]
 
-#: The JSON schema a model's answer must match: the command protocol's outcome.
+#: What a value of any JSON type is, spelled out: grammar converters (llama.cpp's)
+#: refuse a schema without a type and then constrain nothing at all.
+_ANY_JSON: dict[str, Any] = {
+    "anyOf": [
+        {"type": "object"},
+        {"type": "array"},
+        {"type": "string"},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+    ]
+}
+_TYPED = ("type", "$ref", "anyOf", "oneOf", "allOf", "enum", "const")
+
+
+def _typed(schema: Any) -> Any:
+    """``schema`` with every untyped value given its JSON types (and pydantic's
+    ``default``/``title`` annotations, which constrain nothing, left out)."""
+    if isinstance(schema, list):
+        return [_typed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    typed = {
+        key: (
+            {name: _typed(value) for name, value in sub.items()}
+            if key in ("properties", "$defs")
+            else _typed(sub)
+        )
+        for key, sub in schema.items()
+        if key not in ("default", "title")
+    }
+    if not any(key in typed for key in _TYPED):
+        typed = {**typed, **_ANY_JSON}
+    return typed
+
+
+#: The JSON schema a model's answer must match: the command protocol's outcome, typed
+#: throughout so that every constrained-decoding server can hold a model to it.
 #: ``usage`` is the bus's to fill, not the model's.
-OUTCOME_SCHEMA: dict[str, Any] = Outcome.model_json_schema()
-OUTCOME_SCHEMA["properties"].pop("usage", None)
-OUTCOME_SCHEMA.get("$defs", {}).pop("Usage", None)
+_SCHEMA = Outcome.model_json_schema()
+_SCHEMA["properties"].pop("usage", None)
+_SCHEMA.get("$defs", {}).pop("Usage", None)
+OUTCOME_SCHEMA: dict[str, Any] = {**_typed(_SCHEMA), "title": "Outcome"}
 
 _OPEN, _CLOSE = "<<<DATA", "DATA>>>"
 
