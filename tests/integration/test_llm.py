@@ -486,6 +486,20 @@ def test_demo_llm_plays_the_example_team_against_the_server_or_says_what_to_set(
     assert "Design the orders API" in architect.messages[1]["content"]
     assert KEY not in played.stdout + played.stderr
 
+    # A flow that dies is not a demo that worked: it says what died, and fails.
+    llm_server.script(Reply.failing(401, error="invalid api key"))
+    died = demo(
+        "--roles",
+        roles,
+        "--model",
+        "test-model",
+        OPENAI_BASE_URL=llm_server.url,
+        OPENAI_API_KEY=KEY,
+    )
+    assert died.returncode == 1, died.stdout + died.stderr
+    assert "the flow did not finish: 1 task(s) dead" in died.stderr
+    assert "refused the key (401)" in died.stderr
+
 
 async def test_an_unreachable_model_server_is_a_retryable_failure_naming_its_url(
     rolebus_bus: Bus, rolebus_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -100,7 +100,7 @@ def demo(
             f"[bold]rolebus demo[/]{thinking}: {len(team)} roles, one feature, "
             "every message shown\n"
         )
-        run(
+        result = run(
             play(
                 live,
                 team,
@@ -116,6 +116,16 @@ def demo(
             f"demo's history is kept in {settings.home})",
             highlight=False,
         )
+    dead = [state for state in result.states if state.state == "dead"]
+    if dead:
+        # A flow that did not finish is not a demo that worked: say what died, and fail.
+        err.print(
+            f"[bold red]the flow did not finish:[/] {len(dead)} task(s) dead", highlight=False
+        )
+        for state in dead:
+            err.print(f"  {state.task_id} ({state.role}): {state.error}", highlight=False)
+        err.print("  hint: `rolebus dlq list` shows them; `rolebus dlq redrive ID` tries again")
+        raise typer.Exit(1)
 
 
 def _timeline_line(item: Replayed) -> str:
