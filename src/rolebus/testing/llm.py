@@ -92,6 +92,8 @@ class LlmServer:
     default: Reply = field(default_factory=lambda: Reply.completed({"done": True}))
     #: Whether it answers ``stream: true`` (server-sent events), and how slowly.
     streams: bool = True
+    #: Whether a stream ends with a usage chunk when asked (llama-cpp-python's does not).
+    stream_usage: bool = True
     chunk_delay: float = 0.0
     requests: list[Request] = field(default_factory=list)
     _replies: deque[Reply] = field(default_factory=deque)
@@ -174,7 +176,7 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
                 else:
                     events.append(chunk({"content": piece}))
             events.append(chunk({}, "stop"))
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if server.stream_usage and (body.get("stream_options") or {}).get("include_usage"):
                 events.append({**chunk({}), "choices": [], "usage": usage})
             try:
                 self.send_response(200)
