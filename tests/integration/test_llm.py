@@ -674,3 +674,28 @@ def test_llm_check_names_the_modes_a_server_honours_and_the_settings_to_use(
         main(["llm", "check", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
     assert unreachable.value.code == 1
     assert "cannot reach the model server at http://127.0.0.1:9/v1" in capsys.readouterr().err
+
+
+async def test_a_stream_that_breaks_off_is_asked_again_without_streaming(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    # llama-cpp-python streams nothing for a prompt over its context; unstreamed it says so.
+    too_long = "This model's maximum context length is 4096 tokens (context_length_exceeded)"
+    llm_server.script(Reply(stream_breaks=True), Reply.failing(400, error=too_long))
+    await start_llm_team()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="too long, streamed")
+
+    async def retrying() -> bool:
+        events = await read_events(rolebus_bus.connection, states=["retrying"])
+        return any(e.task_id == task.id for e in events)
+
+    await wait_for(retrying, timeout=20)
+    [event, *_] = [
+        e
+        for e in await read_events(rolebus_bus.connection, states=["retrying"])
+        if e.task_id == task.id
+    ]
+    assert "does not fit the model's context window" in (event.error or "")
+    first, second = llm_server.requests[:2]
+    assert first.body.get("stream") is True
+    assert "stream" not in second.body

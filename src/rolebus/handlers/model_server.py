@@ -57,6 +57,10 @@ class _ModeRefusedError(Exception):
         self.error = error
 
 
+class _EmptyStreamError(Exception):
+    """A stream that ended without a single chunk."""
+
+
 class AttemptEndedError(Exception):
     """A call that ends the task's attempt with ``outcome``."""
 
@@ -189,6 +193,12 @@ class ModelServer:
                 response = await client.chat.completions.create(**request)
                 self._streams = False
                 log.info("model server does not stream; asking without", model=self.spec.llm)
+            except (openai.APIConnectionError, _EmptyStreamError):
+                # Some servers (llama-cpp-python) answer a request they cannot serve, an
+                # over-long prompt say, with an empty stream that breaks off: asked again
+                # without streaming, they give the answer or the error they mean.
+                log.info("model server's stream broke off; asking without", model=self.spec.llm)
+                response = await client.chat.completions.create(**request)
         else:
             response = await client.chat.completions.create(**request)
         usage = response.usage
@@ -227,6 +237,8 @@ class ModelServer:
                     continue
                 chunks += 1
                 await context.progress("the model is answering", chunks=chunks)
+        if not chunks and not prompt_tokens:
+            raise _EmptyStreamError  # not one chunk, not even usage: nothing was answered
         return "".join(parts), prompt_tokens, completion_tokens
 
     async def _with_retries(

@@ -43,6 +43,9 @@ class Reply:
     error: str = ""
     #: The usage the server reports (a server may lie); None: counted from the text.
     usage: dict[str, Any] | None = None
+    #: Asked to stream, answer 200 and break off with nothing (llama-cpp-python does so
+    #: for a request it cannot serve); the next reply answers the request asked again.
+    stream_breaks: bool = False
 
     @classmethod
     def with_outcome(cls, outcome: dict[str, Any], *, delay: float = 0.0) -> Reply:
@@ -209,6 +212,12 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
             server._record(Request(body, headers, arrived, mode, reply.status))
             if reply.delay:
                 time.sleep(reply.delay)
+            if reply.stream_breaks and body.get("stream"):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if reply.status != 200:
                 extra = {"Retry-After": f"{reply.retry_after:g}"} if reply.retry_after else {}
                 self._send(reply.status, {"error": {"message": reply.error}}, extra)
