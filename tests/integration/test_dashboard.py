@@ -7,6 +7,7 @@ import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.flows.state import StateStore
 from rolebus.handlers.base import HandlerContext
+from rolebus.nats.server import EmbeddedServer
 from rolebus.team.roles import load_team
 from rolebus.testing import wait_for
 from rolebus.web.app import Board, create_app
@@ -341,3 +343,28 @@ async def test_the_dashboard_stops_even_when_its_refresh_will_not(
     finally:
         stopped.set()
         await stop
+
+
+def test_the_dashboard_on_a_port_in_use_says_so_and_which_option_to_change(
+    rolebus_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        ended = subprocess.run(
+            [str(Path(sys.executable).parent / "rolebus"), "dashboard", "--port", str(port)],
+            env={**os.environ, "NATS_URL": rolebus_server.url, "ROLEBUS_HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert ended.returncode == 1
+    assert f"cannot serve on 127.0.0.1:{port}" in ended.stderr
+    assert "--port" in ended.stderr
+    assert "Traceback" not in ended.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 from typing import Annotated, Any
 
 import typer
@@ -22,6 +23,7 @@ from rolebus.cli.app import (
     team_for,
 )
 from rolebus.config import Settings
+from rolebus.errors import ConfigError
 from rolebus.history.status import RoleStatus, collect, serve_metrics
 from rolebus.team.durations import parse_duration
 
@@ -155,8 +157,20 @@ def dashboard_command(
         hosts.add(host.lower())
     app_ = create_app(settings, team, token=token, hosts=hosts)
     suffix = f"/?token={token}" if token else "/"
+    # Bound before the address is printed: whoever reads the line can connect at once
+    # (the kernel queues a connection until the server takes it), and a port in use is
+    # a clear error here.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listening = socket.create_server((host, port), family=family)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot serve on {host}:{port}: {error.strerror or error}",
+            hint="give another --port (or stop what uses it)",
+        ) from error
     out.print(f"rolebus dashboard on http://{host}:{port}{suffix} (Ctrl-C to stop)")
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app_, log_level="warning"))
+    server.run(sockets=[listening])
 
 
 async def _check_server(settings: Settings) -> None:
