@@ -645,18 +645,15 @@ async def test_a_role_file_mode_asks_only_that_way(
 
 
 def test_llm_check_names_the_modes_a_server_honours_and_the_settings_to_use(
-    llm_server: LlmServer, capsys: pytest.CaptureFixture[str]
+    llm_server: LlmServer, cli: CliRunner
 ) -> None:
-    from rolebus.cli.main import main
-
     # As llama-cpp-python's server is: json_object with a schema, and a prompt; a stream
     # without a usage chunk.
     llm_server.supports = {"json_object", "prompt"}
     llm_server.stream_usage = False
-    with pytest.raises(SystemExit) as ended:
-        main(["llm", "check", "--base-url", llm_server.url, "--model", "smollm2", "--json"])
-    assert ended.value.code == 0
-    report = json.loads(capsys.readouterr().out)
+    checked = cli("llm", "check", "--base-url", llm_server.url, "--model", "smollm2", "--json")
+    assert checked.code == 0, checked.stderr
+    report = json.loads(checked.stdout)
     works = {f["probe"]: f["works"] for f in report["findings"]}
     assert works == {
         "prompt": True,
@@ -670,10 +667,9 @@ def test_llm_check_names_the_modes_a_server_honours_and_the_settings_to_use(
     assert report["settings"] == {"mode": "json_object", "stream": True}
     assert {r.body["model"] for r in llm_server.requests} == {"smollm2"}
 
-    with pytest.raises(SystemExit) as unreachable:
-        main(["llm", "check", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
-    assert unreachable.value.code == 1
-    assert "cannot reach the model server at http://127.0.0.1:9/v1" in capsys.readouterr().err
+    unreachable = cli("llm", "check", "--base-url", "http://127.0.0.1:9/v1", "--model", "m")
+    assert unreachable.code == 1
+    assert "cannot reach the model server at http://127.0.0.1:9/v1" in unreachable.stderr
 
 
 async def test_a_stream_that_breaks_off_is_asked_again_without_streaming(
