@@ -482,3 +482,45 @@ def test_rolebus_lifecycle_lists_every_rule_and_refuses_an_unknown_stage(cli: Cl
     refused = cli("lifecycle", "--stage", "sleeping")
     assert refused.code == 1
     assert "unknown stage 'sleeping'" in refused.stderr
+
+
+# --- an untrusted world: ids taken, rounds counted, brakes approved ---------------------------
+
+
+def test_a_delivery_on_another_subject_is_another_message_that_took_the_id() -> None:
+    """eng-fe sent a task with eng-be's next follow-up id first: the real one is not
+    acked as already done; it is dead-lettered, naming both subjects."""
+    taken = record("completed", subject="task.backend.build.eng-fe")
+    real = claim()
+    transition = step(taken, delivered(claim=real))
+    assert transition.rule == "taken"
+    assert not transition.write
+    dead = transition.before[0]
+    assert isinstance(dead, DeadLetter)
+    assert dead.reason == "id-taken"
+    assert "task.backend.build.eng-fe" in dead.error
+    assert "task.backend.build" in dead.error
+
+
+def test_an_answer_that_meets_another_senders_record_is_not_taken_for_done() -> None:
+    answer = Completed(now=NOW, attempt=1, numbered_from=0, subject="task.backend.build")
+    other = record("completed", subject="task.backend.build.eng-fe")
+    assert step(other, answer).rule == "taken"
+    same = record("completed")
+    assert step(same, answer).rule == "again"
+
+
+def test_a_handlers_escalations_count_rounds_and_a_breach_does_not() -> None:
+    asked = step(claim(), sample(Escalated))
+    assert asked.record is not None
+    assert asked.record.detail["escalations"] == 1
+    breached = step(claim(), sample(Breach))
+    assert breached.record is not None
+    assert "escalations" not in breached.record.detail
+
+
+def test_an_approved_brake_lets_the_task_go_as_far_again() -> None:
+    transition = step(record(PARKED), decided(approval=True, approved=True, reason="brake"))
+    assert transition.record is not None
+    assert transition.record.detail["brakes_approved"] == 1
+    assert not any(isinstance(action, GrantBudget) for action in transition.before)
