@@ -198,7 +198,12 @@ class ModelServer:
                 # over-long prompt say, with an empty stream that breaks off: asked again
                 # without streaming, they give the answer or the error they mean.
                 log.info("model server's stream broke off; asking without", model=self.spec.llm)
-                response = await client.chat.completions.create(**request)
+                try:
+                    response = await client.chat.completions.create(**request)
+                except openai.APIConnectionError:
+                    # The broken stream's pooled connection may be the one reused: once
+                    # more, on a new one (a server that is down fails this too).
+                    response = await client.chat.completions.create(**request)
         else:
             response = await client.chat.completions.create(**request)
         usage = response.usage
