@@ -7,8 +7,10 @@ from pathlib import Path
 
 from rolebus.bus import Bus
 from rolebus.flows.state import StateStore
+from rolebus.history.replay import read_events
 from rolebus.team.roles import Team, load_team
 from rolebus.testing import wait_for
+from rolebus.wire.messages import Event
 from rolebus.worker.runner import Crew
 
 KEY = "sk-test-0123456789-secret"
@@ -80,3 +82,17 @@ async def until(bus: Bus, task_id: str, state: str, timeout: float = 30) -> None
         return await state_of(bus, task_id) == state
 
     await wait_for(reached, timeout=timeout)
+
+
+async def event_of(bus: Bus, task_id: str, state: str, timeout: float = 20) -> Event:
+    """The first ``state`` event of ``task_id``, once there is one."""
+
+    async def found() -> list[Event]:
+        events = await read_events(bus.connection, states=[state])
+        return [event for event in events if event.task_id == task_id]
+
+    async def there() -> bool:
+        return bool(await found())
+
+    await wait_for(there, timeout=timeout)
+    return (await found())[0]

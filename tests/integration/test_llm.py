@@ -28,7 +28,7 @@ from rolebus.wire.subjects import CALLS_BUCKET, EVENTS_STREAM
 from rolebus.worker.runner import start_workers
 
 from ..conftest import CliRunner
-from .llm_team import ENV, KEY, PERSONA, StartTeam, state_of, until, write_llm_team
+from .llm_team import ENV, KEY, PERSONA, StartTeam, event_of, state_of, until, write_llm_team
 from .test_dashboard import serving
 
 
@@ -582,16 +582,7 @@ async def test_a_context_overflow_is_never_taken_for_a_refused_mode(
     await start_llm_team()
     task, _ = await rolebus_bus.publish_task("task.backend.x", title="too long")
 
-    async def retrying() -> bool:
-        events = await read_events(rolebus_bus.connection, states=["retrying"])
-        return any(e.task_id == task.id for e in events)
-
-    await wait_for(retrying, timeout=20)
-    [event, *_] = [
-        e
-        for e in await read_events(rolebus_bus.connection, states=["retrying"])
-        if e.task_id == task.id
-    ]
+    event = await event_of(rolebus_bus, task.id, "retrying")
     assert "does not fit the model's context window" in (event.error or "")
     assert "handler.max_tokens" in (event.error or "")
     assert [r.mode for r in llm_server.requests][:1] == ["json_schema"]
@@ -681,16 +672,7 @@ async def test_a_stream_that_breaks_off_is_asked_again_without_streaming(
     await start_llm_team()
     task, _ = await rolebus_bus.publish_task("task.backend.x", title="too long, streamed")
 
-    async def retrying() -> bool:
-        events = await read_events(rolebus_bus.connection, states=["retrying"])
-        return any(e.task_id == task.id for e in events)
-
-    await wait_for(retrying, timeout=20)
-    [event, *_] = [
-        e
-        for e in await read_events(rolebus_bus.connection, states=["retrying"])
-        if e.task_id == task.id
-    ]
+    event = await event_of(rolebus_bus, task.id, "retrying")
     assert "does not fit the model's context window" in (event.error or "")
     first, second = llm_server.requests[:2]
     assert first.body.get("stream") is True

@@ -20,7 +20,7 @@ from rolebus.team.roles import Team
 from rolebus.testing import wait_for
 from rolebus.worker.runner import start_workers
 
-from ..integration.llm_team import ENV, KEY, write_llm_team
+from ..integration.llm_team import ENV, KEY, event_of, write_llm_team
 from .serve import MODEL
 
 
@@ -96,16 +96,7 @@ async def test_a_prompt_the_real_context_cannot_hold_fails_retryable_naming_the_
             "task.backend.x", title="far too long", payload={"spec": "word " * 12_000}
         )
 
-        async def retried() -> bool:
-            events = await read_events(rolebus_bus.connection, states=["retrying"])
-            return any(e.task_id == task.id for e in events)
-
-        await wait_for(retried, timeout=120)
-        [event, *_] = [
-            e
-            for e in await read_events(rolebus_bus.connection, states=["retrying"])
-            if e.task_id == task.id
-        ]
+        event = await event_of(rolebus_bus, task.id, "retrying", timeout=120)
         assert "does not fit the model's context window" in (event.error or "")
         assert "handler.max_tokens" in (event.error or "")
     finally:
