@@ -23,7 +23,7 @@ import structlog
 from bench import cases
 from bench.guarantee import bench_layout
 from bench.harness import Results, start_server
-from bench.llm import bench_llm
+from bench.llm import bench_llm, bench_llm_slow
 
 SIZES = {
     "quick": {
@@ -114,6 +114,12 @@ async def main(
                 await case(run)
             seconds[name] = seconds.get(name, 0.0) + time.monotonic() - started
             print(f"  {name}: {time.monotonic() - started:.1f}s", flush=True)
+        if not only or "llm" in only:
+            started = time.monotonic()
+            calls, each = (20, 1.0) if quick else (100, 5.0)
+            extra.update(await bench_llm_slow(url, results, count=calls, seconds=each, run=0))
+            seconds["llm_slow"] = time.monotonic() - started
+            print(f"  llm, {calls} slow calls at once: {seconds['llm_slow']:.1f}s", flush=True)
         if not only or "dashboard" in only:
             started = time.monotonic()
             extra.update(await cases.bench_dashboard(url, results, seconds=5.0 if quick else 30.0))

@@ -5,18 +5,21 @@ alone. The model's own time is the server's (near zero): what is left is ours.""
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import openai
 
+from bench.cases import rss_mb
 from bench.harness import Results, connect, perf
 from rolebus.config import Settings
 from rolebus.handlers.prompt import OUTCOME_SCHEMA
 from rolebus.nats.delivery import StoredMessage
 from rolebus.team.roles import load_team
-from rolebus.testing.llm import serve_llm
+from rolebus.testing.llm import Reply, serve_llm
+from rolebus.wire.codec import decode
 from rolebus.worker.runner import start_workers
 
 ROLE = """+++
@@ -36,6 +39,7 @@ async def bench_llm(url: str, results: Results, *, count: int, run: int) -> None
         "ms/task",
         higher_is_better=False,
         baseline_name="openai client alone",
+        target=1.25,
         note="the test kit's server answers at once: the difference is the bus "
         "(prompt, recorded call, state, events, ack)",
     )
@@ -45,6 +49,94 @@ async def bench_llm(url: str, results: Results, *, count: int, run: int) -> None
         roles = Path(folder)
         (roles / "thinker.md").write_text(ROLE.format(url=server.url), encoding="utf-8")
         metric.rolebus.append(await _through_the_bus(url, load_team(roles), count, run))
+
+
+SLOW_ROLE = """+++
+id = "slowpoke"
+title = "Slow thinker"
+domains = ["slow"]
+handler = {{ llm = "slow-model", base_url = "{url}", timeout = "60s" }}
+concurrency = {concurrency}
+ack_wait = "2s"
++++
+You think slowly.
+"""
+
+
+async def bench_llm_slow(
+    url: str, results: Results, *, count: int, seconds: float, run: int
+) -> dict[str, Any]:
+    """``count`` model calls of ``seconds`` each in flight at once on one worker, whose
+    ack_wait (2 s) is shorter than a call: without heartbeats every task would be
+    redelivered. Against the openai client making the same calls at once."""
+    metric = results.metric(
+        f"{count} concurrent {seconds:g} s model calls on one worker (wall time)",
+        "s",
+        higher_is_better=False,
+        baseline_name="openai client alone, same calls at once",
+        target=1.25,
+        note="ack_wait 2 s: every call outlives it, so only heartbeats keep a task "
+        "from being redelivered",
+    )
+    with serve_llm() as server, tempfile.TemporaryDirectory() as folder:
+        server.default = Reply.with_outcome({"status": "completed", "result": "ok"}, delay=seconds)
+        metric.baseline.append(await _client_at_once(server.url, count))
+        roles = Path(folder)
+        (roles / "slowpoke.md").write_text(
+            SLOW_ROLE.format(url=server.url, concurrency=count), encoding="utf-8"
+        )
+        team = load_team(roles)
+        settings = Settings(nats_url=url)
+        crew = await start_workers(settings, team, [team.role("slowpoke")], supervise=False)
+        from rolebus.bus import Bus
+
+        bus = await Bus.connect(settings)
+        finished: asyncio.Queue[StoredMessage] = asyncio.Queue()
+        try:
+            watch = await bus.connection.watch("event.task.completed.slowpoke.>", finished.put)
+            await bus.connection.flush()
+            rss_before = rss_mb(os.getpid())
+            start = perf()
+            for number in range(count):
+                await bus.publish_task("task.slow.think", title=f"slow {run}-{number}")
+            events = [
+                await asyncio.wait_for(finished.get(), seconds * 10 + 60) for _ in range(count)
+            ]
+            metric.rolebus.append(perf() - start)
+            rss_after = rss_mb(os.getpid())
+            await watch.close()
+        finally:
+            await bus.close()
+            await crew.stop(grace=0)
+        asked = server.answered
+    attempts = [getattr(decode(event.subject, event.data), "attempt", 0) for event in events]
+    return {
+        "llm_slow": {
+            "calls": count,
+            "seconds_each": seconds,
+            "completed": len(events),
+            "redelivered": sum(1 for attempt in attempts if attempt > 1),
+            "model_calls": asked - count,  # the baseline's calls come first
+            "rss_mb_before": round(rss_before, 1),
+            "rss_mb_after": round(rss_after, 1),
+        }
+    }
+
+
+async def _client_at_once(base_url: str, count: int) -> float:
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0) as client:
+        start = perf()
+        await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model="slow-model",
+                    messages=[{"role": "user", "content": "think"}],
+                    max_tokens=64,
+                )
+                for _ in range(count)
+            )
+        )
+        return perf() - start
 
 
 async def _client_alone(base_url: str, count: int) -> float:

@@ -18,6 +18,7 @@ write, and a role must not raise its own caps.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -154,15 +155,19 @@ class BudgetLedger:
     # --- reading ----------------------------------------------------------------------
 
     async def _read(self, key: str) -> tuple[dict[str, Any], int]:
+        value, revision = await self._read_raw(key)
+        return _parsed(value), revision
+
+    async def _read_raw(self, key: str) -> tuple[bytes, int]:
         found = await self._connection.kv.get(BUDGETS_BUCKET, key)
-        if found is None or not found[0]:
-            return {}, 0
-        value = json.loads(found[0])
-        return (value if isinstance(value, dict) else {}), found[1]
+        return found if found is not None else (b"", 0)
 
     async def caps(self, role: RoleSpec) -> Budget:
         """The role file's budget with the caps set at run time over it."""
-        override, _ = await self._read(f"{role.id}.caps")
+        return self._over(role, (await self._read(f"{role.id}.caps"))[0])
+
+    @staticmethod
+    def _over(role: RoleSpec, override: dict[str, Any]) -> Budget:
         changes = {name: override[name] for name in _FIELDS if name in override}
         return role.budget.model_copy(update=changes) if changes else role.budget
 
@@ -182,8 +187,10 @@ class BudgetLedger:
 
     # --- writing (compare-and-set, retried) ------------------------------------------------
 
-    async def _change(self, key: str, change: Any) -> dict[str, Any]:
-        return await self._connection.kv.change_json(BUDGETS_BUCKET, key, change)
+    async def _change(
+        self, key: str, change: Any, known: tuple[bytes, int] | None = None
+    ) -> dict[str, Any]:
+        return await self._connection.kv.change_json(BUDGETS_BUCKET, key, change, known=known)
 
     async def set_caps(self, role_id: str, **caps: float | int | None) -> dict[str, Any]:
         """Change caps at run time (None: back to the role file's)."""
@@ -251,9 +258,14 @@ class BudgetLedger:
         """Count a call's worst case against the caps, or the breach it would be. The
         reservation holds for ``expires_in`` seconds unless settled first: a worker
         that dies mid-call does not keep its worst case counted for the day."""
-        caps = await self.caps(role)
-        task = await self.allowed_on(role, task_id)
-        day = await self.allowed_today(role)
+        task_key, day_key = f"{role.id}.task.{task_id}", f"{role.id}.day.{today()}"
+        # Read together; the entries read are the first compare-and-set's base.
+        overrides, task_entry, day_entry = await asyncio.gather(
+            self._read(f"{role.id}.caps"), self._read_raw(task_key), self._read_raw(day_key)
+        )
+        caps = self._over(role, overrides[0])
+        task = await self._verified(role, Spent.from_json(_parsed(task_entry[0])), task_id=task_id)
+        day = await self._verified(role, Spent.from_json(_parsed(day_entry[0])), day=today())
         if caps.tokens_per_task is not None:
             limit = caps.tokens_per_task + task.allowance_tokens
             if task.tokens + tokens > limit:
@@ -285,14 +297,15 @@ class BudgetLedger:
                     raise _RefusedError
             return {**value, "reserved": {**_live(value, now), reservation: held}}
 
+        # Only a day cap needs the worst case held: the day is shared by concurrent
+        # tasks. A task's own calls come one after another (checked above, against
+        # what it settled), so its entry is written once, when the call settles.
+        if caps.tokens_per_day is None and (caps.usd_per_day is None or usd is None):
+            return None
         try:
-            await self._change(f"{role.id}.day.{today()}", take_day)
+            await self._change(day_key, take_day, day_entry)
         except _RefusedError:
             return breach[0]
-        await self._change(
-            f"{role.id}.task.{task_id}",
-            lambda value: {**value, "reserved": {**_live(value, now), reservation: held}},
-        )
         return None
 
     async def settle(
@@ -313,8 +326,15 @@ class BudgetLedger:
             value["usd"] = max(0.0, float(value.get("usd", 0.0)) + used[1])
             return {**value, "reserved": held}
 
-        await self._change(f"{role_id}.day.{day or today()}", apply)
-        await self._change(f"{role_id}.task.{task_id}", apply)
+        await asyncio.gather(
+            self._change(f"{role_id}.day.{day or today()}", apply),
+            self._change(f"{role_id}.task.{task_id}", apply),
+        )
+
+
+def _parsed(value: bytes) -> dict[str, Any]:
+    parsed = json.loads(value) if value else {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 class _RefusedError(RolebusError):

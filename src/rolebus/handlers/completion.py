@@ -30,6 +30,7 @@ __all__ = [
     "request_for",
     "retry_after",
     "scrub",
+    "tokens_in",
     "urgency",
 ]
 
@@ -184,12 +185,33 @@ def request_for(
     return request
 
 
-def answer_text(response: Any, mode: Mode) -> str:
-    """The answer in a (not streamed) response: the content, or the tool call's arguments."""
-    message = response.choices[0].message
-    if mode == "tool" and message.tool_calls:
-        return str(message.tool_calls[0].function.arguments or "")
-    return str(message.content or "")
+def answer_text(response: dict[str, Any], mode: Mode) -> str:
+    """The answer in a (not streamed) response: the content, or the tool call's
+    arguments ("" for a response of another shape: the repair turn says so)."""
+    choices = response.get("choices")
+    message = choices[0].get("message") if isinstance(choices, list) and choices else None
+    if not isinstance(message, dict):
+        return ""
+    calls = message.get("tool_calls")
+    if mode == "tool" and isinstance(calls, list) and calls and isinstance(calls[0], dict):
+        function = calls[0].get("function")
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        return arguments if isinstance(arguments, str) else ""
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def tokens_in(usage: Any) -> tuple[int, int]:
+    """A usage object's prompt and completion tokens (0 where it says nothing usable;
+    :func:`checked_usage` judges the numbers)."""
+    if not isinstance(usage, dict):
+        return 0, 0
+
+    def count(name: str) -> int:
+        value = usage.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return count("prompt_tokens"), count("completion_tokens")
 
 
 def overflow_outcome(spec: LlmHandler, where: str, said: str) -> Outcome:

@@ -19,10 +19,15 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import openai
 import structlog
 
 from rolebus.handlers.base import HandlerContext
+from rolebus.handlers.chat_http import (
+    ChatClient,
+    ModelHttpError,
+    ModelTimeoutError,
+    ModelUnreachableError,
+)
 from rolebus.handlers.completion import (
     MODES,
     Mode,
@@ -33,6 +38,7 @@ from rolebus.handlers.completion import (
     request_for,
     retry_after,
     scrub,
+    tokens_in,
 )
 from rolebus.team.handler_specs import LlmHandler
 from rolebus.wire.messages import Outcome
@@ -52,7 +58,7 @@ def tokens_of(messages: list[dict[str, Any]], max_tokens: int) -> int:
 class _ModeRefusedError(Exception):
     """The server refused the answer mode of a request (not its size, not busy)."""
 
-    def __init__(self, error: openai.APIStatusError) -> None:
+    def __init__(self, error: ModelHttpError) -> None:
         super().__init__(error.message)
         self.error = error
 
@@ -78,21 +84,18 @@ class ModelServer:
         self._streams = spec.stream  # until the server refuses to stream
         # One client (its connection pool) per URL and key: the key is still read at
         # every call, and a changed one gets a new client.
-        self._clients: dict[tuple[str | None, str], openai.AsyncOpenAI] = {}
+        self._clients: dict[tuple[str | None, str], ChatClient] = {}
 
-    def _client(self, key: str) -> openai.AsyncOpenAI:
+    def _client(self, key: str) -> ChatClient:
         client = self._clients.get((self.base_url, key))
         if client is None:
-            client = self._clients[(self.base_url, key)] = openai.AsyncOpenAI(
-                api_key=key or "unset",  # local servers (Ollama, llama.cpp) need none
-                base_url=self.base_url,
-                timeout=self.spec.timeout,
-                max_retries=0,  # retries are ours: they honour Retry-After and are logged
+            client = self._clients[(self.base_url, key)] = ChatClient(
+                self.base_url, key, self.spec.timeout
             )
         return client
 
     async def _exchange(
-        self, client: openai.AsyncOpenAI, call: Coroutine[Any, Any, T], timeout: float
+        self, client: ChatClient, call: Coroutine[Any, Any, T], timeout: float
     ) -> T:
         """Wait for one HTTP exchange. To stop it (a timeout, a cancel) its client is
         closed rather than the request cancelled mid-way: httpx can strand the
@@ -176,7 +179,7 @@ class ModelServer:
 
     async def _complete(
         self,
-        client: openai.AsyncOpenAI,
+        client: ChatClient,
         request: dict[str, Any],
         mode: Mode,
         context: HandlerContext,
@@ -186,69 +189,53 @@ class ModelServer:
         if self._streams:
             try:
                 return await self._streamed(client, request, mode, context)
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
+            except ModelHttpError as error:
                 # Refused: the streaming (the server says so), or the answer mode?
-                if "stream" not in str(error.message).lower():
+                if error.status_code not in (400, 422) or "stream" not in error.body.lower():
                     raise
-                response = await client.chat.completions.create(**request)
+                response = await client.complete(request)
                 self._streams = False
                 log.info("model server does not stream; asking without", model=self.spec.llm)
-            except (openai.APIConnectionError, _EmptyStreamError):
+            except (ModelUnreachableError, _EmptyStreamError):
                 # Some servers (llama-cpp-python) answer a request they cannot serve, an
                 # over-long prompt say, with an empty stream that breaks off: asked again
                 # without streaming, they give the answer or the error they mean.
                 log.info("model server's stream broke off; asking without", model=self.spec.llm)
                 try:
-                    response = await client.chat.completions.create(**request)
-                except openai.APIConnectionError:
+                    response = await client.complete(request)
+                except ModelUnreachableError:
                     # The broken stream's pooled connection may be the one reused: once
                     # more, on a new one (a server that is down fails this too).
-                    response = await client.chat.completions.create(**request)
+                    response = await client.complete(request)
         else:
-            response = await client.chat.completions.create(**request)
-        usage = response.usage
-        return (
-            answer_text(response, mode),
-            int(getattr(usage, "prompt_tokens", 0) or 0),
-            int(getattr(usage, "completion_tokens", 0) or 0),
-        )
+            response = await client.complete(request)
+        return (answer_text(response, mode), *tokens_in(response.get("usage")))
 
     async def _streamed(
         self,
-        client: openai.AsyncOpenAI,
+        client: ChatClient,
         request: dict[str, Any],
         mode: Mode,
         context: HandlerContext,
     ) -> tuple[str, int, int]:
-        stream = await client.chat.completions.create(
-            **request, stream=True, stream_options={"include_usage": True}
-        )
         parts: list[str] = []
         prompt_tokens = completion_tokens = chunks = 0
-        async with stream:
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    prompt_tokens = int(chunk.usage.prompt_tokens or 0)
-                    completion_tokens = int(chunk.usage.completion_tokens or 0)
-                if not chunk.choices:
-                    continue
-                delta = chunk.choices[0].delta
-                if mode == "tool" and delta.tool_calls:
-                    function = delta.tool_calls[0].function
-                    parts.append((function.arguments if function else None) or "")
-                elif delta.content:
-                    parts.append(delta.content)
-                else:
-                    continue
-                chunks += 1
-                await context.progress("the model is answering", chunks=chunks)
+        async for chunk in client.stream(request):
+            if chunk.get("usage") is not None:
+                prompt_tokens, completion_tokens = tokens_in(chunk["usage"])
+            part = _delta_text(chunk, mode)
+            if not part:
+                continue
+            parts.append(part)
+            chunks += 1
+            await context.progress("the model is answering", chunks=chunks)
         if not chunks and not prompt_tokens:
             raise _EmptyStreamError  # not one chunk, not even usage: nothing was answered
         return "".join(parts), prompt_tokens, completion_tokens
 
     async def _with_retries(
         self,
-        client: openai.AsyncOpenAI,
+        client: ChatClient,
         messages: list[dict[str, Any]],
         mode: Mode,
         key: str,
@@ -262,14 +249,16 @@ class ModelServer:
                 return await self._exchange(
                     client, self._complete(client, request, mode, context), self.spec.timeout
                 )
-            except (openai.RateLimitError, openai.InternalServerError) as error:
-                kind = refusal_kind(error.status_code, str(error.message))
+            except ModelHttpError as error:
+                kind = refusal_kind(error.status_code, error.body)
                 if kind == "overflow":
                     raise AttemptEndedError(
                         overflow_outcome(self.spec, self.where, scrub(error.message, key))
                     ) from error
-                if kind == "mode":  # a 500 that names the mode: refused, not busy
+                if kind == "mode":  # a 400, or a 500 that names the mode: refused, not busy
                     raise _ModeRefusedError(error) from error
+                if kind != "busy":
+                    raise AttemptEndedError(self._refused(error, key)) from error
                 if retry == self.spec.max_retries:
                     raise AttemptEndedError(
                         Outcome.failed(
@@ -280,7 +269,7 @@ class ModelServer:
                     ) from error
                 # Capped: a Retry-After of an hour must not stop a role for an hour.
                 delay = min(
-                    retry_after(error.response.headers) or min(30.0, 2.0**retry),
+                    retry_after(error.headers) or min(30.0, 2.0**retry),
                     self.spec.max_retry_after,
                 )
                 log.info(
@@ -295,7 +284,7 @@ class ModelServer:
                     await context.limiter.acquire(tokens_of(messages, self.spec.max_tokens))
                 else:
                     await asyncio.sleep(delay)
-            except (TimeoutError, openai.APITimeoutError) as error:
+            except (TimeoutError, ModelTimeoutError) as error:
                 raise AttemptEndedError(
                     Outcome.failed(
                         f"no answer from the model server at {self.where} within "
@@ -303,41 +292,45 @@ class ModelServer:
                         retryable=True,
                     )
                 ) from error
-            except openai.APIConnectionError as error:
+            except ModelUnreachableError as error:
                 raise AttemptEndedError(
                     Outcome.failed(
-                        f"cannot reach the model server at {self.where}: "
-                        f"{scrub(str(error.__cause__ or error), key)}",
+                        f"cannot reach the model server at {self.where}: {scrub(str(error), key)}",
                         retryable=True,
                     )
                 ) from error
-            except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
-                raise AttemptEndedError(
-                    Outcome.failed(
-                        f"the model server at {self.where} refused the key "
-                        f"({error.status_code}): set {self.spec.api_key_env} to a key it "
-                        f"accepts (the role file's handler.api_key_env names the variable"
-                        f"{'; it is not set' if not key else ''})",
-                        retryable=False,
-                    )
-                ) from error
-            except openai.NotFoundError as error:
-                raise AttemptEndedError(
-                    Outcome.failed(
-                        f"the model server at {self.where} does not know model "
-                        f"{self.spec.llm!r} (404): fix handler.llm in the role file, or "
-                        "handler.base_url",
-                        retryable=False,
-                    )
-                ) from error
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
-                if refusal_kind(error.status_code, str(error.message)) == "overflow":
-                    raise AttemptEndedError(
-                        overflow_outcome(self.spec, self.where, scrub(error.message, key))
-                    ) from error
-                raise _ModeRefusedError(error) from error
-            except openai.APIStatusError as error:
-                raise AttemptEndedError(
-                    refused_outcome(self.spec, self.where, error, key)
-                ) from error
         raise AssertionError("unreachable: the last retry raises")
+
+    def _refused(self, error: ModelHttpError, key: str) -> Outcome:
+        """A refusal that no retry and no other mode changes."""
+        if error.status_code in (401, 403):
+            return Outcome.failed(
+                f"the model server at {self.where} refused the key "
+                f"({error.status_code}): set {self.spec.api_key_env} to a key it "
+                f"accepts (the role file's handler.api_key_env names the variable"
+                f"{'; it is not set' if not key else ''})",
+                retryable=False,
+            )
+        if error.status_code == 404:
+            return Outcome.failed(
+                f"the model server at {self.where} does not know model "
+                f"{self.spec.llm!r} (404): fix handler.llm in the role file, or "
+                "handler.base_url",
+                retryable=False,
+            )
+        return refused_outcome(self.spec, self.where, error, key)
+
+
+def _delta_text(chunk: dict[str, Any], mode: Mode) -> str:
+    """The piece of answer a streamed chunk carries ("" for none)."""
+    choices = chunk.get("choices")
+    delta = choices[0].get("delta") if isinstance(choices, list) and choices else None
+    if not isinstance(delta, dict):
+        return ""
+    calls = delta.get("tool_calls")
+    if mode == "tool" and isinstance(calls, list) and calls and isinstance(calls[0], dict):
+        function = calls[0].get("function")
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        return arguments if isinstance(arguments, str) else ""
+    content = delta.get("content")
+    return content if isinstance(content, str) else ""

@@ -14,9 +14,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
-import openai
 
 from rolebus.errors import ConnectError
+from rolebus.handlers.chat_http import (
+    ChatClient,
+    ModelHttpError,
+    ModelTimeoutError,
+    ModelUnreachableError,
+)
 from rolebus.handlers.completion import (
     MODES,
     Mode,
@@ -79,12 +84,13 @@ async def check_server(spec: LlmHandler, *, key: str) -> Report:
     base_url = spec.base_url or os.environ.get("OPENAI_BASE_URL") or None
     where = base_url or "the OpenAI API"
     findings: list[Finding] = []
-    async with openai.AsyncOpenAI(
-        api_key=key or "unset", base_url=base_url, timeout=spec.timeout, max_retries=0
-    ) as client:
+    client = ChatClient(base_url, key, spec.timeout)
+    try:
         for mode in sorted(MODES, key=lambda mode: mode != "prompt"):  # a plain answer first
             findings.append(await _mode(client, spec, mode, where, key))
         findings += await _stream(client, spec, key)
+    finally:
+        await client.close()
     window = await _context_window(base_url) if base_url else None
     findings.append(
         Finding(
@@ -96,21 +102,17 @@ async def check_server(spec: LlmHandler, *, key: str) -> Report:
     return Report(where, spec.llm, findings, window)
 
 
-async def _mode(
-    client: openai.AsyncOpenAI, spec: LlmHandler, mode: Mode, where: str, key: str
-) -> Finding:
+async def _mode(client: ChatClient, spec: LlmHandler, mode: Mode, where: str, key: str) -> Finding:
     try:
-        response = await client.chat.completions.create(
-            **request_for(spec, _ASK, mode, max_tokens=64)
-        )
-    except openai.APIConnectionError as error:
-        why = scrub(str(error.__cause__ or error), key)
+        response = await client.complete(request_for(spec, _ASK, mode, max_tokens=64))
+    except (ModelUnreachableError, ModelTimeoutError) as error:
+        why = scrub(str(error), key)
         raise ConnectError(
             f"cannot reach the model server at {where}: {why}",
             hint="start it, or fix handler.base_url (or OPENAI_BASE_URL)",
         ) from error
-    except openai.APIStatusError as error:
-        kind = refusal_kind(error.status_code, str(error.message))
+    except ModelHttpError as error:
+        kind = refusal_kind(error.status_code, error.body)
         said = scrub(str(error.message), key)[:160]
         return Finding(mode, False, f"{kind} ({error.status_code}): {said}")
     outcome, problem = parse_answer(answer_text(response, mode))
@@ -121,18 +123,15 @@ async def _mode(
     )
 
 
-async def _stream(client: openai.AsyncOpenAI, spec: LlmHandler, key: str) -> list[Finding]:
+async def _stream(client: ChatClient, spec: LlmHandler, key: str) -> list[Finding]:
+    usage = False
     try:
-        stream = await client.chat.completions.create(
-            **request_for(spec, _ASK, "prompt", max_tokens=32),
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        usage = False
-        async with stream:
-            async for chunk in stream:
-                usage = usage or chunk.usage is not None
-    except openai.APIStatusError as error:
+        async for chunk in client.stream(request_for(spec, _ASK, "prompt", max_tokens=32)):
+            usage = usage or chunk.get("usage") is not None
+    except (ModelUnreachableError, ModelTimeoutError) as error:
+        said = scrub(str(error), key)[:160]
+        return [Finding("stream", False, f"broke off: {said} (set handler.stream = false)")]
+    except ModelHttpError as error:
         said = scrub(str(error.message), key)[:160]
         return [
             Finding("stream", False, f"{error.status_code}: {said} (set handler.stream = false)")

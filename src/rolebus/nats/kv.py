@@ -96,14 +96,21 @@ class KeyValue:
         change: Callable[[dict[str, Any]], dict[str, Any]],
         *,
         replace_unreadable: bool = False,
+        known: tuple[bytes, int] | None = None,
     ) -> dict[str, Any]:
         """Read-modify-write a JSON object by compare-and-set, retried until it lands:
         ``change`` gets the current value (``{}`` when absent) and returns the new one
         (an exception from it leaves the entry as it was). The value written.
         A value that is not JSON raises :class:`CodecError`, or with
-        ``replace_unreadable`` (shared state no one accounts by) counts as ``{}``."""
+        ``replace_unreadable`` (shared state no one accounts by) counts as ``{}``.
+        ``known``: the value and revision the caller read just now, tried first (one
+        round trip fewer when nobody wrote meanwhile; ``(b"", 0)``: absent)."""
         while True:
-            found = await self.get(bucket, key)
+            found, known = (
+                (known, None) if known is not None else (await self.get(bucket, key), None)
+            )
+            if found is not None and found[1] == 0:
+                found = None
             value: Any = {}
             revision = found[1] if found else 0
             if found and found[0]:

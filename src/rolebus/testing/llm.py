@@ -265,11 +265,16 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    # A real server takes a hundred connections at once; the default backlog is 5.
+    request_queue_size = 256
+
+
 @contextlib.contextmanager
 def serve_llm() -> Iterator[LlmServer]:
     """Run the server until the block ends (the fixture uses it; so can a benchmark)."""
     server = LlmServer()
-    http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
+    http = _Server(("127.0.0.1", 0), _handler(server))
     http.daemon_threads = True
     server.url = f"http://127.0.0.1:{http.server_address[1]}/v1"
     thread = threading.Thread(target=http.serve_forever, name="llm-server", daemon=True)
