@@ -27,12 +27,13 @@ def write_llm_team(
     extra: str = "",
     budget: str = "",
     concurrency: int = 4,
+    model: str = "test-model",
 ) -> Team:
     """eng-be thinks (an llm handler); the others are scripted."""
     folder.mkdir(parents=True, exist_ok=True)
     scripted = '"builtin:scripted"'
     llm = (
-        f'{{ llm = "test-model", base_url = "{url}", api_key_env = "{ENV}", '
+        f'{{ llm = "{model}", base_url = "{url}", api_key_env = "{ENV}", '
         f'temperature = 0.2, timeout = "{timeout}", max_repairs = 1{extra} }}'
     )
     roles = {

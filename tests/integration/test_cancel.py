@@ -198,3 +198,18 @@ def test_cancel_of_an_unknown_task_is_a_clear_error(
 
 
 pytestmark = pytest.mark.timeout(120)
+
+
+async def test_a_cancel_mid_stream_closes_the_model_connection(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam
+) -> None:
+    """A streaming server generates until its client goes away: the cancel must close
+    the connection, not only stop reading it."""
+    llm_server.chunk_delay = 0.2  # a long answer: 8 characters every 0.2 s
+    llm_server.script(Reply.completed({"essay": "word " * 400}))
+    await start_llm_team(timeout="1m")
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="a long essay")
+    await wait_for(lambda: len(llm_server.requests) == 1, timeout=30)
+    await cancel(rolebus_bus.connection, task.id, reason="too long")
+    await until(rolebus_bus, task.id, "cancelled", timeout=10)
+    await wait_for(lambda: llm_server.broken_off == 1, timeout=10)

@@ -479,11 +479,15 @@ def test_demo_llm_plays_the_example_team_against_the_server_or_says_what_to_set(
         OPENAI_API_KEY=KEY,
     )
     assert played.returncode == 0, played.stdout + played.stderr
-    assert "2 work items" in played.stdout
-    pm, architect = llm_server.requests
+    # The PM's own follow-up and the team's `then` routes: every role takes part,
+    # though after the architect the model answers "done" and plans nothing.
+    assert "6 work items" in played.stdout
+    pm, architect, *rest = llm_server.requests
     assert pm.body["model"] == "test-model"
     assert "Product Manager" in pm.system
     assert "Design the orders API" in architect.messages[1]["content"]
+    asked = {request.system.split("(role id `")[1].split("`")[0] for request in rest}
+    assert asked == {"eng-be", "eng-fe", "perf-eng", "cto"}
     assert KEY not in played.stdout + played.stderr
 
     # A flow that dies is not a demo that worked: it says what died, and fails.

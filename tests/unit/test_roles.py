@@ -214,3 +214,47 @@ def test_roles_lists_a_team_of_llm_roles(cli: CliRunner) -> None:
 
     rows = json.loads(listed.stdout)
     assert {row["handler"] for row in rows} == {"llm:llama3.2"}
+
+
+def test_a_then_route_must_name_a_task_subject_of_a_domain_the_team_has(tmp_path: Path) -> None:
+    write_role(tmp_path, "a", 'domains = ["product"]\n[[then]]\nsubject = "task.design.x"')
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert caught.value.field == "then[0].subject"
+    assert "no role has the domain 'design'" in caught.value.message
+    write_role(tmp_path, "a", '[[then]]\nsubject = "event.x.y"')
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert "is not task.<domain>.<kind>" in caught.value.message
+
+
+def test_then_routes_follow_completed_work_not_decisions_nor_what_the_model_asked_already(
+    tmp_path: Path,
+) -> None:
+    from rolebus.wire.messages import FollowUp, Outcome, Task
+    from rolebus.worker.answers import with_routes
+
+    write_role(
+        tmp_path,
+        "pm",
+        'domains = ["product", "design"]\n'
+        '[[then]]\nkinds = ["feature"]\nsubject = "task.design.sketch"\ntitle = "Sketch: {title}"\n'
+        '[[then]]\nsubject = "task.design.review"',
+    )
+    role = load_team(tmp_path).role("pm")
+    feature = Task(title="Orders", kind="feature")
+    done = with_routes(role, feature, Outcome.completed({"filed": True}))
+    assert [(t.subject, t.title) for t in done.tasks] == [
+        ("task.design.sketch", "Sketch: Orders"),
+        ("task.design.review", "Orders"),
+    ]
+    assert done.tasks[0].payload["after"]["result"] == {"filed": True}
+    # The model asked for one of them itself: filed once.
+    own = FollowUp(subject="task.design.review", title="mine")
+    assert len(with_routes(role, feature, Outcome.completed(tasks=[own])).tasks) == 2
+    # Another kind gets the routes for every kind only; decisions and failures none.
+    other = with_routes(role, Task(title="Other", kind="bug"), Outcome.completed())
+    assert [t.subject for t in other.tasks] == ["task.design.review"]
+    decided = Task(title="Decide", kind="escalation")
+    assert with_routes(role, decided, Outcome.completed()).tasks == []
+    assert with_routes(role, feature, Outcome.failed("no", retryable=False)).tasks == []

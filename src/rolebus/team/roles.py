@@ -74,6 +74,38 @@ class EscalationRule(_Strict):
     timeout: Duration = 3600.0
 
 
+#: Task kinds that ask the role to decide or review, not to do work: a ``then``
+#: route never follows them.
+DECIDING_KINDS: Final = frozenset({"escalation", "handoff"})
+
+
+class Then(_Strict):
+    """A task the role files whenever it completes one of ``kinds`` (every kind when
+    empty, decisions and reviews excepted), whatever its handler answered: the team's
+    process, written down once (a small model need not plan it). The task carries
+    what was done (``payload.after``) and passes the same brakes and boundaries as
+    the follow-ups a handler asks for."""
+
+    kinds: list[str] = Field(default_factory=list)
+    #: ``task.<domain>.<kind>``: a domain of the role that does it next.
+    subject: str
+    #: ``{title}`` and ``{kind}`` stand for the completed task's.
+    title: str = "{title}"
+
+    @field_validator("subject")
+    @classmethod
+    def _task_subject(cls, value: str) -> str:
+        parts = value.split(".")
+        if len(parts) != 3 or parts[0] != "task":
+            raise ValueError(f"{value!r} is not task.<domain>.<kind>")
+        for token in parts[1:]:
+            validate_token(token, what="a then subject's token")
+        return value
+
+    def applies_to(self, kind: str) -> bool:
+        return kind not in DECIDING_KINDS and (not self.kinds or kind in self.kinds)
+
+
 class Brakes(_Strict):
     """Bounds on the work one flow (a correlation) may make this role send: met, the
     task parks and asks ``reports_to`` (approving lets the flow go as far again).
@@ -121,6 +153,7 @@ class RoleSpec(_Strict):
     #: ``reports_to`` whether it may go on (a brake: approving allows as many more).
     max_escalations: int = Field(default=5, ge=1, le=1000)
     brakes: Brakes = Field(default_factory=Brakes)
+    then: list[Then] = Field(default_factory=list)
     slo: Slo = Field(default_factory=Slo)
     budget: Budget = Field(default_factory=Budget)
     persona: str = ""
@@ -362,6 +395,15 @@ class Team:
             _check_references(role, by_id)
         for role in roles:
             _check_no_cycle(role, by_id)
+            for index, route in enumerate(role.then):
+                domain = route.subject.split(".")[1]
+                if domain not in owner:
+                    raise RoleError(
+                        f"no role has the domain {domain!r} that then[{index}] files to",
+                        file=role.source,
+                        field=f"then[{index}].subject",
+                        hint=f"use a domain of the team: {', '.join(sorted(owner))}",
+                    )
         return cls(roles=by_id, domain_owner=owner)
 
 

@@ -98,6 +98,8 @@ class LlmServer:
     #: Whether a stream ends with a usage chunk when asked (llama-cpp-python's does not).
     stream_usage: bool = True
     chunk_delay: float = 0.0
+    #: Streams the client closed before their end (a cancel, a timeout, a kill).
+    broken_off: int = 0
     requests: list[Request] = field(default_factory=list)
     _replies: deque[Reply] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -192,7 +194,8 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
                         time.sleep(server.chunk_delay)
                 self.wfile.write(b"data: [DONE]\n\n")
             except (BrokenPipeError, ConnectionResetError):
-                pass
+                with server._lock:
+                    server.broken_off += 1
 
         def do_POST(self) -> None:
             arrived = time.monotonic()

@@ -46,6 +46,7 @@ from rolebus.wire.messages import (
     Envelope,
     Escalation,
     EscalationRequest,
+    FollowUp,
     Handoff,
     Outcome,
     Task,
@@ -170,6 +171,7 @@ class Answers:
     ) -> Input:
         task = item.task
         usage = outcome.usage
+        outcome = with_routes(self.role, task, outcome)
         flow_brake, shares = self.brakes.flow(
             task,
             record,
@@ -425,3 +427,21 @@ class Answers:
                     )
                 )
         return to, tuple(effects)
+
+
+def with_routes(role: RoleSpec, task: Task, outcome: Outcome) -> Outcome:
+    """``outcome`` with the tasks the role's ``then`` routes file after it (none to a
+    subject the handler already asked for)."""
+    if outcome.status != "completed" or not role.then:
+        return outcome
+    asked = {follow_up.subject for follow_up in outcome.tasks}
+    routed = [
+        FollowUp(
+            subject=route.subject,
+            title=route.title.replace("{title}", task.title).replace("{kind}", task.kind),
+            payload={"after": {"title": task.title, "kind": task.kind, "result": outcome.result}},
+        )
+        for route in role.then
+        if route.applies_to(task.kind) and route.subject not in asked
+    ]
+    return outcome.model_copy(update={"tasks": [*outcome.tasks, *routed]}) if routed else outcome
