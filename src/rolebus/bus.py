@@ -86,7 +86,12 @@ class Bus:
         )
         try:
             if provision:
-                await connection.admin.provision(limits or StreamLimits(replicas=settings.replicas))
+                await connection.admin.provision(
+                    limits
+                    or StreamLimits(
+                        replicas=settings.replicas, calls_max_age=settings.calls_retention
+                    )
+                )
         except BaseException:
             await connection.close()
             raise

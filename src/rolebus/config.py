@@ -65,6 +65,24 @@ def _seconds(name: str, value: str) -> float:
     return seconds
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _age(name: str, value: str) -> float:
+    """An age such as ``30d``, ``12h`` or a number of seconds."""
+    number, unit = (value[:-1], value[-1]) if value[-1:] in _UNITS else (value, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        seconds = -1.0
+    if not 60 <= seconds <= 3650 * 86400:
+        raise ConfigError(
+            f"{name}={value!r} is not an age between a minute and ten years",
+            hint="use a number with a unit, such as 30d, 12h or 90m",
+        )
+    return seconds
+
+
 def _replicas(value: str) -> int:
     if value not in ("1", "3", "5"):
         raise ConfigError(
@@ -99,6 +117,8 @@ class Settings:
     sync_interval: str = "always"
     replicas: int = 1
     claimed_after: float = 0.25
+    #: How long recorded model calls are kept (None: as long as the events).
+    calls_retention: float | None = None
 
     @property
     def role_user(self) -> str | None:
@@ -128,6 +148,11 @@ class Settings:
             "replicas": _replicas(env.get("ROLEBUS_REPLICAS") or "1"),
             "claimed_after": _seconds(
                 "ROLEBUS_CLAIMED_AFTER", env.get("ROLEBUS_CLAIMED_AFTER") or "0.25"
+            ),
+            "calls_retention": (
+                _age("ROLEBUS_CALLS_RETENTION", env["ROLEBUS_CALLS_RETENTION"])
+                if env.get("ROLEBUS_CALLS_RETENTION")
+                else None
             ),
         }
         values.update({key: value for key, value in overrides.items() if value is not None})

@@ -34,6 +34,7 @@ async def start_llm_team(
         replicas: int = 1,
         extra: str = "",
         concurrency: int = 4,
+        max_repairs: int = 1,
     ) -> tuple[Team, Crew]:
         extra += f", prices = {prices}" if prices else ""
         team = write_llm_team(
@@ -43,6 +44,7 @@ async def start_llm_team(
             extra=extra,
             budget=budget,
             concurrency=concurrency,
+            max_repairs=max_repairs,
         )
         crew = await start_workers(
             rolebus_settings,

@@ -28,13 +28,14 @@ def write_llm_team(
     budget: str = "",
     concurrency: int = 4,
     model: str = "test-model",
+    max_repairs: int = 1,
 ) -> Team:
     """eng-be thinks (an llm handler); the others are scripted."""
     folder.mkdir(parents=True, exist_ok=True)
     scripted = '"builtin:scripted"'
     llm = (
         f'{{ llm = "{model}", base_url = "{url}", api_key_env = "{ENV}", '
-        f'temperature = 0.2, timeout = "{timeout}", max_repairs = 1{extra} }}'
+        f'temperature = 0.2, timeout = "{timeout}", max_repairs = {max_repairs}{extra} }}'
     )
     roles = {
         "cto": (scripted, 'domains = ["budget"]', ""),

@@ -5,7 +5,8 @@ from __future__ import annotations
 # Each module registers its commands on ``app`` when imported; the import order is
 # the order of ``--help``: running first, then publishing, then the rest.
 # isort: off
-from rolebus.cli import run, publish, flow, history, whatif, watch, budget, dlq, lifecycle, llm  # noqa: F401
+from rolebus.cli import run, publish, flow, history, whatif, watch, budget, dlq  # noqa: F401
+from rolebus.cli import lifecycle, llm, storage  # noqa: F401
 
 # isort: on
 from rolebus.cli.app import app, run_app

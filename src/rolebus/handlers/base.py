@@ -25,6 +25,7 @@ __all__ = [
     "CallLog",
     "Handler",
     "HandlerContext",
+    "NeedsLiveError",
     "ProgressSink",
     "RateGate",
     "outcome_from_json",
@@ -51,6 +52,17 @@ class BudgetBreachError(RolebusError):
         super().__init__(request.question)
         self.request = request
         self.usage = usage
+
+
+class NeedsLiveError(RolebusError):
+    """A call with no usable record while only records may answer (a rerun without
+    ``--live``): never made, or expired."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(
+            f"no recorded answer for call {number} of this task (never made, or expired)",
+            hint="needs --live: `rolebus rerun --live` asks the model",
+        )
 
 
 class BudgetGate(Protocol):

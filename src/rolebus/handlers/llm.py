@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from rolebus.handlers.base import BudgetBreachError, HandlerContext
+from rolebus.handlers.base import BudgetBreachError, HandlerContext, NeedsLiveError
 from rolebus.handlers.completion import (
     MODES,
     checked_usage,
@@ -127,13 +127,7 @@ class LlmRunner:
                     usage.model_copy(update={"calls": 0, "reused_calls": 1}),
                 )
             if context.extra.get("recorded_only"):
-                raise AttemptEndedError(
-                    Outcome.failed(
-                        f"no recorded answer for call {number} of this task "
-                        "(`rolebus rerun --live` calls the model)",
-                        retryable=False,
-                    )
-                )
+                raise NeedsLiveError(number)
         reserved = await self._reserve(messages, context)
         started = time.monotonic()
         try:
@@ -195,7 +189,7 @@ class LlmRunner:
                     "mode": mode,
                     "messages": messages,
                     "answer": text,
-                    "usage": usage.model_dump(mode="json"),
+                    "usage": usage.model_dump(mode="json", exclude_defaults=True),
                     "latency_ms": round(latency * 1000, 1),
                 },
             )

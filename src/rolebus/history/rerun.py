@@ -17,7 +17,7 @@ from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.escalation import EscalationStore, escalation_item
 from rolebus.flows.handoffs import review_item
 from rolebus.flows.record import TaskState
-from rolebus.handlers.base import CallLog, Handler, HandlerContext
+from rolebus.handlers.base import CallLog, Handler, HandlerContext, NeedsLiveError
 from rolebus.history.replay import all_states
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import RoleSpec, Team
@@ -164,6 +164,15 @@ async def rerun(
         )
         try:
             outcome = await handler(task, context)
+        except NeedsLiveError as error:  # not a difference: nothing to compare
+            yield RerunResult(
+                task_id=state.task_id,
+                title=state.title,
+                recorded=state.outcome,
+                new={},
+                error=f"{error.message}: needs --live",
+            )
+            continue
         except Exception as error:  # report it like the worker would
             outcome = Outcome.failed(f"handler raised {type(error).__name__}: {error}")
         new = outcome.model_dump(mode="json", exclude_defaults=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -16,13 +18,14 @@ from nats.js.api import (
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
+    StoreCompression,
     StreamConfig,
 )
 
 from rolebus.errors import IncompatibleStreamError, TransportError
 from rolebus.nats.protocol import API
 from rolebus.nats.translate import TIMEOUTS, Denials, translate_api
-from rolebus.wire.subjects import BUCKETS, STREAMS, StreamSpec
+from rolebus.wire.subjects import BUCKETS, CALLS_BUCKET, PARTS_BUCKET, STREAMS, StreamSpec
 
 __all__ = ["Admin", "ConsumerSpec", "StreamLimits"]
 
@@ -40,6 +43,12 @@ class StreamLimits:
     work_max_msgs: int = -1
     max_age: float = 30 * _DAY
     events_max_bytes: int = 4 << 30
+    #: How long recorded model calls are kept (None: as long as the events).
+    calls_max_age: float | None = None
+
+    @property
+    def calls_age(self) -> float:
+        return self.calls_max_age if self.calls_max_age is not None else self.max_age
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +155,9 @@ class Admin:
         try:
             await self._js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
+            if bucket in (CALLS_BUCKET, PARTS_BUCKET):
+                await self._add_recording_bucket(bucket, limits)
+                return
             await self._js.create_key_value(
                 KeyValueConfig(
                     bucket=bucket,
@@ -160,6 +172,33 @@ class Admin:
             return
         except TIMEOUTS as error:
             raise self._denials.no_jetstream(error, self._url) from error
+
+    async def _add_recording_bucket(self, bucket: str, limits: StreamLimits) -> None:
+        """A bucket of recorded calls or their parts: one value a key, compressed (JSON
+        and prompts compress well), and aged out. A part outlives the records that
+        refer to it by a quarter of the age: a writer writes a part again when it last
+        did more than a quarter of the age ago (flows/calls.py)."""
+        age = limits.calls_age * (1.25 if bucket == PARTS_BUCKET else 1.0)
+        config = StreamConfig(
+            name=f"KV_{bucket}",
+            subjects=[f"$KV.{bucket}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW,
+            max_msgs_per_subject=1,
+            max_age=age,
+            num_replicas=limits.replicas,
+            allow_rollup_hdrs=True,
+            deny_delete=True,
+            allow_direct=True,
+            compression=StoreCompression.S2,
+            duplicate_window=120.0 if age > 120.0 else age,
+        )
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.APIError as error:
+            raise translate_api(error, f"create bucket {bucket}") from error
+        log.info("bucket created", bucket=bucket, max_age_s=age)
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         """Create or update a role's durable pull consumer (it is ours to adjust)."""
@@ -257,3 +296,34 @@ class Admin:
             "first_seq": int(state.first_seq),
             "last_seq": int(state.last_seq),
         }
+
+    async def storage(self) -> list[dict[str, Any]]:
+        """What each of rolebus's streams and buckets holds: messages, bytes, the
+        age limit, and the times of its oldest and newest message (the server's
+        stream info; nats-py's typed one leaves the times out)."""
+        names = [spec.name for spec in STREAMS] + [f"KV_{bucket}" for bucket in BUCKETS]
+        found = []
+        for name in names:
+            try:
+                reply = await self._js._nc.request(f"{API}.STREAM.INFO.{name}", b"", timeout=5.0)
+            except TIMEOUTS as error:
+                raise self._denials.explain_timeout(
+                    f"{API}.STREAM.INFO.{name}", error, "look up"
+                ) from error
+            info = json.loads(reply.data)
+            if "error" in info:
+                continue  # not made yet: nothing stored
+            state, config = info.get("state", {}), info.get("config", {})
+            found.append(
+                {
+                    "name": name.removeprefix("KV_"),
+                    "kind": "bucket" if name.startswith("KV_") else "stream",
+                    "messages": int(state.get("messages", 0)),
+                    "bytes": int(state.get("bytes", 0)),
+                    "max_age_s": int(config.get("max_age", 0)) / 1e9,
+                    "compression": config.get("compression", "none"),
+                    "first": state.get("first_ts"),
+                    "last": state.get("last_ts"),
+                }
+            )
+        return found

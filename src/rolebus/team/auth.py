@@ -41,6 +41,7 @@ from rolebus.wire.subjects import (
     ESCALATIONS_BUCKET,
     EVENTS_STREAM,
     LIMITS_BUCKET,
+    PARTS_BUCKET,
     SUPERVISOR_CONSUMER,
     TIMERS_STREAM,
     WORK_STREAM,
@@ -79,7 +80,7 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
     # Buckets every role reads whole (any role may be handed a contract or hold an
     # escalation; cancels and rate limits concern every worker); its own model calls
     # and budget entries it reads key by key, under its own token only.
-    own = (CALLS_BUCKET, BUDGETS_BUCKET)
+    own = (CALLS_BUCKET, PARTS_BUCKET, BUDGETS_BUCKET)
     reads = [f"KV_{bucket}" for bucket in BUCKETS if bucket not in own]
     publish = [
         # its own work: pull, ack, heartbeat; look its consumer up
@@ -113,6 +114,7 @@ def permissions(team: Team, role: RoleSpec) -> dict[str, Any]:
         f"$KV.{CONTRACTS_BUCKET}.a.{role.id}.>",  # its answers to them
         f"$KV.{ESCALATIONS_BUCKET}.e.{role.id}.>",  # its escalation steps
         f"$KV.{CALLS_BUCKET}.{role.id}.>",  # its recorded model calls
+        f"$KV.{PARTS_BUCKET}.{role.id}.>",  # and their parts
         f"$KV.{BUDGETS_BUCKET}.{role.id}.day.>",  # its spending, not its caps
         f"$KV.{BUDGETS_BUCKET}.{role.id}.task.>",
         f"$KV.{LIMITS_BUCKET}.>",  # model rate limits: one slot per model, shared

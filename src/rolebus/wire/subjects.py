@@ -21,6 +21,7 @@ __all__ = [
     "ESCALATIONS_BUCKET",
     "EVENTS_STREAM",
     "LIMITS_BUCKET",
+    "PARTS_BUCKET",
     "SENT_FAMILIES",
     "STREAMS",
     "SUPERVISOR_CONSUMER",
@@ -111,6 +112,8 @@ SUPERVISOR_CONSUMER: Final = "supervisor"
 CONTRACTS_BUCKET: Final = "rolebus_contracts"
 ESCALATIONS_BUCKET: Final = "rolebus_escalations"
 CALLS_BUCKET: Final = "rolebus_llm_calls"
+#: The parts of recorded calls, by content hash (see flows/calls.py and subjects.md).
+PARTS_BUCKET: Final = "rolebus_llm_parts"
 BUDGETS_BUCKET: Final = "rolebus_budgets"
 CANCELS_BUCKET: Final = "rolebus_cancels"
 LIMITS_BUCKET: Final = "rolebus_limits"
@@ -118,6 +121,7 @@ BUCKETS: Final = (
     CONTRACTS_BUCKET,
     ESCALATIONS_BUCKET,
     CALLS_BUCKET,
+    PARTS_BUCKET,
     BUDGETS_BUCKET,
     CANCELS_BUCKET,
     LIMITS_BUCKET,

@@ -39,6 +39,7 @@ from rolebus.flows.limits import RateLimiter
 from rolebus.flows.record import TaskState
 from rolebus.flows.state import StateStore
 from rolebus.handlers.base import BudgetBreachError, Handler, HandlerContext
+from rolebus.nats.admin import StreamLimits
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.nats.publish import PendingPublish
@@ -69,6 +70,7 @@ class Dispatcher:
         handler: Handler,
         *,
         claimed_after: float = 0.25,
+        calls_age: float | None = None,
     ):
         self.connection = connection
         self.notices = ClaimedNotices(claimed_after)
@@ -78,7 +80,9 @@ class Dispatcher:
         self.states = StateStore(connection)
         self.escalations = EscalationStore(connection, writer=role.id, team=team)
         self.contracts = ContractRegistry(connection, team=team)
-        self.calls = CallStore(connection, role=role.id)
+        self.calls = CallStore(
+            connection, role=role.id, max_age=calls_age or StreamLimits().max_age
+        )
         self.budgets = BudgetLedger(connection, escalations=self._escalation)
         #: Tasks ``rolebus cancel`` asked to stop (task id -> reason), and the ones
         #: running now (task id -> the slot's asyncio task running its handler).

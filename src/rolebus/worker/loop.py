@@ -103,6 +103,7 @@ class Worker:
             team,
             self.handler,
             claimed_after=bus.settings.claimed_after,
+            calls_age=bus.settings.calls_retention,
         )
         self.states = StateStore(bus.connection)
         self._connection = bus.connection
