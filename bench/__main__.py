@@ -24,6 +24,7 @@ from bench import cases
 from bench.guarantee import bench_layout
 from bench.harness import Results, start_server
 from bench.llm import bench_llm, bench_llm_slow
+from bench.storage import bench_calls_storage
 
 SIZES = {
     "quick": {
@@ -120,6 +121,11 @@ async def main(
             extra.update(await bench_llm_slow(url, results, count=calls, seconds=each, run=0))
             seconds["llm_slow"] = time.monotonic() - started
             print(f"  llm, {calls} slow calls at once: {seconds['llm_slow']:.1f}s", flush=True)
+        if not only or "llm" in only or "storage" in only:
+            started = time.monotonic()
+            extra.update(await bench_calls_storage(url, results, per_role=3 if quick else 10))
+            seconds["calls_storage"] = time.monotonic() - started
+            print(f"  recorded calls' storage: {seconds['calls_storage']:.1f}s", flush=True)
         if not only or "dashboard" in only:
             started = time.monotonic()
             extra.update(await cases.bench_dashboard(url, results, seconds=5.0 if quick else 30.0))
@@ -159,7 +165,7 @@ def cli() -> None:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated: publish,consume,e2e,replay,llm,dashboard,memory",
+        help="comma-separated: publish,consume,e2e,replay,llm,storage,dashboard,memory",
     )
     parser.add_argument(
         "--output", type=Path, default=Path(__file__).resolve().parent / "results.json"

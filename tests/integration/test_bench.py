@@ -44,7 +44,10 @@ def test_bench_quick_measures_every_case_against_its_baseline(tmp_path: Path) ->
         "end to end at saturation",
         "replay, decoded",
         "layout: per-task subject of the history, role token",
+        "stored bytes per recorded call, after a role's first (example LLM team)",
+        "20 concurrent 1 s model calls on one worker (wall time)",
     } <= set(metrics)
+    assert results["meta"]["llm_slow"]["redelivered"] == 0  # heartbeats held
     for name, metric in metrics.items():
         assert metric["rolebus"]["median"] is not None, name
         assert metric["baseline"]["median"] is not None, name
