@@ -35,6 +35,7 @@ async def start_llm_team(
         extra: str = "",
         concurrency: int = 4,
         max_repairs: int = 1,
+        model: str = "test-model",
     ) -> tuple[Team, Crew]:
         extra += f", prices = {prices}" if prices else ""
         team = write_llm_team(
@@ -45,6 +46,7 @@ async def start_llm_team(
             budget=budget,
             concurrency=concurrency,
             max_repairs=max_repairs,
+            model=model,
         )
         crew = await start_workers(
             rolebus_settings,

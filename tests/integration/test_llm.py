@@ -422,17 +422,18 @@ def test_prompt_prints_what_was_sent_and_rerun_reuses_calls_unless_live(
     assert "--- system ---" in text.stdout
     assert PERSONA in text.stdout
 
+    env["ROLEBUS_HOME"] = str(tmp_path / "home")
     reused = cli("rerun", "--role", "eng-be", "--json", env=env)
     assert reused.code == 0, reused.stdout + reused.stderr
-    [result] = json.loads(reused.stdout)
-    assert result["same"] is True
+    [result] = json.loads(reused.stdout)["rows"]
+    assert result["changed"] is False
     assert llm_server.answered == 1  # answered from the record: nothing paid
 
     live = cli("rerun", "--role", "eng-be", "--live", "--json", env=env)
     assert llm_server.answered == 2
-    [result] = json.loads(live.stdout)
-    assert result["same"] is False  # the server's default answer differs
-    assert result["new"]["result"] == {"done": True}
+    [result] = json.loads(live.stdout)["rows"]
+    assert result["changed"] is True  # the server's default answer differs
+    assert result["outcome"]["result"] == {"done": True}
     assert live.code == 1
 
 

@@ -193,11 +193,13 @@ async def test_a_record_whose_part_expired_makes_rerun_say_it_needs_live(
     env = {
         "NATS_URL": rolebus_server.url,
         "ROLEBUS_ROLES": str(tmp_path / "roles0"),
+        "ROLEBUS_HOME": str(tmp_path / "home"),
         ENV: KEY,
     }
     rerun = await asyncio.to_thread(cli, "rerun", "--role", "eng-be", "--json", env=env)
-    [row] = json.loads(rerun.stdout)
-    assert row["same"] is False
+    [row] = json.loads(rerun.stdout)["rows"]
+    assert row["changed"] is None  # not a difference: an error row
     assert "needs --live" in row["error"]
-    assert row["new"] == {}
+    assert row["new"] is None
+    assert rerun.code == 1
     assert llm_server.answered == 1  # nothing asked without --live

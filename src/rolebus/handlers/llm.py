@@ -121,7 +121,9 @@ class LlmRunner:
         if context.calls is not None:
             recorded = await context.calls.get(record_key)
             if recorded is not None and recorded.get("fingerprint") == fingerprint:
-                usage = Usage.model_validate(recorded["usage"])
+                usage = Usage.model_validate(
+                    {**recorded["usage"], "latency_ms": recorded.get("latency_ms", 0.0)}
+                )
                 return _Answer(
                     str(recorded["answer"]),
                     usage.model_copy(update={"calls": 0, "reused_calls": 1}),
@@ -172,6 +174,7 @@ class LlmRunner:
                 base_url=self.base_url,
                 prices=self.spec.prices,
             ),
+            latency_ms=round(latency * 1000, 1),
         )
         if reserved is not None and context.budget is not None:
             await context.budget.settle(reserved, (usage.tokens, usage.cost_usd or 0.0))

@@ -37,6 +37,11 @@ class RerunResult:
     #: Why this input could not be run again (its contract is gone, say); the
     #: other inputs are still compared.
     error: str | None = None
+    #: What each side cost: the recorded attempt's usage, and the rerun's.
+    recorded_usage: dict[str, Any] | None = None
+    new_usage: dict[str, Any] | None = None
+    #: The recorded task's end (completed, dead, rejected, ...).
+    recorded_state: str = ""
 
     @property
     def same(self) -> bool:
@@ -122,19 +127,26 @@ async def rerun(
     since: datetime | None = None,
     team: Team | None = None,
     live: bool = False,
+    changed: bool = False,
+    include_failed: bool = False,
 ) -> AsyncIterator[RerunResult]:
     """Each recorded input of ``role`` (optionally one flow, or since a time), run
     through ``handler`` with the context it had; nothing is published.
 
-    Model calls are answered from their records (``live``: the model is called
-    again, and nothing is recorded), so a rerun costs nothing unless asked to."""
+    Model calls are answered from their records, so a rerun costs nothing unless
+    asked to: ``live`` calls the model for every call; ``changed`` (a changed model
+    or prompt) calls it for the calls whose request differs from the recorded one
+    and answers the others from their records. Nothing is recorded either way.
+    ``include_failed``: dead and rejected inputs too."""
     registry = ContractRegistry(connection, team=team)
     calls = None if live else CallStore(connection, role=role.id, read_only=True)
+    ends = {"dead", "rejected"}
     states = [
         state
         for state in await all_states(connection)
         if state.role == role.id
-        and state.outcome is not None
+        and (state.outcome is not None or (include_failed and state.state in ends))
+        and (include_failed or state.state not in ends)
         and (correlation is None or correlation in (state.correlation_id, state.task_id))
         and (since is None or (state.created_at is not None and state.created_at >= since))
     ]
@@ -160,8 +172,9 @@ async def rerun(
             task,
             contracts,
             calls=calls,
-            extra={"rerun": True, "recorded_only": not live},
+            extra={"rerun": True, "recorded_only": not (live or changed)},
         )
+        recorded_usage = (state.outcome or {}).get("usage") or state.detail.get("usage")
         try:
             outcome = await handler(task, context)
         except NeedsLiveError as error:  # not a difference: nothing to compare
@@ -171,6 +184,8 @@ async def rerun(
                 recorded=state.outcome,
                 new={},
                 error=f"{error.message}: needs --live",
+                recorded_usage=recorded_usage,
+                recorded_state=state.state,
             )
             continue
         except Exception as error:  # report it like the worker would
@@ -178,11 +193,14 @@ async def rerun(
         new = outcome.model_dump(mode="json", exclude_defaults=True)
         recorded = state.outcome
         # What a rerun paid is not part of the answer being compared.
-        new.pop("usage", None)
+        new_usage = new.pop("usage", None)
         recorded = {key: value for key, value in (recorded or {}).items() if key != "usage"}
         yield RerunResult(
             task_id=state.task_id,
             title=state.title,
             recorded=recorded,
             new=new,
+            recorded_usage=recorded_usage,
+            new_usage=new_usage,
+            recorded_state=state.state,
         )

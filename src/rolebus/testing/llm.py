@@ -93,6 +93,8 @@ class LlmServer:
     #: The modes it accepts; a request in another mode gets a 400.
     supports: set[str] = field(default_factory=lambda: set(MODES))
     default: Reply = field(default_factory=lambda: Reply.completed({"done": True}))
+    #: The default answer of a model by its name (a what-if comparing two models).
+    per_model: dict[str, Reply] = field(default_factory=dict)
     #: Whether it answers ``stream: true`` (server-sent events), and how slowly.
     streams: bool = True
     #: Whether a stream ends with a usage chunk when asked (llama-cpp-python's does not).
@@ -114,9 +116,11 @@ class LlmServer:
         """Requests answered with a completion (200): the calls that cost money."""
         return sum(1 for request in self.requests if request.status == 200)
 
-    def _next(self) -> Reply:
+    def _next(self, model: str = "") -> Reply:
         with self._lock:
-            return self._replies.popleft() if self._replies else self.default
+            if self._replies:
+                return self._replies.popleft()
+            return self.per_model.get(model, self.default)
 
     def _record(self, request: Request) -> None:
         with self._lock:
@@ -211,7 +215,7 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
                 error = {"message": f"{mode} is not supported by this server", "code": 400}
                 self._send(400, {"error": error}, {})
                 return
-            reply = server._next()
+            reply = server._next(str(body.get("model", "")))
             server._record(Request(body, headers, arrived, mode, reply.status))
             if reply.delay:
                 time.sleep(reply.delay)

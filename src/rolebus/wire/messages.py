@@ -338,6 +338,8 @@ class Usage(BaseModel):
     #: How the figures were checked: ``clamped`` (the server reported more than the
     #: request could cost, or less than nothing), ``estimated`` (it reported none).
     flags: list[str] = Field(default_factory=list)
+    #: The model's time for these calls (a reused call counts its recorded time).
+    latency_ms: float = Field(default=0.0, ge=0, le=MAX_COUNT)
 
     @property
     def tokens(self) -> int:
@@ -357,6 +359,7 @@ class Usage(BaseModel):
             completion_tokens=self.completion_tokens + other.completion_tokens,
             cost_usd=cost,
             flags=sorted({*self.flags, *other.flags}),
+            latency_ms=self.latency_ms + other.latency_ms,
         )
 
 
