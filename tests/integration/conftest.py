@@ -36,6 +36,7 @@ async def start_llm_team(
         concurrency: int = 4,
         max_repairs: int = 1,
         model: str = "test-model",
+        more: str = "",
     ) -> tuple[Team, Crew]:
         extra += f", prices = {prices}" if prices else ""
         team = write_llm_team(
@@ -47,6 +48,7 @@ async def start_llm_team(
             concurrency=concurrency,
             max_repairs=max_repairs,
             model=model,
+            more=more,
         )
         crew = await start_workers(
             rolebus_settings,

@@ -29,6 +29,7 @@ def write_llm_team(
     concurrency: int = 4,
     model: str = "test-model",
     max_repairs: int = 1,
+    more: str = "",
 ) -> Team:
     """eng-be thinks (an llm handler); the others are scripted."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,8 @@ reason = "ambiguous-spec"
 to = "architect"
 timeout = "1h"
 """
-            + (f"\n[budget]\n{budget}\n" if budget else ""),
+            + (f"\n[budget]\n{budget}\n" if budget else "")
+            + more,
         ),
         "eng-fe": (scripted, 'domains = ["frontend"]\nreports_to = "cto"', ""),
     }

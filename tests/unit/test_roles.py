@@ -258,3 +258,27 @@ def test_then_routes_follow_completed_work_not_decisions_nor_what_the_model_aske
     decided = Task(title="Decide", kind="escalation")
     assert with_routes(role, decided, Outcome.completed()).tasks == []
     assert with_routes(role, feature, Outcome.failed("no", retryable=False)).tasks == []
+
+
+def test_tools_are_one_source_each_with_an_allow_list_and_only_for_llm_roles(
+    tmp_path: Path,
+) -> None:
+    write_role(tmp_path, "a", '[[tools]]\nmcp = ["server"]')
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert "need allow = [names]" in caught.value.message
+    write_role(tmp_path, "a", '[[tools]]\nmcp = ["server"]\npython = "m:f"')
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert "a tool source is one of" in caught.value.message
+    write_role(tmp_path, "a", '[[tools]]\npython = "pkg.mod:lookup"')
+    with pytest.raises(RoleError) as caught:
+        load_team(tmp_path)
+    assert caught.value.field == "tools"
+    assert "llm handler" in caught.value.message
+    llm = 'handler = { llm = "m" }\n[[tools]]\npython = "pkg.mod:lookup"'
+    (tmp_path / "a.md").write_text(
+        f'+++\nid = "a"\ntitle = "T"\n{llm}\n+++\npersona\n', encoding="utf-8"
+    )
+    [source] = load_team(tmp_path).role("a").tools
+    assert source.allow == ["lookup"]  # a function allows its own name

@@ -31,6 +31,7 @@ __all__ = [
     "retry_after",
     "scrub",
     "tokens_in",
+    "tool_calls_in",
     "urgency",
 ]
 
@@ -153,9 +154,15 @@ def checked_usage(
 
 
 def request_for(
-    spec: LlmHandler, messages: list[dict[str, Any]], mode: Mode, *, max_tokens: int | None = None
+    spec: LlmHandler,
+    messages: list[dict[str, Any]],
+    mode: Mode,
+    *,
+    max_tokens: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The chat-completion request for ``mode``."""
+    """The chat-completion request for ``mode`` (``tools``: the role's tools, which
+    the model may call before it answers)."""
     request: dict[str, Any] = {
         "model": spec.llm,
         "messages": messages,
@@ -182,7 +189,34 @@ def request_for(
             }
         ]
         request["tool_choice"] = {"type": "function", "function": {"name": TOOL}}
+    if tools:
+        # The outcome is one more function among the role's: the model calls some,
+        # then submits (tool mode), or answers in the asked format.
+        request["tools"] = [*request.get("tools", []), *tools]
+        request["tool_choice"] = "required" if mode == "tool" else "auto"
     return request
+
+
+def tool_calls_in(response: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The role-tool calls in a (not streamed) response: (id, name, arguments), the
+    outcome's own function left out."""
+    choices = response.get("choices")
+    message = choices[0].get("message") if isinstance(choices, list) and choices else None
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    found = []
+    for number, call in enumerate(calls if isinstance(calls, list) else []):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or function.get("name") in (None, TOOL):
+            continue
+        arguments = function.get("arguments")
+        found.append(
+            (
+                str(call.get("id") or f"call_{number}"),
+                str(function["name"]),
+                arguments if isinstance(arguments, str) else json.dumps(arguments),
+            )
+        )
+    return found
 
 
 def answer_text(response: dict[str, Any], mode: Mode) -> str:

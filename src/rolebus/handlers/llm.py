@@ -12,11 +12,12 @@ Talking to the server (answer modes, retries, streaming, refusals) is
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
@@ -32,9 +33,11 @@ from rolebus.handlers.completion import (
 from rolebus.handlers.model_server import AttemptEndedError, ModelServer, tokens_of
 from rolebus.handlers.pricing import cost_usd
 from rolebus.handlers.prompt import prompt_messages
-from rolebus.team.authority import breach_request, refusal
+from rolebus.handlers.tools import Toolbox, ToolCall, ToolError
+from rolebus.team.authority import approver_for, breach_request, refusal
 from rolebus.team.handler_specs import LlmHandler
-from rolebus.wire.messages import Outcome, Task, Usage
+from rolebus.team.roles import PERSON
+from rolebus.wire.messages import EscalationRequest, Outcome, Task, Usage
 
 __all__ = ["MODES", "LlmRunner", "call_key"]
 
@@ -51,6 +54,22 @@ def call_key(task_id: str, generation: int, number: int) -> str:
 class _Answer:
     text: str
     usage: Usage
+    #: The role-tool calls it asked for: (id, name, arguments).
+    calls: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """One attempt's running figures."""
+
+    usage: Usage
+    toolbox: Toolbox
+    number: int = 0  # model calls so far (each is recorded under its number)
+    tagged: int = 0  # calls to boundary-tagged tools so far
+
+
+async def _done(text: str) -> str:
+    return text
 
 
 class LlmRunner:
@@ -61,6 +80,7 @@ class LlmRunner:
         self.name = f"llm:{spec.llm}"
         self.server = ModelServer(spec)
         self._flagged: set[str] = set()  # the usage checks already warned about
+        self._toolboxes: dict[str, Toolbox] = {}  # by role id
 
     async def aclose(self) -> None:
         """Close the HTTP clients (the worker calls it when it stops)."""
@@ -72,39 +92,180 @@ class LlmRunner:
 
     async def __call__(self, task: Task, context: HandlerContext) -> Outcome:
         base: list[dict[str, Any]] = list(prompt_messages(task, context))
-        messages = base
         # The key is read now, at call time, and goes only into the request header.
         key = os.environ.get(self.spec.api_key_env) or ""
-        usage = Usage(model=self.spec.llm)
+        run = _Run(Usage(model=self.spec.llm), self._toolbox(context))
+        try:
+            tools = await run.toolbox.definitions() if run.toolbox else None
+        except ToolError as error:
+            return Outcome.failed(f"{error.message} ({error.hint})", retryable=False)
+        conversation = messages = base  # the conversation grows by tool turns only
         problem = ""
         refused: str | None = None
+        repairs = steps = 0
         try:
-            for number in range(1, self.spec.max_repairs + 2):
-                answer = await self._answer(messages, task, context, number, key)
-                usage = usage.plus(answer.usage)
+            while True:
+                run.number += 1
+                answer = await self._answer(messages, task, context, run.number, key, tools)
+                run.usage = run.usage.plus(answer.usage)
+                if answer.calls:
+                    steps += 1
+                    if steps > self.spec.max_tool_steps:
+                        return Outcome.failed(
+                            f"the model asked for tools more than {self.spec.max_tool_steps} "
+                            "times (handler.max_tool_steps)",
+                            retryable=False,
+                        ).model_copy(update={"usage": run.usage})
+                    turn = await self._tool_turn(answer, task, context, run)
+                    if isinstance(turn, Outcome):  # a boundary: the task asks first
+                        return turn.model_copy(update={"usage": run.usage})
+                    conversation = messages = [*messages, *turn]
+                    continue
                 outcome, problem = parse_answer(answer.text)
                 refused = refusal(outcome, context.role) if outcome is not None else None
                 if outcome is not None and refused is None:
-                    return outcome.model_copy(update={"usage": usage})
+                    return outcome.model_copy(update={"usage": run.usage})
                 problem = refused or problem
-                # One repair turn at a time, on the first request: the conversation of
-                # an attempt grows by one note, not by every answer so far.
-                messages = [*base, repair_note(answer.text, problem, refused=refused is not None)]
+                repairs += 1
+                if repairs > self.spec.max_repairs:
+                    break
+                # One repair turn at a time, on the conversation: an attempt grows by
+                # one note, not by every answer so far.
+                note = repair_note(answer.text, problem, refused=refused is not None)
+                messages = [*conversation, note]
         except AttemptEndedError as failed:
-            return failed.outcome.model_copy(update={"usage": usage if usage.calls else None})
+            usage = run.usage if run.usage.calls else None
+            return failed.outcome.model_copy(update={"usage": usage})
         except BudgetBreachError as breach:
-            breach.usage = usage if usage.calls else None
+            breach.usage = run.usage if run.usage.calls else None
             raise
         if refused:  # asked again and again for what only the bus decides: not a retry
             return Outcome.failed(
                 f"refused after {self.spec.max_repairs} repair turn(s): {problem}",
                 retryable=False,
-            ).model_copy(update={"usage": usage})
+            ).model_copy(update={"usage": run.usage})
         return Outcome.failed(
             f"the model's answer is not a valid outcome after {self.spec.max_repairs} "
             f"repair turn(s): {problem}",
             retryable=True,
-        ).model_copy(update={"usage": usage})
+        ).model_copy(update={"usage": run.usage})
+
+    def _toolbox(self, context: HandlerContext) -> Toolbox:
+        toolbox = self._toolboxes.get(context.role.id)
+        if toolbox is None or toolbox.role != context.role:
+            toolbox = self._toolboxes[context.role.id] = Toolbox(context.role)
+        return toolbox
+
+    # --- tools ---------------------------------------------------------------------
+
+    async def _tool_turn(
+        self, answer: _Answer, task: Task, context: HandlerContext, run: _Run
+    ) -> list[dict[str, Any]] | Outcome:
+        """The tool messages answering the model's calls (run in parallel), or the
+        escalation a boundary asks for first."""
+        calls = [ToolCall(*call) for call in answer.calls]
+        results: list[str | None] = []
+        for call in calls:  # boundaries in order: the n-th tagged call needs n approvals
+            ruled = self._ruling(call, task, context, run)
+            if isinstance(ruled, Outcome):
+                return ruled
+            results.append(ruled)
+        texts = await asyncio.gather(
+            *(
+                self._tool(call, task, context, run) if ruled is None else _done(ruled)
+                for call, ruled in zip(calls, results, strict=True)
+            )
+        )
+        return [
+            {
+                "role": "assistant",
+                "content": answer.text or None,
+                "tool_calls": [call.as_message() for call in calls],
+            },
+            *(
+                {"role": "tool", "tool_call_id": call.id, "content": text}
+                for call, text in zip(calls, texts, strict=True)
+            ),
+        ]
+
+    def _ruling(
+        self, call: ToolCall, task: Task, context: HandlerContext, run: _Run
+    ) -> str | Outcome | None:
+        """What the role's card says of this call: None (it runs), a refusal the
+        model reads, or an approval to ask for first."""
+        role = context.role
+        if not run.toolbox.allowed(call.name):
+            return (
+                f"refused: the tool {call.name!r} is not allowed for role {role.id} "
+                f"(its tools: {', '.join(run.toolbox.names)})"
+            )
+        tag = run.toolbox.boundary(call.name)
+        if tag is None:
+            return None
+        rule = next((rule for rule in role.never if tag in rule.kinds), None)
+        if rule is not None and rule.action == "refuse":
+            return f"refused: {role.id} must never {rule.what} (the tool {call.name!r} is {tag})"
+        run.tagged += 1
+        if sum(1 for decision in context.decisions if decision.approved) >= run.tagged:
+            return None  # approved: it runs (once: its result is recorded)
+        approver = (approver_for(rule, task) if rule is not None else None) or role.reports_to
+        return Outcome(
+            status="escalate",
+            escalation=EscalationRequest(
+                # Not the boundary's own reason: that approval the bus opens for a task
+                # of the kind, and refuses from any handler.
+                reason=f"tool-{tag}",
+                question=(
+                    f"{role.title} ({role.id}) asks to call the {tag} tool {call.name!r} "
+                    f"with {call.arguments[:500]}: approve?"
+                ),
+                to=approver or PERSON,
+                approval=True,
+            ),
+        )
+
+    async def _tool(self, call: ToolCall, task: Task, context: HandlerContext, run: _Run) -> str:
+        """Run one call, or read its recorded result: a tool that is not idempotent
+        runs once a task, whatever the deliveries, and never in a rerun."""
+        try:
+            arguments = json.loads(call.arguments or "{}")
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            return "invalid arguments: a JSON object is needed"
+        digest = hashlib.sha256(f"{call.name}\n{call.arguments}".encode()).hexdigest()[:32]
+        record_key = f"{task.id}.g{context.generation}.t{digest}"
+        once = not run.toolbox.idempotent(call.name)
+        if once and context.calls is not None:
+            recorded = await context.calls.get(record_key)
+            if recorded is not None and recorded.get("tool") == call.name:
+                return str(recorded.get("answer", ""))
+        if once and context.extra.get("rerun"):
+            return f"the tool {call.name!r} is not run in a rerun, and no result was recorded"
+        await context.progress(f"tool {call.name}", step=run.number)
+        started = time.monotonic()
+        try:
+            text, failed = await run.toolbox.call(call.name, arguments)
+        except ToolError as error:
+            text, failed = f"the tool cannot be reached: {error.message}", True
+        if once and context.calls is not None:
+            # Stored before the result is used: what happens next may crash.
+            await context.calls.put(
+                record_key,
+                {
+                    "task_id": task.id,
+                    "generation": context.generation,
+                    "number": f"t{run.number}",
+                    "tool": call.name,
+                    "model": f"tool {call.name}",
+                    "mode": "tool call",
+                    "messages": [{"role": "arguments", "content": call.arguments}],
+                    "answer": text,
+                    "error": failed,
+                    "latency_ms": round((time.monotonic() - started) * 1000, 1),
+                },
+            )
+        return text
 
     # --- one call, recorded --------------------------------------------------------
 
@@ -115,9 +276,10 @@ class LlmRunner:
         context: HandlerContext,
         number: int,
         key: str,
+        tools: list[dict[str, Any]] | None = None,
     ) -> _Answer:
         record_key = call_key(task.id, context.generation, number)
-        fingerprint = self._fingerprint(messages)
+        fingerprint = self._fingerprint(messages, tools)
         if context.calls is not None:
             recorded = await context.calls.get(record_key)
             if recorded is not None and recorded.get("fingerprint") == fingerprint:
@@ -127,6 +289,7 @@ class LlmRunner:
                 return _Answer(
                     str(recorded["answer"]),
                     usage.model_copy(update={"calls": 0, "reused_calls": 1}),
+                    [tuple(call) for call in recorded.get("tool_calls", [])],
                 )
             if context.extra.get("recorded_only"):
                 raise NeedsLiveError(number)
@@ -138,8 +301,8 @@ class LlmRunner:
                     tokens_of(messages, self.spec.max_tokens), urgency(task, context)
                 )
                 started = time.monotonic()
-            text, mode, prompt_tokens, completion_tokens = await self.server.call(
-                messages, key, context
+            text, mode, prompt_tokens, completion_tokens, calls = await self.server.call(
+                messages, key, context, tools
             )
         except BaseException:
             if reserved is not None and context.budget is not None:
@@ -194,9 +357,10 @@ class LlmRunner:
                     "answer": text,
                     "usage": usage.model_dump(mode="json", exclude_defaults=True),
                     "latency_ms": round(latency * 1000, 1),
+                    **({"tool_calls": [list(call) for call in calls]} if calls else {}),
                 },
             )
-        return _Answer(text, usage)
+        return _Answer(text, usage, calls)
 
     async def _reserve(
         self, messages: list[dict[str, Any]], context: HandlerContext
@@ -219,11 +383,14 @@ class LlmRunner:
             raise BudgetBreachError(breach_request(context.role, breach, usd=worst_usd))
         return worst, worst_usd or 0.0
 
-    def _fingerprint(self, messages: list[dict[str, Any]]) -> str:
+    def _fingerprint(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         request = {
             "model": self.spec.llm,
             "messages": messages,
             "temperature": self.spec.temperature,
             "max_tokens": self.spec.max_tokens,
+            **({"tools": tools} if tools else {}),
         }
         return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()

@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import structlog
 
@@ -39,11 +39,12 @@ from rolebus.handlers.completion import (
     retry_after,
     scrub,
     tokens_in,
+    tool_calls_in,
 )
 from rolebus.team.handler_specs import LlmHandler
 from rolebus.wire.messages import Outcome
 
-__all__ = ["AttemptEndedError", "ModelServer", "tokens_of"]
+__all__ = ["Answered", "AttemptEndedError", "ModelServer", "tokens_of"]
 
 T = TypeVar("T")
 log = structlog.get_logger("rolebus.handlers.llm")
@@ -53,6 +54,17 @@ def tokens_of(messages: list[dict[str, Any]], max_tokens: int) -> int:
     """A call's worst case: the prompt (~3 characters a token at least) and
     ``max_tokens``."""
     return len(json.dumps(messages)) // 3 + 1 + max_tokens
+
+
+class Answered(NamedTuple):
+    """A model's answer: its text (the outcome, when it gave one), the mode that got
+    it, the tokens, and the role-tool calls it asked for (id, name, arguments)."""
+
+    text: str
+    mode: Mode
+    prompt_tokens: int
+    completion_tokens: int
+    calls: list[tuple[str, str, str]]
 
 
 class _ModeRefusedError(Exception):
@@ -135,15 +147,19 @@ class ModelServer:
         return MODES[MODES.index(self._mode) :] if self._mode else MODES
 
     async def call(
-        self, messages: list[dict[str, Any]], key: str, context: HandlerContext
-    ) -> tuple[str, Mode, int, int]:
-        """The model's answer text, the mode that got it, and the tokens."""
+        self,
+        messages: list[dict[str, Any]],
+        key: str,
+        context: HandlerContext,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Answered:
+        """The model's answer (``tools``: the role's, which it may call instead)."""
         client = self._client(key)
         modes = self._modes()
         for mode in modes:
             try:
-                text, prompt_tokens, completion_tokens = await self._with_retries(
-                    client, messages, mode, key, context
+                text, prompt_tokens, completion_tokens, calls = await self._with_retries(
+                    client, messages, mode, key, context, tools
                 )
             except _ModeRefusedError as refused:
                 if mode == modes[-1]:
@@ -158,7 +174,7 @@ class ModelServer:
                 )
                 continue
             self._mode = mode
-            return text, mode, prompt_tokens, completion_tokens
+            return Answered(text, mode, prompt_tokens, completion_tokens, calls)
         raise AssertionError("unreachable: the last mode raises")
 
     def _max_tokens(self, messages: list[dict[str, Any]]) -> int:
@@ -183,12 +199,13 @@ class ModelServer:
         request: dict[str, Any],
         mode: Mode,
         context: HandlerContext,
-    ) -> tuple[str, int, int]:
-        """One completion: its text and tokens. Streamed when the server allows it, so
-        that a long answer shows as progress (the reporter throttles it)."""
-        if self._streams:
+    ) -> tuple[str, int, int, list[tuple[str, str, str]]]:
+        """One completion: its text, tokens and tool calls. Streamed when the server
+        allows it, so that a long answer shows as progress (the reporter throttles
+        it); not when the role has tools (their calls are read whole)."""
+        if self._streams and request.get("tool_choice") not in ("auto", "required"):
             try:
-                return await self._streamed(client, request, mode, context)
+                return (*await self._streamed(client, request, mode, context), [])
             except ModelHttpError as error:
                 # Refused: the streaming (the server says so), or the answer mode?
                 if error.status_code not in (400, 422) or "stream" not in error.body.lower():
@@ -209,7 +226,11 @@ class ModelServer:
                     response = await client.complete(request)
         else:
             response = await client.complete(request)
-        return (answer_text(response, mode), *tokens_in(response.get("usage")))
+        return (
+            answer_text(response, mode),
+            *tokens_in(response.get("usage")),
+            tool_calls_in(response),
+        )
 
     async def _streamed(
         self,
@@ -240,9 +261,12 @@ class ModelServer:
         mode: Mode,
         key: str,
         context: HandlerContext,
-    ) -> tuple[str, int, int]:
+        tools: list[dict[str, Any]] | None = None,
+    ) -> tuple[str, int, int, list[tuple[str, str, str]]]:
         """One request; 429 and 5xx are retried after Retry-After (or a backoff)."""
-        request = request_for(self.spec, messages, mode, max_tokens=self._max_tokens(messages))
+        request = request_for(
+            self.spec, messages, mode, max_tokens=self._max_tokens(messages), tools=tools
+        )
         for retry in range(self.spec.max_retries + 1):
             try:
                 # A server that trickles bytes must not hold the slot past the timeout.

@@ -45,6 +45,8 @@ class LlmHandler(_Strict):
     timeout: Duration = 120.0
     #: Extra turns that feed a validation error back to the model.
     max_repairs: int = Field(default=2, ge=0, le=10)
+    #: Rounds of tool calls one attempt may make (the role's ``tools``).
+    max_tool_steps: int = Field(default=8, ge=1, le=100)
     #: Retries of a call the server refused for now (429, 5xx), honouring Retry-After.
     max_retries: int = Field(default=3, ge=0, le=20)
     #: The longest a server's Retry-After may pause this model's callers.

@@ -27,6 +27,7 @@ from rolebus.errors import RoleError, SubjectError
 from rolebus.team.budget import Budget
 from rolebus.team.durations import Duration
 from rolebus.team.handler_specs import CommandHandler, HandlerSpec, LlmHandler
+from rolebus.team.tool_specs import ToolSource
 from rolebus.wire.subjects import role_filter_subjects, validate_role_id, validate_token
 
 __all__ = [
@@ -154,6 +155,7 @@ class RoleSpec(_Strict):
     max_escalations: int = Field(default=5, ge=1, le=1000)
     brakes: Brakes = Field(default_factory=Brakes)
     then: list[Then] = Field(default_factory=list)
+    tools: list[ToolSource] = Field(default_factory=list)
     slo: Slo = Field(default_factory=Slo)
     budget: Budget = Field(default_factory=Budget)
     persona: str = ""
@@ -395,6 +397,13 @@ class Team:
             _check_references(role, by_id)
         for role in roles:
             _check_no_cycle(role, by_id)
+            if role.tools and not isinstance(role.handler, LlmHandler):
+                raise RoleError(
+                    "tools are for a role with an llm handler",
+                    file=role.source,
+                    field="tools",
+                    hint="remove [[tools]], or give the role handler = { llm = ... }",
+                )
             for index, route in enumerate(role.then):
                 domain = route.subject.split(".")[1]
                 if domain not in owner:

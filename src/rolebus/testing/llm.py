@@ -46,6 +46,13 @@ class Reply:
     #: Asked to stream, answer 200 and break off with nothing (llama-cpp-python does so
     #: for a request it cannot serve); the next reply answers the request asked again.
     stream_breaks: bool = False
+    #: Calls of the role's tools: (name, arguments) each, instead of an answer.
+    tool_calls: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    @classmethod
+    def calling(cls, *calls: tuple[str, dict[str, Any]]) -> Reply:
+        """The model calls these tools (name, arguments) before it answers."""
+        return cls(tool_calls=calls)
 
     @classmethod
     def with_outcome(cls, outcome: dict[str, Any], *, delay: float = 0.0) -> Reply:
@@ -241,6 +248,20 @@ def _handler(server: LlmServer) -> type[BaseHTTPRequestHandler]:
                             "type": "function",
                             "function": {"name": "submit_outcome", "arguments": content},
                         }
+                    ],
+                }
+            if reply.tool_calls:
+                content = ""
+                message = {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": f"call_{len(server.requests)}_{number}",
+                            "type": "function",
+                            "function": {"name": name, "arguments": json.dumps(arguments)},
+                        }
+                        for number, (name, arguments) in enumerate(reply.tool_calls)
                     ],
                 }
             prompt_tokens = len(json.dumps(body.get("messages", []))) // 4

@@ -1,0 +1,160 @@
+"""Tools for LLM roles: a real MCP server over stdio and a Python function, each call
+recorded before its result is used (never run twice), allowed per role, and ruled by
+the role's card (a spend-tagged tool parks the task for approval)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from rolebus.bus import Bus
+from rolebus.config import Settings
+from rolebus.flows.escalation import EscalationStore, resolve
+from rolebus.nats.server import EmbeddedServer
+from rolebus.testing import LlmServer, Reply
+from rolebus.wire.subjects import CALLS_BUCKET
+
+from .llm_team import ENV, KEY, StartTeam, state_of, until, write_llm_team
+
+SERVER = Path(__file__).parent / "tools" / "files_server.py"
+FILES = f"""
+[[tools]]
+mcp = ["{sys.executable}", "{SERVER}"]
+allow = ["append_line", "read_lines"]
+idempotent = ["read_lines"]
+"""
+LEDGER = """
+[[tools]]
+python = "tests.integration.tools.ledger:buy_credits"
+boundaries = { buy_credits = "spend" }
+"""
+
+
+def tool_messages(llm_server: LlmServer, request: int) -> list[str]:
+    return [m["content"] for m in llm_server.requests[request].messages if m.get("role") == "tool"]
+
+
+async def test_a_worker_killed_after_a_tool_result_is_recorded_does_not_run_it_again(
+    rolebus_server: EmbeddedServer, llm_server: LlmServer, tmp_path: Path
+) -> None:
+    lines = tmp_path / "lines.txt"
+    team_dir = tmp_path / "roles"
+    write_llm_team(team_dir, llm_server.url, timeout="60s", more=FILES)
+    llm_server.script(
+        Reply.calling(("append_line", {"path": str(lines), "line": "written once"})),
+        Reply.completed({"appended": True}),
+    )
+    env = {
+        **os.environ,
+        "NATS_URL": rolebus_server.url,
+        "ROLEBUS_ROLES": str(team_dir),
+        "ROLEBUS_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+        ENV: KEY,
+    }
+    rolebus = str(Path(sys.executable).parent / "rolebus")
+    async with await Bus.connect(Settings(nats_url=rolebus_server.url)) as bus:
+        client = await nats.connect(rolebus_server.url)
+        tool_recorded = asyncio.Event()
+
+        async def on_record(message: Any) -> None:
+            if ".g0.t" in message.subject:  # a tool's record, not a model call's (.c)
+                tool_recorded.set()
+
+        await client.subscribe(f"$KV.{CALLS_BUCKET}.>", cb=on_record)
+        worker = subprocess.Popen([rolebus, "worker", "eng-be"], env=env, cwd=tmp_path)
+        try:
+            task, _ = await bus.publish_task("task.backend.x", title="append a line")
+            await asyncio.wait_for(tool_recorded.wait(), timeout=60)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(timeout=10)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            await client.close()
+        assert await state_of(bus, task.id) != "completed"
+        assert lines.read_text() == "written once\n"
+
+        worker = subprocess.Popen([rolebus, "worker", "eng-be"], env=env, cwd=tmp_path)
+        try:
+            await until(bus, task.id, "completed", timeout=60)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=30)
+    assert lines.read_text() == "written once\n"  # the tool ran once
+    assert llm_server.answered == 2  # the first call was answered from its record
+
+
+async def test_a_tool_outside_the_allow_list_is_refused_with_a_reason_the_model_reads(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam, tmp_path: Path
+) -> None:
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    await start_llm_team(more=FILES, timeout="60s")
+    llm_server.script(
+        Reply.calling(
+            ("delete_everything", {"path": str(victim)}),
+            ("read_lines", {"path": str(victim)}),
+        ),
+        Reply.completed({"read": True}),
+    )
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="tidy up")
+    await until(rolebus_bus, task.id, "completed", timeout=60)
+    refused, read = tool_messages(llm_server, 1)
+    assert "refused: the tool 'delete_everything' is not allowed for role eng-be" in refused
+    assert "append_line, read_lines" in refused
+    assert read == "keep me\n"  # the allowed tool ran (both were asked at once)
+    assert victim.exists()
+    # The model was shown only the allowed tools (and the outcome's own function).
+    shown = {tool["function"]["name"] for tool in llm_server.requests[0].body["tools"]}
+    assert shown <= {"append_line", "read_lines", "submit_outcome"}
+    assert {"append_line", "read_lines"} <= shown
+
+
+async def test_a_spend_tagged_tool_parks_the_task_until_approved_then_runs_once(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger.txt"
+    team, _ = await start_llm_team(more=LEDGER)
+    buy = Reply.calling(("buy_credits", {"ledger": str(ledger), "amount": 50}))
+    llm_server.script(buy)
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="we need credits")
+    await until(rolebus_bus, task.id, "input-required")
+    assert not ledger.exists()  # asked first: nothing bought
+    [record] = await EscalationStore(rolebus_bus.connection).all()
+    assert (record.holder, record.reason, record.kind) == ("cto", "tool-spend", "approval")
+    assert "buy_credits" in record.question
+    assert '"amount": 50' in record.question
+
+    llm_server.script(buy, Reply.completed({"bought": 50}))
+    await resolve(rolebus_bus.connection, team, record.id, decision="yes", approved=True)
+    await until(rolebus_bus, task.id, "completed")
+    assert ledger.read_text() == "50\n"  # it ran once, after the approval
+    [result] = tool_messages(llm_server, len(llm_server.requests) - 1)
+    assert result == "bought 50 credits"
+
+
+async def test_a_tool_a_never_rule_refuses_is_refused_with_the_rule_given_to_the_model(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger.txt"
+    refuse = LEDGER.replace('"spend"', '"purchase"') + (
+        '\n[[never]]\nwhat = "buy anything"\nkinds = ["purchase"]\naction = "refuse"\n'
+    )
+    await start_llm_team(more=refuse)
+    llm_server.script(
+        Reply.calling(("buy_credits", {"ledger": str(ledger), "amount": 5})),
+        Reply.completed({"bought": 0}),
+    )
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="buy a little")
+    await until(rolebus_bus, task.id, "completed")
+    [refused] = tool_messages(llm_server, 1)
+    assert refused == "refused: eng-be must never buy anything (the tool 'buy_credits' is purchase)"
+    assert not ledger.exists()
