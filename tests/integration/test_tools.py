@@ -5,6 +5,7 @@ the role's card (a spend-tagged tool parks the task for approval)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from rolebus.nats.server import EmbeddedServer
 from rolebus.testing import LlmServer, Reply
 from rolebus.wire.subjects import CALLS_BUCKET
 
+from ..conftest import CliRunner
 from .llm_team import ENV, KEY, StartTeam, state_of, until, write_llm_team
 
 SERVER = Path(__file__).parent / "tools" / "files_server.py"
@@ -93,7 +95,12 @@ async def test_a_worker_killed_after_a_tool_result_is_recorded_does_not_run_it_a
 
 
 async def test_a_tool_outside_the_allow_list_is_refused_with_a_reason_the_model_reads(
-    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam, tmp_path: Path
+    rolebus_bus: Bus,
+    rolebus_server: EmbeddedServer,
+    llm_server: LlmServer,
+    start_llm_team: StartTeam,
+    tmp_path: Path,
+    cli: CliRunner,
 ) -> None:
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me\n")
@@ -116,6 +123,11 @@ async def test_a_tool_outside_the_allow_list_is_refused_with_a_reason_the_model_
     shown = {tool["function"]["name"] for tool in llm_server.requests[0].body["tools"]}
     assert shown <= {"append_line", "read_lines", "submit_outcome"}
     assert {"append_line", "read_lines"} <= shown
+    # `rolebus show` lists the tool call: name, arguments, time, outcome.
+    env = {"NATS_URL": rolebus_server.url, "ROLEBUS_HOME": str(tmp_path / "home")}
+    shown_task = await asyncio.to_thread(cli, "show", task.id, "--json", env=env)
+    tools = [call for call in json.loads(shown_task.stdout)["calls"] if call["tool"]]
+    assert [(call["tool"], call["result"]) for call in tools] == [("read_lines", "keep me\n")]
 
 
 async def test_a_spend_tagged_tool_parks_the_task_until_approved_then_runs_once(

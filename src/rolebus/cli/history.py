@@ -28,6 +28,7 @@ from rolebus.cli.app import (
 )
 from rolebus.cli.demo import play
 from rolebus.errors import ConfigError, NotFoundError
+from rolebus.flows.calls import CallStore
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
 from rolebus.flows.record import STATES, TaskState
 from rolebus.flows.state import StateStore, published_tasks
@@ -308,7 +309,9 @@ def show_command(
     settings = settings_for(roles)
     team = team_for(settings) if svg is not None else None
 
-    async def go() -> tuple[TaskState, list[TaskState], list[EscalationRecord], Flow | None]:
+    async def go() -> tuple[
+        TaskState, list[TaskState], list[EscalationRecord], Flow | None, list[dict[str, Any]]
+    ]:
         async with await Bus.connect(settings, name="rolebus-show") as bus:
             found = await StateStore(bus.connection).get(task_id)
             if found is None:
@@ -319,9 +322,10 @@ def show_command(
                 r for r in await EscalationStore(bus.connection).all() if r.correlation_id == flow
             ]
             picture = None if team is None else await read_flow(bus.connection, team, flow)
-            return found.state, states, records, picture
+            calls = await CallStore(bus.connection).for_task(task_id)
+            return found.state, states, records, picture, calls
 
-    state, states, records, picture = run(go())
+    state, states, records, picture, calls = run(go())
     if svg is not None and picture is not None:
         try:
             svg.write_text(render_flow(picture, standalone=True), encoding="utf-8")
@@ -341,6 +345,7 @@ def show_command(
                 "task": state.model_dump(mode="json"),
                 "flow": [s.model_dump(mode="json") for s in states],
                 "escalations": [r.model_dump(mode="json") for r in records],
+                "calls": [_call_line(call) for call in calls],
             }
         )
         return
@@ -385,6 +390,45 @@ def show_command(
     out.print(root)
     if state.result is not None:
         out.print(f"result: {json.dumps(state.result, default=str)}", highlight=False)
+    for call in calls:
+        line = _call_line(call)
+        if line["tool"] is not None:
+            out.print(
+                f"  tool {line['tool']}({line['arguments']}) {line['latency_ms']} ms -> "
+                f"{'[red]error[/] ' if line['error'] else ''}{line['result']}",
+                highlight=False,
+            )
+        else:
+            out.print(
+                f"  model call {line['call']} {line['model']} {line['tokens']} tokens "
+                f"{line['latency_ms']} ms",
+                highlight=False,
+            )
+
+
+def _call_line(call: dict[str, Any]) -> dict[str, Any]:
+    """A recorded call in a line: a tool's name, arguments, time and outcome, or a
+    model call's model, tokens and time (the whole conversation is on the dashboard)."""
+    usage = call.get("usage") or {}
+    tool = call.get("tool")
+    arguments = (call.get("messages") or [{}])[0].get("content") if tool else None
+    return {
+        "call": f"{call.get('generation')}.{call.get('number')}",
+        "tool": tool,
+        "arguments": _cut(arguments),
+        "result": _cut(call.get("answer")),
+        "error": bool(call.get("error")),
+        "model": None if tool else call.get("model"),
+        "tokens": int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0)),
+        "latency_ms": call.get("latency_ms"),
+    }
+
+
+def _cut(text: Any, limit: int = 200) -> str | None:
+    if text is None:
+        return None
+    shown = str(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 @app.command("tasks")

@@ -190,4 +190,14 @@ class CallStore:
                     continue
                 whole = {**stub, "messages": [], "answer": "", "expired": True}
             calls.append(whole)
-        return sorted(calls, key=lambda call: (call.get("generation", 0), call.get("number", 0)))
+        return sorted(calls, key=_order)
+
+
+def _order(call: dict[str, Any]) -> tuple[int, int, int]:
+    """Model calls in order, each tool call after the model call that asked for it."""
+
+    def number(name: str) -> int:
+        value = call.get(name, 0)
+        return value if isinstance(value, int) else 0
+
+    return number("generation"), number("number"), 1 if "tool" in call else 0

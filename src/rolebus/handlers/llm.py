@@ -248,14 +248,15 @@ class LlmRunner:
             text, failed = await run.toolbox.call(call.name, arguments)
         except ToolError as error:
             text, failed = f"the tool cannot be reached: {error.message}", True
-        if once and context.calls is not None:
-            # Stored before the result is used: what happens next may crash.
+        if context.calls is not None:
+            # Stored before the result is used: what happens next may crash. (An
+            # idempotent tool's is kept too, to be seen, and never reused.)
             await context.calls.put(
                 record_key,
                 {
                     "task_id": task.id,
                     "generation": context.generation,
-                    "number": f"t{run.number}",
+                    "number": run.number,  # the model call that asked for it
                     "tool": call.name,
                     "model": f"tool {call.name}",
                     "mode": "tool call",

@@ -17,6 +17,7 @@ import asyncio
 import importlib
 import inspect
 import json
+import tempfile
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -174,12 +175,20 @@ class Toolbox:
         from mcp import ClientSession, StdioServerParameters
         from mcp.client.stdio import stdio_client
 
+        log_to: list[str] = []  # what the server wrote on stderr
+
         try:
             async with AsyncExitStack() as stack:
                 if source.mcp is not None:
                     command, *arguments = source.mcp
+                    # The server's stderr goes to a file: the worker's own stderr may be
+                    # no file at all, and what the server says is the error's detail.
+                    errors = stack.enter_context(tempfile.TemporaryFile("w+"))  # noqa: SIM115
+                    stack.callback(lambda: _said(errors, log_to))
                     streams = await stack.enter_async_context(
-                        stdio_client(StdioServerParameters(command=command, args=arguments))
+                        stdio_client(
+                            StdioServerParameters(command=command, args=arguments), errlog=errors
+                        )
                     )
                 else:
                     from mcp.client.streamable_http import streamable_http_client
@@ -191,10 +200,16 @@ class Toolbox:
                 await session.initialize()
                 return await use(session)
         except (OSError, RuntimeError) as error:
+            said = f" (it said: {log_to[0][-300:]})" if log_to and log_to[0].strip() else ""
             raise ToolError(
-                f"cannot reach the MCP server {_where(source)}: {error}",
+                f"cannot reach the MCP server {_where(source)}: {error}{said}",
                 hint="check the role file's tools: the command or URL",
             ) from error
+
+
+def _said(errors: Any, into: list[str]) -> None:
+    errors.seek(0)
+    into.append(errors.read())
 
 
 def _where(source: ToolSource) -> str:
