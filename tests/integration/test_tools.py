@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import pytest
 
 from rolebus.bus import Bus
 from rolebus.config import Settings
@@ -170,3 +171,33 @@ async def test_a_tool_a_never_rule_refuses_is_refused_with_the_rule_given_to_the
     [refused] = tool_messages(llm_server, 1)
     assert refused == "refused: eng-be must never buy anything (the tool 'buy_credits' is purchase)"
     assert not ledger.exists()
+
+
+async def test_the_example_tool_team_shows_its_tools_and_keeps_paths_inside_the_repo(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rolebus.handlers.tools import Toolbox
+    from rolebus.team.roles import load_team
+
+    from ..conftest import REPO
+
+    example = REPO / "examples" / "tool-team"
+    monkeypatch.syspath_prepend(str(example))
+    monkeypatch.chdir(REPO)
+    role = load_team(example / "roles").role("eng-be")
+    # "python" as a user writes it; here, this interpreter.
+    mcp, python = role.tools
+    assert mcp.mcp is not None
+    role = role.model_copy(
+        update={"tools": [mcp.model_copy(update={"mcp": [sys.executable, *mcp.mcp[1:]]}), python]}
+    )
+    toolbox = Toolbox(role)
+    names = [d["function"]["name"] for d in await toolbox.definitions()]
+    assert names == ["list_files", "read_file", "append_note", "buy_credits"]
+    listed, failed = await toolbox.call("list_files", {})
+    assert not failed
+    assert "src/orders.py" in listed
+    escaped, failed = await toolbox.call("read_file", {"path": "../../../pyproject.toml"})
+    assert failed  # the server refused: nothing of the file came back
+    assert "[project]" not in escaped
+    assert toolbox.boundary("buy_credits") == "spend"
