@@ -43,12 +43,23 @@ async def bench_llm(url: str, results: Results, *, count: int, run: int) -> None
         note="the test kit's server answers at once: the difference is the bus "
         "(prompt, recorded call, state, events, ack)",
     )
+    same = results.metric(
+        "LLM task, one at a time, vs the same guarantee",
+        "ms/task",
+        higher_is_better=False,
+        baseline_name="raw nats-py + openai: pull, call, record the answer, record, ack",
+        note="the least that pays a call once: its answer stored (fsynced) before the "
+        "task's record and the ack",
+    )
     with serve_llm() as server, tempfile.TemporaryDirectory() as folder:
         raw = await _client_alone(server.url, count)
         metric.baseline.append(raw)
+        same.baseline.append(await _raw_same_guarantee(url, server.url, count, run))
         roles = Path(folder)
         (roles / "thinker.md").write_text(ROLE.format(url=server.url), encoding="utf-8")
-        metric.rolebus.append(await _through_the_bus(url, load_team(roles), count, run))
+        bus = await _through_the_bus(url, load_team(roles), count, run)
+        metric.rolebus.append(bus)
+        same.rolebus.append(bus)
 
 
 SLOW_ROLE = """+++
@@ -157,6 +168,59 @@ async def _client_alone(base_url: str, count: int) -> float:
         for _ in range(count):
             await client.chat.completions.create(**request)
         return (perf() - start) / count * 1000
+
+
+async def _raw_same_guarantee(url: str, base_url: str, count: int, run: int) -> float:
+    """What a hand-written worker must do for "paid once": publish the task, pull it,
+    look for a recorded answer, call the model, store the answer (fsynced), append the
+    task's record (conditional on its subject), ack."""
+    import nats.js.api
+    import nats.js.errors
+
+    client = await connect(url)
+    js = client.jetstream()
+    stream = f"RAW_LLM_{run}"
+    await js.add_stream(
+        name=stream, subjects=[f"rawllm{run}.>"], storage=nats.js.api.StorageType.FILE
+    )
+    answers = await js.create_key_value(bucket=f"RAW_LLM_CALLS_{run}", history=1)
+    pulled = await js.pull_subscribe(f"rawllm{run}.task", durable=f"raw-llm-{run}", stream=stream)
+    request: dict[str, Any] = {
+        "model": "bench-model",
+        "messages": [
+            {"role": "system", "content": "You think."},
+            {"role": "user", "content": "title: a task"},
+        ],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "outcome", "schema": OUTCOME_SCHEMA},
+        },
+        "max_tokens": 2000,
+    }
+    try:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0) as llm:
+            start = perf()
+            for number in range(count):
+                task_id = f"t{number}"
+                await js.publish(f"rawllm{run}.task", task_id.encode())
+                [message] = await pulled.fetch(1, timeout=10)
+                try:
+                    answer = (await answers.get(task_id)).value or b""
+                except nats.js.errors.KeyNotFoundError:
+                    response = await llm.chat.completions.create(**request)
+                    answer = (response.choices[0].message.content or "").encode()
+                    await answers.put(task_id, answer)
+                await js.publish(
+                    f"rawllm{run}.done.{task_id}",
+                    answer,
+                    headers={"Nats-Expected-Last-Subject-Sequence": "0"},
+                )
+                await message.ack()
+            return (perf() - start) / count * 1000
+    finally:
+        await js.delete_stream(stream)
+        await js.delete_key_value(f"RAW_LLM_CALLS_{run}")
+        await client.close()
 
 
 async def _through_the_bus(url: str, team: Any, count: int, run: int) -> float:

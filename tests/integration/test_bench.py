@@ -46,6 +46,7 @@ def test_bench_quick_measures_every_case_against_its_baseline(tmp_path: Path) ->
         "layout: per-task subject of the history, role token",
         "stored bytes per recorded call, after a role's first (example LLM team)",
         "20 concurrent 1 s model calls on one worker (wall time)",
+        "LLM task, one at a time, vs the same guarantee",
     } <= set(metrics)
     assert results["meta"]["llm_slow"]["redelivered"] == 0  # heartbeats held
     for name, metric in metrics.items():
