@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from rolebus.bus import Bus
+from rolebus.config import Settings
 from rolebus.nats.server import EmbeddedServer
 from rolebus.testing import LlmServer, Reply
 
 from ..conftest import CliRunner
 from .llm_team import ENV, KEY, StartTeam, until
+from .test_dashboard import serving
 
 PRICES = "{ input_per_mtok = 1.0, output_per_mtok = 4.0 }"
 
@@ -21,6 +26,7 @@ PRICES = "{ input_per_mtok = 1.0, output_per_mtok = 4.0 }"
 async def test_another_model_is_compared_per_input_and_kept_runs_compare_without_a_model(
     rolebus_bus: Bus,
     rolebus_server: EmbeddedServer,
+    rolebus_settings: Settings,
     llm_server: LlmServer,
     start_llm_team: StartTeam,
     tmp_path: Path,
@@ -86,3 +92,12 @@ async def test_another_model_is_compared_per_input_and_kept_runs_compare_without
     code, fine = await rerun("--model", "model-a", "--fail-on", "worse")
     assert code == 0
     assert fine["gate"] is None
+
+    # The dashboard shows a kept run as a chart: the input model C lost, in red.
+    settings = replace(rolebus_settings, home=tmp_path / "home")
+    async with serving(settings) as url, httpx.AsyncClient() as client:
+        runs = (await client.get(f"{url}/whatif")).text
+        assert worse["run"] in runs
+        shown = (await client.get(f"{url}/whatif/{worse['run']}")).text
+    assert shown.count('data-lost="1"') == 6  # 3 inputs, in the tokens and time charts
+    assert "completed → failed" in shown

@@ -92,6 +92,7 @@ def page(title: str, body: str, *, live: bool = False) -> HTMLResponse:
             ("/escalations", "Escalations"),
             ("/contracts", "Contracts"),
             ("/stream", "Event stream"),
+            ("/whatif", "What-if"),
         )
     )
     document = (
