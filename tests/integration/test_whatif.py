@@ -85,6 +85,18 @@ async def test_another_model_is_compared_per_input_and_kept_runs_compare_without
     assert len(compared["rows"]) == 3
     assert all(row["changed"] is False for row in compared["rows"])  # B answers B again
 
+    # Samples: each input asked again per sample, a row each.
+    asked = llm_server.answered
+    code, sampled = await rerun("--model", "model-b", "--samples", "2")
+    assert llm_server.answered == asked + 6
+    assert sorted(row["sample"] for row in sampled["rows"]) == [1, 1, 1, 2, 2, 2]
+    refused = await asyncio.to_thread(
+        cli, "rerun", "--role", "eng-be", "--samples", "2", env=env
+    )  # from the records every sample is the same: refused, nothing asked
+    assert refused.code == 1
+    assert "--samples 2" in refused.stderr
+    assert llm_server.answered == asked + 6
+
     # As a gate: a model that fails what the recorded one completed is worse.
     code, worse = await rerun("--model", "model-c", "--fail-on", "worse")
     assert code == 1

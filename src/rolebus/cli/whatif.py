@@ -103,6 +103,14 @@ def rerun_command(
     cost_share: Annotated[
         float, typer.Option("--cost-share", help="With --fail-on worse: cost growth allowed.")
     ] = 0.2,
+    samples: Annotated[
+        int,
+        typer.Option(
+            "--samples",
+            help="Run each input N times (a model answers differently each time): a row "
+            "per sample; with --fail-on worse, one lost sample is a loss.",
+        ),
+    ] = 1,
     compare_runs: Annotated[
         tuple[str, str] | None,
         typer.Option(
@@ -147,8 +155,13 @@ def rerun_command(
     else:
         chosen = load_handler(CommandHandler(command=shlex.split(handler), timeout=timeout))
     start = parse_since(since) if since else None
+    if samples < 1 or (samples > 1 and not (live or changed)):
+        raise ConfigError(
+            f"--samples {samples}: from the records every sample is the same",
+            hint="sample a change (--model, --set) or --live, with --samples 2 or more",
+        )
 
-    async def go() -> list[RerunResult]:
+    async def go() -> list[tuple[int, RerunResult]]:
         async with await Bus.connect(settings, name="rolebus-rerun") as bus:
             if (changed or live) and isinstance(spec.handler, LlmHandler):
                 estimate = await _estimate(bus, spec, correlation, start)
@@ -162,25 +175,32 @@ def rerun_command(
                         hint="narrow it with --correlation or --since, or raise --max-cost",
                     )
             try:
-                return [
-                    result
-                    async for result in rerun(
-                        bus.connection,
-                        spec,
-                        chosen,
-                        correlation=correlation,
-                        since=start,
-                        team=team,
-                        live=live,
-                        changed=changed,
-                        include_failed=include_failed,
-                    )
-                ]
+                results: list[tuple[int, RerunResult]] = []
+                for sample in range(samples):
+                    results += [
+                        (sample, result)
+                        async for result in rerun(
+                            bus.connection,
+                            spec,
+                            chosen,
+                            correlation=correlation,
+                            since=start,
+                            team=team,
+                            live=live,
+                            changed=changed,
+                            include_failed=include_failed,
+                        )
+                    ]
+                return results
             finally:
                 if isinstance(chosen, LlmRunner):
                     await chosen.aclose()
 
-    rows = rows_of(run(go()))
+    ran = run(go())
+    rows = rows_of([result for _, result in ran])
+    if samples > 1:
+        for row, (sample, _) in zip(rows, ran, strict=True):
+            row["sample"] = sample + 1
     kept = KeptRun.new(
         {
             "role": role,
