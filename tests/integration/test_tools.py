@@ -105,7 +105,7 @@ async def test_a_tool_outside_the_allow_list_is_refused_with_a_reason_the_model_
 ) -> None:
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me\n")
-    await start_llm_team(more=FILES, timeout="60s")
+    team, _ = await start_llm_team(more=FILES, timeout="60s")
     llm_server.script(
         Reply.calling(
             ("delete_everything", {"path": str(victim)}),
@@ -129,6 +129,12 @@ async def test_a_tool_outside_the_allow_list_is_refused_with_a_reason_the_model_
     shown_task = await asyncio.to_thread(cli, "show", task.id, "--json", env=env)
     tools = [call for call in json.loads(shown_task.stdout)["calls"] if call["tool"]]
     assert [(call["tool"], call["result"]) for call in tools] == [("read_lines", "keep me\n")]
+    # ...and so does the flow picture, in the task's box.
+    from rolebus.history.flow import read_flow
+
+    picture = await read_flow(rolebus_bus.connection, team, task.id)
+    lines = [line for box in picture.boxes for line in box.details]
+    assert any(line.startswith("tool read_lines(") for line in lines), lines
 
 
 async def test_a_spend_tagged_tool_parks_the_task_until_approved_then_runs_once(

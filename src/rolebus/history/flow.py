@@ -9,9 +9,10 @@ what is on the picture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from rolebus.flows.calls import CallStore
 from rolebus.history.replay import ReplayFilter, replay
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import Team
@@ -136,6 +137,7 @@ async def read_flow(connection: Connection, team: Team, correlation: str) -> Flo
         )
         if isinstance(item.message, Event)
     ]
+    flow.boxes = [await _with_tool_calls(connection, box) for box in flow.boxes]
     by_id = {box.id: box for box in flow.boxes}
     for event in events:
         if event.entity != "task" or event.state not in ("retrying", "dead"):
@@ -163,6 +165,21 @@ async def read_flow(connection: Connection, team: Team, correlation: str) -> Flo
     # Lanes in the order the roles joined the flow: it reads from the top down.
     flow.lanes = list(dict.fromkeys(box.lane for box in flow.boxes))
     return flow
+
+
+async def _with_tool_calls(connection: Connection, box: Box) -> Box:
+    """A work item's box with the tool calls its handler made, each a line of its
+    details (name, arguments, time, result)."""
+    if box.task_id is None:
+        return box
+    lines = []
+    for call in await CallStore(connection).for_task(box.task_id):
+        if "tool" not in call:
+            continue
+        arguments = str((call.get("messages") or [{}])[0].get("content", ""))[:80]
+        outcome = "failed" if call.get("error") else str(call.get("answer", ""))[:80]
+        lines.append(f"tool {call['tool']}({arguments}) {call.get('latency_ms')} ms -> {outcome}")
+    return replace(box, details=(*box.details, *lines)) if lines else box
 
 
 def _spans(boxes: dict[str, Box], events: list[Event]) -> list[Span]:
