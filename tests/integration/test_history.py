@@ -424,7 +424,10 @@ async def test_rerun_reports_an_input_it_cannot_rebuild_and_compares_the_others(
     results = {
         r.task_id: r
         async for r in rerun(
-            rolebus_bus.connection, team.role("eng-be"), load_handler("builtin:scripted")
+            rolebus_bus.connection,
+            team.role("eng-be"),
+            load_handler("builtin:scripted"),
+            include_failed=True,  # the broken input is dead
         )
     }
     assert results[fine.id].same

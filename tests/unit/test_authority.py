@@ -11,7 +11,13 @@ import pytest
 from rolebus.errors import CodecError
 from rolebus.handlers.completion import checked_usage
 from rolebus.handlers.prompt import user_message
-from rolebus.team.authority import breach_request, depth_in_flow, quoted, refusal
+from rolebus.team.authority import (
+    breach_request,
+    depth_in_flow,
+    model_refusal,
+    quoted,
+    refusal,
+)
 from rolebus.team.budget import Breach, Budget
 from rolebus.team.roles import RoleSpec
 from rolebus.wire import codec
@@ -53,6 +59,17 @@ def test_an_answer_that_claims_what_only_the_bus_decides_is_refused_with_why(
     refused = refusal(answer, ROLE)
     assert refused is not None
     assert named in refused
+
+
+def test_a_model_cannot_open_a_tool_approval_it_could_then_call_the_tool_on() -> None:
+    """The attack: a prompt-injected model escalates `tool-spend` with words of its
+    own, the approver says yes, and the yes lets its next buy_credits call run."""
+    forged = escalation(reason="tool-spend", approval=True, to="cto")
+    refused = model_refusal(forged, ROLE)
+    assert refused is not None
+    assert "call it instead" in refused
+    assert refusal(forged, ROLE) is None  # the LLM handler itself opens these
+    assert model_refusal(escalation(to="architect"), ROLE) is None
 
 
 def test_a_plain_question_or_a_completed_answer_stands() -> None:

@@ -28,7 +28,7 @@ from rolebus.cli.app import (
 )
 from rolebus.cli.demo import play
 from rolebus.errors import ConfigError, NotFoundError
-from rolebus.flows.calls import CallStore
+from rolebus.flows.calls import CallStore, call_summary
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
 from rolebus.flows.record import STATES, TaskState
 from rolebus.flows.state import StateStore, published_tasks
@@ -345,7 +345,7 @@ def show_command(
                 "task": state.model_dump(mode="json"),
                 "flow": [s.model_dump(mode="json") for s in states],
                 "escalations": [r.model_dump(mode="json") for r in records],
-                "calls": [_call_line(call) for call in calls],
+                "calls": [call_summary(call) for call in calls],
             }
         )
         return
@@ -391,7 +391,7 @@ def show_command(
     if state.result is not None:
         out.print(f"result: {json.dumps(state.result, default=str)}", highlight=False)
     for call in calls:
-        line = _call_line(call)
+        line = call_summary(call)
         if line["tool"] is not None:
             out.print(
                 f"  tool {line['tool']}({line['arguments']}) {line['latency_ms']} ms -> "
@@ -404,31 +404,6 @@ def show_command(
                 f"{line['latency_ms']} ms",
                 highlight=False,
             )
-
-
-def _call_line(call: dict[str, Any]) -> dict[str, Any]:
-    """A recorded call in a line: a tool's name, arguments, time and outcome, or a
-    model call's model, tokens and time (the whole conversation is on the dashboard)."""
-    usage = call.get("usage") or {}
-    tool = call.get("tool")
-    arguments = (call.get("messages") or [{}])[0].get("content") if tool else None
-    return {
-        "call": f"{call.get('generation')}.{call.get('number')}",
-        "tool": tool,
-        "arguments": _cut(arguments),
-        "result": _cut(call.get("answer")),
-        "error": bool(call.get("error")),
-        "model": None if tool else call.get("model"),
-        "tokens": int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0)),
-        "latency_ms": call.get("latency_ms"),
-    }
-
-
-def _cut(text: Any, limit: int = 200) -> str | None:
-    if text is None:
-        return None
-    shown = str(text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 @app.command("tasks")

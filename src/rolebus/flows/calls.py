@@ -29,7 +29,7 @@ from typing import Any
 from rolebus.nats.connection import Connection
 from rolebus.wire.subjects import CALLS_BUCKET, PARTS_BUCKET
 
-__all__ = ["CHUNK", "PART_MIN", "CallStore"]
+__all__ = ["CHUNK", "PART_MIN", "CallStore", "call_summary"]
 
 #: Text this long or longer is a part of its own.
 PART_MIN = 512
@@ -201,3 +201,29 @@ def _order(call: dict[str, Any]) -> tuple[int, int, int]:
         return value if isinstance(value, int) else 0
 
     return number("generation"), number("number"), 1 if "tool" in call else 0
+
+
+def call_summary(call: dict[str, Any]) -> dict[str, Any]:
+    """A recorded call in a line: a tool's name, arguments, time and outcome, or a
+    model call's model, tokens and time (the whole conversation is the record)."""
+    usage = call.get("usage") or {}
+    tool = call.get("tool")
+    messages = call.get("messages") or [{}]
+    arguments = messages[0].get("content") if tool and isinstance(messages[0], dict) else None
+    return {
+        "call": f"{call.get('generation')}.{call.get('number')}",
+        "tool": tool,
+        "arguments": _cut(arguments),
+        "result": _cut(call.get("answer")),
+        "error": bool(call.get("error")),
+        "model": None if tool else call.get("model"),
+        "tokens": int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0)),
+        "latency_ms": call.get("latency_ms"),
+    }
+
+
+def _cut(text: Any, limit: int = 200) -> str | None:
+    if text is None:
+        return None
+    shown = str(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"

@@ -34,7 +34,7 @@ from rolebus.handlers.model_server import AttemptEndedError, ModelServer, tokens
 from rolebus.handlers.pricing import cost_usd
 from rolebus.handlers.prompt import prompt_messages
 from rolebus.handlers.tools import Toolbox, ToolCall, ToolError
-from rolebus.team.authority import approver_for, breach_request, refusal
+from rolebus.team.authority import TOOL_REASON, approver_for, breach_request, model_refusal
 from rolebus.team.handler_specs import LlmHandler
 from rolebus.team.roles import PERSON
 from rolebus.wire.messages import EscalationRequest, Outcome, Task, Usage
@@ -122,7 +122,7 @@ class LlmRunner:
                     conversation = messages = [*messages, *turn]
                     continue
                 outcome, problem = parse_answer(answer.text)
-                refused = refusal(outcome, context.role) if outcome is not None else None
+                refused = model_refusal(outcome, context.role) if outcome is not None else None
                 if outcome is not None and refused is None:
                     return outcome.model_copy(update={"usage": run.usage})
                 problem = refused or problem
@@ -214,7 +214,7 @@ class LlmRunner:
             escalation=EscalationRequest(
                 # Not the boundary's own reason: that approval the bus opens for a task
                 # of the kind, and refuses from any handler.
-                reason=f"tool-{tag}",
+                reason=f"{TOOL_REASON}{tag}",
                 question=(
                     f"{role.title} ({role.id}) asks to call the {tag} tool {call.name!r} "
                     f"with {call.arguments[:500]}: approve?"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from rolebus.flows.calls import CallStore
+from rolebus.flows.calls import CallStore, call_summary
 from rolebus.history.replay import ReplayFilter, replay
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import Team
@@ -174,11 +174,12 @@ async def _with_tool_calls(connection: Connection, box: Box) -> Box:
         return box
     lines = []
     for call in await CallStore(connection).for_task(box.task_id):
-        if "tool" not in call:
-            continue
-        arguments = str((call.get("messages") or [{}])[0].get("content", ""))[:80]
-        outcome = "failed" if call.get("error") else str(call.get("answer", ""))[:80]
-        lines.append(f"tool {call['tool']}({arguments}) {call.get('latency_ms')} ms -> {outcome}")
+        line = call_summary(call)
+        if line["tool"] is not None:
+            outcome = "failed" if line["error"] else line["result"]
+            lines.append(
+                f"tool {line['tool']}({line['arguments']}) {line['latency_ms']} ms -> {outcome}"
+            )
     return replace(box, details=(*box.details, *lines)) if lines else box
 
 

@@ -22,10 +22,12 @@ __all__ = [
     "AMOUNT_FIELDS",
     "BRAKE_REASON",
     "BUS_REASONS",
+    "TOOL_REASON",
     "approver_for",
     "brake_request",
     "breach_request",
     "depth_in_flow",
+    "model_refusal",
     "quoted",
     "refusal",
 ]
@@ -66,6 +68,28 @@ def refusal(outcome: Outcome, role: RoleSpec) -> str | None:
                 "is computed by the bus, not given in an answer"
             )
     return None
+
+
+#: What a tool approval's reason starts with (handlers/llm.py opens them).
+TOOL_REASON = "tool-"
+
+
+def model_refusal(outcome: Outcome, role: RoleSpec) -> str | None:
+    """Why the bus refuses ``outcome`` from a model: what it refuses from any
+    handler, and an approval for a tool, which the LLM handler opens when the model
+    calls the tool (a model that opened one could have an approver say yes to its own
+    words, then call the tool on that yes)."""
+    request = outcome.escalation
+    if (
+        outcome.status == "escalate"
+        and request is not None
+        and request.reason.startswith(TOOL_REASON)
+    ):
+        return (
+            f"an escalation with reason {request.reason!r} is opened by the bus when "
+            "you call the tool: call it instead"
+        )
+    return refusal(outcome, role)
 
 
 def depth_in_flow(task: Task) -> int:

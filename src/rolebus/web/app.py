@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rolebus.bus import Bus
 from rolebus.config import Settings
-from rolebus.errors import NotFoundError, RolebusError, SubjectError
+from rolebus.errors import RolebusError, SubjectError
 from rolebus.flows.calls import CallStore
 from rolebus.flows.cancels import cancel
 from rolebus.flows.contracts import ContractRegistry, ContractVersion, diff
@@ -45,7 +45,6 @@ from rolebus.history.projection import TaskProjection
 from rolebus.history.replay import ReplayFilter, flow_states, replay
 from rolebus.history.status import AttemptCounts, collect
 from rolebus.history.usage import UsageLedger
-from rolebus.history.whatif import KeptRun, totals
 from rolebus.nats.delivery import StoredMessage
 from rolebus.team.handler_specs import LlmHandler
 from rolebus.team.roles import RoleSpec, Team
@@ -54,7 +53,7 @@ from rolebus.web.flowsvg import render_flow
 from rolebus.web.guard import LOOPBACK, BrowserGuard, csrf_of, csrf_ok
 from rolebus.web.pages import LIVE_JS, model_calls, page, slo_cell, task_card, version_row
 from rolebus.web.pages import escape as _e  # short: it wraps every value in the templates
-from rolebus.web.whatifsvg import render_whatif
+from rolebus.web.whatifpage import kept_run, kept_runs
 from rolebus.wire.messages import Event
 from rolebus.wire.subjects import EVENTS_STREAM, validate_token
 
@@ -396,42 +395,11 @@ def create_app(
         return page("Contracts", "".join(sections) or "<p>No contracts yet.</p>")
 
     async def whatif_runs(request: Request) -> Response:
-        folder = settings.home / "whatif"
-        runs = sorted(folder.glob("*.json"), reverse=True) if folder.is_dir() else []
-        items = "".join(
-            f'<li><a href="/whatif/{_e(path.stem)}">{_e(path.stem)}</a></li>' for path in runs
-        )
-        body = f"<ul>{items}</ul>" if items else "<p>No kept runs: `rolebus rerun` keeps one.</p>"
-        return page("What-if runs", body)
+        return page("What-if runs", kept_runs(settings.home))
 
     async def whatif_page(request: Request) -> Response:
-        try:
-            kept = KeptRun.load(settings.home, request.path_params["run_id"])
-        except NotFoundError as error:
-            return page("What-if run", f"<p>{_e(error.message)}</p>")
-        summary = totals(kept.rows)
-        rows = "".join(
-            f"<tr><td>{_e(row['title'])}</td>"
-            + (
-                f"<td colspan=4>{_e(row['error'])}</td>"
-                if row["error"] is not None
-                else f"<td>{_e(row['old']['status'])} → {_e(row['new']['status'])}</td>"
-                f"<td>{_e(row['old']['tokens'])} → {_e(row['new']['tokens'])}</td>"
-                f"<td>{_e(row['old']['cost_usd'])} → {_e(row['new']['cost_usd'])}</td>"
-                f"<td>{_e(row['old']['latency_ms'])} → {_e(row['new']['latency_ms'])} ms</td>"
-            )
-            + "</tr>"
-            for row in kept.rows
-        )
-        body = (
-            f"<p>{_e(json.dumps(kept.settings))}: {summary['inputs']} input(s), "
-            f"{summary['changed']} changed; completed {summary['completed']['old']} → "
-            f"{summary['completed']['new']}</p>{render_whatif(kept.rows)}"
-            f"{render_whatif(kept.rows, measure='latency_ms')}"
-            "<table><tr><th>input</th><th>status</th><th>tokens</th><th>cost</th>"
-            f"<th>model time</th></tr>{rows}</table>"
-        )
-        return page(f"What-if run {kept.id}", body)
+        run_id = request.path_params["run_id"]
+        return page(f"What-if run {run_id}", kept_run(settings.home, run_id))
 
     async def stream_page(request: Request) -> Response:
         role = request.query_params.get("role") or None
