@@ -33,6 +33,21 @@ You think.
 """
 
 
+#: What the baselines ask: a request like the role's, answered in the outcome's schema.
+REQUEST: dict[str, Any] = {
+    "model": "bench-model",
+    "messages": [
+        {"role": "system", "content": "You think."},
+        {"role": "user", "content": "title: a task"},
+    ],
+    "response_format": {
+        "type": "json_schema",
+        "json_schema": {"name": "outcome", "schema": OUTCOME_SCHEMA},
+    },
+    "max_tokens": 2000,
+}
+
+
 async def bench_llm(url: str, results: Results, *, count: int, run: int) -> None:
     metric = results.metric(
         "LLM task, one at a time (bus overhead on the model call)",
@@ -151,18 +166,7 @@ async def _client_at_once(base_url: str, count: int) -> float:
 
 
 async def _client_alone(base_url: str, count: int) -> float:
-    request: dict[str, Any] = {
-        "model": "bench-model",
-        "messages": [
-            {"role": "system", "content": "You think."},
-            {"role": "user", "content": "title: a task"},
-        ],
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": "outcome", "schema": OUTCOME_SCHEMA},
-        },
-        "max_tokens": 2000,
-    }
+    request = REQUEST
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0) as client:
         start = perf()
         for _ in range(count):
@@ -185,18 +189,7 @@ async def _raw_same_guarantee(url: str, base_url: str, count: int, run: int) -> 
     )
     answers = await js.create_key_value(bucket=f"RAW_LLM_CALLS_{run}", history=1)
     pulled = await js.pull_subscribe(f"rawllm{run}.task", durable=f"raw-llm-{run}", stream=stream)
-    request: dict[str, Any] = {
-        "model": "bench-model",
-        "messages": [
-            {"role": "system", "content": "You think."},
-            {"role": "user", "content": "title: a task"},
-        ],
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": "outcome", "schema": OUTCOME_SCHEMA},
-        },
-        "max_tokens": 2000,
-    }
+    request = REQUEST
     try:
         async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0) as llm:
             start = perf()

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+import nats
 
 from rolebus.bus import Bus
 from rolebus.flows.state import StateStore
@@ -11,7 +19,10 @@ from rolebus.history.replay import read_events
 from rolebus.team.roles import Team, load_team
 from rolebus.testing import wait_for
 from rolebus.wire.messages import Event
+from rolebus.wire.subjects import CALLS_BUCKET
 from rolebus.worker.runner import Crew
+
+T = TypeVar("T")
 
 KEY = "sk-test-0123456789-secret"
 ENV = "ROLEBUS_TEST_LLM_KEY"
@@ -100,3 +111,65 @@ async def event_of(bus: Bus, task_id: str, state: str, timeout: float = 20) -> E
 
     await wait_for(there, timeout=timeout)
     return (await found())[0]
+
+
+class WorkerProcess:
+    """`rolebus worker ROLE` in a process of its own, as a user runs it, against the
+    team in ``roles``: started, killed, started again."""
+
+    def __init__(self, nats_url: str, roles: Path, home: Path, **env: str) -> None:
+        self.nats_url = nats_url
+        self.env = {
+            **os.environ,
+            "NATS_URL": nats_url,
+            "ROLEBUS_ROLES": str(roles),
+            "ROLEBUS_HOME": str(home),
+            ENV: KEY,
+            **env,
+        }
+        self.cwd = home.parent
+        self.rolebus = str(Path(sys.executable).parent / "rolebus")
+
+    def start(self, role: str = "eng-be") -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [self.rolebus, "worker", role], env=self.env, cwd=self.cwd, stderr=subprocess.DEVNULL
+        )
+
+    async def killed_once_recorded(
+        self, publish: Callable[[], Awaitable[T]], *, key_part: str = "", timeout: float = 60
+    ) -> T:
+        """Start a worker, ``publish``, and SIGKILL the worker the moment a call record
+        whose key holds ``key_part`` is written (before the ack); what ``publish`` gave."""
+        client = await nats.connect(self.nats_url)
+        recorded = asyncio.Event()
+
+        async def on_record(message: Any) -> None:
+            if key_part in message.subject:
+                recorded.set()
+
+        await client.subscribe(f"$KV.{CALLS_BUCKET}.>", cb=on_record)
+        worker = self.start()
+        try:
+            published = await publish()
+            await asyncio.wait_for(recorded.wait(), timeout=timeout)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(timeout=10)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            await client.close()
+        return published
+
+    async def until(self, bus: Bus, task_id: str, states: set[str], timeout: float = 60) -> str:
+        """Start a worker, wait until the task is in one of ``states``, stop it."""
+        worker = self.start()
+        try:
+
+            async def settled() -> bool:
+                return await state_of(bus, task_id) in states
+
+            await wait_for(settled, timeout=timeout)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=30)
+        return str(await state_of(bus, task_id))

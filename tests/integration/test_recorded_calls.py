@@ -6,12 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import nats
 
@@ -23,7 +18,7 @@ from rolebus.testing import LlmServer, Reply
 from rolebus.wire.subjects import CALLS_BUCKET, PARTS_BUCKET
 
 from ..conftest import CliRunner
-from .llm_team import ENV, KEY, StartTeam, state_of, until, write_llm_team
+from .llm_team import ENV, KEY, StartTeam, WorkerProcess, state_of, until, write_llm_team
 
 
 async def _values(bus: Bus, bucket: str) -> dict[str, bytes]:
@@ -124,52 +119,16 @@ async def test_a_ten_megabyte_answer_is_recorded_and_not_paid_again_after_sigkil
     answer = json.dumps({"status": "completed", "result": {"summary": "ok"}})
     answer += "\n" * (10 * 1024 * 1024)
     llm_server.script(Reply.plain(answer))
-    env = {
-        **os.environ,
-        "NATS_URL": rolebus_server.url,
-        "ROLEBUS_ROLES": str(team_dir),
-        "ROLEBUS_HOME": str(tmp_path / "home"),
-        ENV: KEY,
-    }
-    rolebus = str(Path(sys.executable).parent / "rolebus")
-    settings = Settings(nats_url=rolebus_server.url)
-
-    async def scenario() -> None:
-        async with await Bus.connect(settings) as bus:
-            client = await nats.connect(rolebus_server.url)
-            recorded = asyncio.Event()
-
-            async def on_record(_: Any) -> None:
-                recorded.set()
-
-            await client.subscribe(f"$KV.{CALLS_BUCKET}.>", cb=on_record)
-            worker = subprocess.Popen(
-                [rolebus, "worker", "eng-be"], env=env, cwd=tmp_path, stderr=subprocess.DEVNULL
-            )
-            try:
-                task, _ = await bus.publish_task("task.backend.x", title="run away")
-                await asyncio.wait_for(recorded.wait(), timeout=60)
-                worker.send_signal(signal.SIGKILL)
-                worker.wait(timeout=10)
-            finally:
-                if worker.poll() is None:
-                    worker.kill()
-                await client.close()
-            assert await state_of(bus, task.id) != "completed"  # killed before the end
-            [call] = await CallStore(bus.connection).for_task(task.id)
-            assert call["answer"] == answer  # whole, from its chunks
-
-            worker = subprocess.Popen(
-                [rolebus, "worker", "eng-be"], env=env, cwd=tmp_path, stderr=subprocess.DEVNULL
-            )
-            try:
-                await until(bus, task.id, "completed", timeout=60)
-            finally:
-                worker.send_signal(signal.SIGTERM)
-                worker.wait(timeout=30)
-        assert llm_server.answered == 1
-
-    await scenario()
+    workers = WorkerProcess(rolebus_server.url, team_dir, tmp_path / "home")
+    async with await Bus.connect(Settings(nats_url=rolebus_server.url)) as bus:
+        task, _ = await workers.killed_once_recorded(
+            lambda: bus.publish_task("task.backend.x", title="run away")
+        )
+        assert await state_of(bus, task.id) != "completed"  # killed before the end
+        [call] = await CallStore(bus.connection).for_task(task.id)
+        assert call["answer"] == answer  # whole, from its chunks
+        assert await workers.until(bus, task.id, {"completed"}) == "completed"
+    assert llm_server.answered == 1
 
 
 async def test_a_record_whose_part_expired_makes_rerun_say_it_needs_live(

@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-import nats
 import pytest
 
 from rolebus.bus import Bus
@@ -21,10 +16,9 @@ from rolebus.config import Settings
 from rolebus.flows.escalation import EscalationStore, resolve
 from rolebus.nats.server import EmbeddedServer
 from rolebus.testing import LlmServer, Reply
-from rolebus.wire.subjects import CALLS_BUCKET
 
 from ..conftest import CliRunner
-from .llm_team import ENV, KEY, StartTeam, state_of, until, write_llm_team
+from .llm_team import StartTeam, WorkerProcess, state_of, until, write_llm_team
 
 SERVER = Path(__file__).parent / "tools" / "files_server.py"
 FILES = f"""
@@ -54,43 +48,20 @@ async def test_a_worker_killed_after_a_tool_result_is_recorded_does_not_run_it_a
         Reply.calling(("append_line", {"path": str(lines), "line": "written once"})),
         Reply.completed({"appended": True}),
     )
-    env = {
-        **os.environ,
-        "NATS_URL": rolebus_server.url,
-        "ROLEBUS_ROLES": str(team_dir),
-        "ROLEBUS_HOME": str(tmp_path / "home"),
-        "PYTHONPATH": str(Path(__file__).parents[2]),
-        ENV: KEY,
-    }
-    rolebus = str(Path(sys.executable).parent / "rolebus")
+    workers = WorkerProcess(
+        rolebus_server.url,
+        team_dir,
+        tmp_path / "home",
+        PYTHONPATH=str(Path(__file__).parents[2]),
+    )
     async with await Bus.connect(Settings(nats_url=rolebus_server.url)) as bus:
-        client = await nats.connect(rolebus_server.url)
-        tool_recorded = asyncio.Event()
-
-        async def on_record(message: Any) -> None:
-            if ".g0.t" in message.subject:  # a tool's record, not a model call's (.c)
-                tool_recorded.set()
-
-        await client.subscribe(f"$KV.{CALLS_BUCKET}.>", cb=on_record)
-        worker = subprocess.Popen([rolebus, "worker", "eng-be"], env=env, cwd=tmp_path)
-        try:
-            task, _ = await bus.publish_task("task.backend.x", title="append a line")
-            await asyncio.wait_for(tool_recorded.wait(), timeout=60)
-            worker.send_signal(signal.SIGKILL)
-            worker.wait(timeout=10)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-            await client.close()
+        task, _ = await workers.killed_once_recorded(
+            lambda: bus.publish_task("task.backend.x", title="append a line"),
+            key_part=".g0.t",  # a tool's record, not a model call's (.c)
+        )
         assert await state_of(bus, task.id) != "completed"
         assert lines.read_text() == "written once\n"
-
-        worker = subprocess.Popen([rolebus, "worker", "eng-be"], env=env, cwd=tmp_path)
-        try:
-            await until(bus, task.id, "completed", timeout=60)
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=30)
+        assert await workers.until(bus, task.id, {"completed"}) == "completed"
     assert lines.read_text() == "written once\n"  # the tool ran once
     assert llm_server.answered == 2  # the first call was answered from its record
 

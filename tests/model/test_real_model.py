@@ -7,16 +7,9 @@ the modes it honours, usage it does not report, a context it cannot hold.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
-import nats
 import pytest
 
 from rolebus.bus import Bus
@@ -27,10 +20,9 @@ from rolebus.nats.server import EmbeddedServer
 from rolebus.team.handler_specs import LlmHandler
 from rolebus.team.roles import Team
 from rolebus.testing import wait_for
-from rolebus.wire.subjects import CALLS_BUCKET
 from rolebus.worker.runner import start_workers
 
-from ..integration.llm_team import ENV, KEY, event_of, state_of, write_llm_team
+from ..integration.llm_team import ENV, KEY, WorkerProcess, event_of, write_llm_team
 from .proxy import counting_proxy
 from .serve import MODEL
 
@@ -125,50 +117,14 @@ async def test_a_worker_killed_after_the_recorded_call_does_not_pay_for_it_again
     settles the task without asking the model that request again."""
     with counting_proxy(real_model_url) as proxy:
         write_llm_team(tmp_path / "roles", proxy.url, timeout="60s", model=MODEL)
-        env = {
-            **os.environ,
-            "NATS_URL": rolebus_server.url,
-            "ROLEBUS_ROLES": str(tmp_path / "roles"),
-            "ROLEBUS_HOME": str(tmp_path / "home"),
-            ENV: KEY,
-        }
-        rolebus = str(Path(sys.executable).parent / "rolebus")
-        client = await nats.connect(rolebus_server.url)
-        recorded = asyncio.Event()
-
-        async def on_record(_: Any) -> None:
-            recorded.set()
-
-        await client.subscribe(f"$KV.{CALLS_BUCKET}.>", cb=on_record)
-        worker = subprocess.Popen([rolebus, "worker", "eng-be"], env=env, cwd=tmp_path)
-        try:
-            task, _ = await rolebus_bus.publish_task("task.backend.x", title="say you are done")
-            await asyncio.wait_for(recorded.wait(), timeout=120)
-            worker.send_signal(signal.SIGKILL)
-            worker.wait(timeout=10)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-            await client.close()
-        paid_before = len(proxy.asked)
-        assert paid_before >= 1
-
-        worker = subprocess.Popen([rolebus, "worker", "eng-be"], env=env, cwd=tmp_path)
-        try:
-
-            async def settled() -> bool:
-                return await state_of(rolebus_bus, task.id) in {
-                    "completed",
-                    "input-required",
-                    "handed-off",
-                    "dead",
-                    "rejected",
-                }
-
-            await wait_for(settled, timeout=180)
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=30)
+        workers = WorkerProcess(rolebus_server.url, tmp_path / "roles", tmp_path / "home")
+        task, _ = await workers.killed_once_recorded(
+            lambda: rolebus_bus.publish_task("task.backend.x", title="say you are done"),
+            timeout=120,
+        )
+        assert len(proxy.asked) >= 1
+        ended = {"completed", "input-required", "handed-off", "dead", "rejected"}
+        await workers.until(rolebus_bus, task.id, ended, timeout=180)
         # Every request went to the model once: the one recorded before the kill was
         # answered from its record, not asked again (a repair turn is a new request).
         bodies = [json.dumps(body, sort_keys=True) for body in proxy.asked]

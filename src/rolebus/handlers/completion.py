@@ -219,11 +219,12 @@ def tool_calls_in(response: dict[str, Any]) -> list[tuple[str, str, str]]:
     return found
 
 
-def answer_text(response: dict[str, Any], mode: Mode) -> str:
-    """The answer in a (not streamed) response: the content, or the tool call's
-    arguments ("" for a response of another shape: the repair turn says so)."""
+def answer_text(response: dict[str, Any], mode: Mode, *, part: str = "message") -> str:
+    """The answer in a response: the content, or the tool call's arguments ("" for a
+    response of another shape: the repair turn says so). ``part="delta"``: the piece
+    a streamed chunk carries."""
     choices = response.get("choices")
-    message = choices[0].get("message") if isinstance(choices, list) and choices else None
+    message = choices[0].get(part) if isinstance(choices, list) and choices else None
     if not isinstance(message, dict):
         return ""
     calls = message.get("tool_calls")

@@ -244,7 +244,7 @@ class ModelServer:
         async for chunk in client.stream(request):
             if chunk.get("usage") is not None:
                 prompt_tokens, completion_tokens = tokens_in(chunk["usage"])
-            part = _delta_text(chunk, mode)
+            part = answer_text(chunk, mode, part="delta")
             if not part:
                 continue
             parts.append(part)
@@ -343,18 +343,3 @@ class ModelServer:
                 retryable=False,
             )
         return refused_outcome(self.spec, self.where, error, key)
-
-
-def _delta_text(chunk: dict[str, Any], mode: Mode) -> str:
-    """The piece of answer a streamed chunk carries ("" for none)."""
-    choices = chunk.get("choices")
-    delta = choices[0].get("delta") if isinstance(choices, list) and choices else None
-    if not isinstance(delta, dict):
-        return ""
-    calls = delta.get("tool_calls")
-    if mode == "tool" and isinstance(calls, list) and calls and isinstance(calls[0], dict):
-        function = calls[0].get("function")
-        arguments = function.get("arguments") if isinstance(function, dict) else None
-        return arguments if isinstance(arguments, str) else ""
-    content = delta.get("content")
-    return content if isinstance(content, str) else ""
