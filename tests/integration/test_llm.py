@@ -9,7 +9,6 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -28,7 +27,17 @@ from rolebus.wire.subjects import CALLS_BUCKET, EVENTS_STREAM
 from rolebus.worker.runner import start_workers
 
 from ..conftest import CliRunner
-from .llm_team import ENV, KEY, PERSONA, StartTeam, event_of, state_of, until, write_llm_team
+from .llm_team import (
+    ENV,
+    KEY,
+    PERSONA,
+    StartTeam,
+    WorkerProcess,
+    event_of,
+    state_of,
+    until,
+    write_llm_team,
+)
 from .test_dashboard import serving
 
 
@@ -259,8 +268,6 @@ def test_a_worker_killed_after_the_model_answered_pays_once(
     worker has registry writes to do between the two (a window for the kill)."""
     import asyncio
 
-    import nats
-
     team_dir = tmp_path / "roles"
     write_llm_team(team_dir, llm_server.url)
     contract = {
@@ -268,14 +275,7 @@ def test_a_worker_killed_after_the_model_answered_pays_once(
         "version": "1.0.0",
         "operations": {"listOrders": {"method": "GET", "path": "/orders"}},
     }
-    env = {
-        **os.environ,
-        "NATS_URL": rolebus_server.url,
-        "ROLEBUS_ROLES": str(team_dir),
-        "ROLEBUS_HOME": str(tmp_path / "home"),
-        ENV: KEY,
-    }
-    rolebus = str(Path(sys.executable).parent / "rolebus")
+    workers = WorkerProcess(rolebus_server.url, team_dir, tmp_path / "home")
     settings = Settings(nats_url=rolebus_server.url)
 
     async def run_once(number: int) -> tuple[bool, str]:
@@ -294,40 +294,15 @@ def test_a_worker_killed_after_the_model_answered_pays_once(
                     }
                 )
             )
-            client = await nats.connect(rolebus_server.url)
-            recorded = asyncio.Event()
-
-            async def on_record(_: Any) -> None:
-                recorded.set()
-
-            await client.subscribe(f"$KV.{CALLS_BUCKET}.>", cb=on_record)
-            worker = subprocess.Popen(
-                [rolebus, "worker", "eng-be"],
-                env=env,
-                cwd=tmp_path,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            task, _ = await workers.killed_once_recorded(
+                lambda: bus.publish_task("task.backend.x", title=f"contract {number}"),
+                timeout=30,
             )
-            try:
-                task, _ = await bus.publish_task("task.backend.x", title=f"contract {number}")
-                await asyncio.wait_for(recorded.wait(), timeout=30)
-                worker.send_signal(signal.SIGKILL)
-                worker.wait(timeout=10)
-            finally:
-                if worker.poll() is None:
-                    worker.kill()
-                await client.close()
             conclusive = await state_of(bus, task.id) != "completed"
             return conclusive, task.id
 
     async def finish(task_ids: list[str]) -> None:
-        worker = subprocess.Popen(
-            [rolebus, "worker", "eng-be"],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        worker = workers.start()
         try:
             async with await Bus.connect(settings) as bus:
                 for task_id in task_ids:
