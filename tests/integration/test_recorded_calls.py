@@ -162,3 +162,29 @@ async def test_a_record_whose_part_expired_makes_rerun_say_it_needs_live(
     assert row["new"] is None
     assert rerun.code == 1
     assert llm_server.answered == 1  # nothing asked without --live
+
+
+async def test_storage_shows_each_stream_and_bucket_with_its_age_and_growth(
+    rolebus_bus: Bus,
+    rolebus_server: EmbeddedServer,
+    llm_server: LlmServer,
+    start_llm_team: StartTeam,
+    cli: CliRunner,
+) -> None:
+    await start_llm_team()
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="something to store")
+    await until(rolebus_bus, task.id, "completed")
+    env = {"NATS_URL": rolebus_server.url}
+    shown = await asyncio.to_thread(cli, "storage", "--json", env=env)
+    assert shown.code == 0, shown.stderr
+    entries = {entry["name"]: entry for entry in json.loads(shown.stdout)}
+    assert {"ROLEBUS_WORK", "ROLEBUS_EVENTS", CALLS_BUCKET, PARTS_BUCKET} <= set(entries)
+    calls, parts = entries[CALLS_BUCKET], entries[PARTS_BUCKET]
+    assert calls["messages"] >= 1
+    assert parts["messages"] >= 1
+    assert calls["compression"] == parts["compression"] == "s2"
+    assert calls["max_age_s"] == entries["ROLEBUS_EVENTS"]["max_age_s"] == 30 * 86400
+    assert parts["max_age_s"] == calls["max_age_s"] * 1.25  # a part outlives its records
+    table = await asyncio.to_thread(cli, "storage", env=env)
+    assert PARTS_BUCKET in table.stdout
+    assert "streams and buckets" in table.stdout

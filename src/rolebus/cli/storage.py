@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from rolebus.bus import Bus
-from rolebus.cli.app import JsonOption, app, out, print_json, run, settings_for
+from rolebus.cli.app import JsonOption, app, keep_whole, out, print_json, run, settings_for
 from rolebus.config import Settings
 
 _DAY = 86400.0
@@ -69,7 +69,7 @@ def storage(as_json: JsonOption = False) -> None:
     if as_json:
         print_json(entries)
         return
-    table = Table("name", "kind", "messages", "bytes", "growth/day", "kept", "compressed")
+    table = Table("name", "kind", "messages", "bytes", "growth/day", "kept", "s2")
     for entry in entries:
         age = entry["max_age_s"]
         table.add_row(
@@ -78,9 +78,9 @@ def storage(as_json: JsonOption = False) -> None:
             f"{entry['messages']:,}",
             _size(entry["bytes"]),
             _size(entry["growth_per_day"]),
-            f"{age / _DAY:g} d" if age else "for ever",
+            f"{age / _DAY:g} d" if age else "always",
             "yes" if entry["compression"] not in ("none", None) else "no",
         )
-    out.print(table)
+    out.print(keep_whole(table, 0))
     total = sum(entry["bytes"] for entry in entries)
     out.print(f"{_size(total)} in {len(entries)} streams and buckets")
