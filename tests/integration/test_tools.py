@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -178,3 +179,44 @@ async def test_the_example_tool_team_shows_its_tools_and_keeps_paths_inside_the_
     assert failed  # the server refused: nothing of the file came back
     assert "[project]" not in escaped
     assert toolbox.boundary("buy_credits") == "spend"
+
+
+async def test_an_mcp_server_over_streamable_http_lists_and_runs_its_allowed_tools(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    from rolebus.handlers.tools import Toolbox
+    from rolebus.team.roles import RoleSpec
+    from rolebus.testing import wait_for
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, str(SERVER), "http", str(port)], stderr=subprocess.DEVNULL
+    )
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as client:
+                return client.connect_ex(("127.0.0.1", port)) == 0
+
+        await wait_for(listening, timeout=30)
+        role = RoleSpec.model_validate(
+            {
+                "id": "eng-be",
+                "title": "Backend",
+                "handler": {"llm": "m"},
+                "tools": [{"url": f"http://127.0.0.1:{port}/mcp", "allow": ["append_line"]}],
+            }
+        )
+        toolbox = Toolbox(role)
+        assert [d["function"]["name"] for d in await toolbox.definitions()] == ["append_line"]
+        lines = tmp_path / "lines.txt"
+        said, failed = await toolbox.call("append_line", {"path": str(lines), "line": "over http"})
+        assert not failed, said
+        assert lines.read_text() == "over http\n"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -32,4 +32,9 @@ def delete_everything(path: str) -> str:
 
 
 if __name__ == "__main__":
-    server.run(transport="stdio")
+    import sys
+
+    if sys.argv[1:2] == ["http"]:  # streamable HTTP on loopback: `files_server.py http PORT`
+        server.run(transport="streamable-http", port=int(sys.argv[2]))
+    else:
+        server.run(transport="stdio")
