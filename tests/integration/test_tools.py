@@ -16,7 +16,7 @@ from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.flows.escalation import EscalationStore, resolve
 from rolebus.nats.server import EmbeddedServer
-from rolebus.testing import LlmServer, Reply
+from rolebus.testing import LlmServer, Reply, wait_for
 
 from ..conftest import CliRunner
 from .llm_team import StartTeam, WorkerProcess, state_of, until, write_llm_team
@@ -220,3 +220,26 @@ async def test_an_mcp_server_over_streamable_http_lists_and_runs_its_allowed_too
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+async def test_a_budget_approval_on_the_task_does_not_let_a_spending_tool_run(
+    rolebus_bus: Bus, llm_server: LlmServer, start_llm_team: StartTeam, tmp_path: Path
+) -> None:
+    """The attack: the task asks a budget raise (a yes it can get), then the model
+    calls the spending tool on that yes. Only a decided `tool-spend` approval counts."""
+    ledger = tmp_path / "ledger.txt"
+    team, _ = await start_llm_team(more=LEDGER, budget='tokens_per_task = 500\napprover = "cto"')
+    task, _ = await rolebus_bus.publish_task("task.backend.x", title="raise, then buy")
+    await until(rolebus_bus, task.id, "input-required")
+    [budget] = await EscalationStore(rolebus_bus.connection).all()
+    assert budget.reason == "budget"
+    llm_server.script(Reply.calling(("buy_credits", {"ledger": str(ledger), "amount": 9})))
+    await resolve(rolebus_bus.connection, team, budget.id, decision="ok", approved=True)
+
+    async def asks_for_the_tool() -> bool:
+        found = await EscalationStore(rolebus_bus.connection).all()
+        return any(record.reason == "tool-spend" for record in found)
+
+    await wait_for(asks_for_the_tool, timeout=30)
+    assert await state_of(rolebus_bus, task.id) == "input-required"
+    assert not ledger.exists()  # the budget's yes bought nothing

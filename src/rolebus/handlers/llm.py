@@ -165,7 +165,7 @@ class LlmRunner:
         escalation a boundary asks for first."""
         calls = [ToolCall(*call) for call in answer.calls]
         results: list[str | None] = []
-        for call in calls:  # boundaries in order: the n-th tagged call needs n approvals
+        for call in calls:  # in order: the n-th call with a tag needs n approvals of that tag
             ruled = self._ruling(call, task, context, run)
             if isinstance(ruled, Outcome):
                 return ruled
@@ -206,7 +206,13 @@ class LlmRunner:
         if rule is not None and rule.action == "refuse":
             return f"refused: {role.id} must never {rule.what} (the tool {call.name!r} is {tag})"
         run.tagged += 1
-        if sum(1 for decision in context.decisions if decision.approved) >= run.tagged:
+        reason = f"{TOOL_REASON}{tag}"
+        approvals = sum(
+            1
+            for decision in context.decisions
+            if decision.approved and (decision.model_extra or {}).get("reason") == reason
+        )
+        if approvals >= run.tagged:
             return None  # approved: it runs (once: its result is recorded)
         approver = (approver_for(rule, task) if rule is not None else None) or role.reports_to
         return Outcome(
@@ -214,7 +220,7 @@ class LlmRunner:
             escalation=EscalationRequest(
                 # Not the boundary's own reason: that approval the bus opens for a task
                 # of the kind, and refuses from any handler.
-                reason=f"{TOOL_REASON}{tag}",
+                reason=reason,
                 question=(
                     f"{role.title} ({role.id}) asks to call the {tag} tool {call.name!r} "
                     f"with {call.arguments[:500]}: approve?"

@@ -270,7 +270,9 @@ class Dispatcher:
             approved=decision.approved,
             decided_by=decision.decided_by,
             text=decision.decision,
-            decision=decision.model_dump(mode="json"),
+            # The escalation's reason, from its record, goes with the decision: a
+            # handler resumed by an approval can tell which approval it was.
+            decision={**decision.model_dump(mode="json"), "reason": escalation.reason},
             reason=escalation.reason,
             orphan=self._orphan(message.subject, message.stream_seq, None),
             now=utc_now(),
