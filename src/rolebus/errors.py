@@ -18,6 +18,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "RetryLaterError",
     "RoleError",
     "RolebusError",
     "ServerError",
@@ -64,11 +65,16 @@ class SubjectError(ConfigError):
 
 
 class CodecError(RolebusError):
-    """Bytes that are not a valid rolebus message (not msgpack, or schema-invalid)."""
+    """Bytes that are not a valid rolebus message. ``kind`` says which:
+    ``undecodable`` (not msgpack, not a map, no message type for its subject) or
+    ``invalid`` (a map that is not a valid message of its type)."""
 
-    def __init__(self, message: str, *, subject: str = "", hint: str = "") -> None:
+    def __init__(
+        self, message: str, *, subject: str = "", hint: str = "", kind: str = "undecodable"
+    ) -> None:
         super().__init__(message, hint=hint)
         self.subject = subject
+        self.kind = kind
 
 
 class NotFoundError(RolebusError):
@@ -123,7 +129,12 @@ class IncompatibleStreamError(TransportError):
     """A stream or bucket exists with a configuration rolebus cannot use."""
 
 
-class StaleClaimError(RolebusError):
+class RetryLaterError(RolebusError):
+    """The bus could not finish a delivery now (a write the server did not take, a
+    newer record); the delivery is given back and comes again."""
+
+
+class StaleClaimError(RetryLaterError):
     """A worker's view of a task is out of date; the delivery is retried."""
 
 

@@ -80,5 +80,5 @@ def test_bench_can_run_on_another_sync_interval_and_profile_the_worker(tmp_path:
         "consume vs FastStream, ack only (what the guarantee costs)",
     }
     # The profile shows the worker's own frames, where a hot path would be found.
-    assert "Dispatcher.handle" in (profile / "consume.txt").read_text()
+    assert "Shell.handle" in (profile / "consume.txt").read_text()
     assert (profile / "consume.html").read_text().startswith("<!DOCTYPE html>")

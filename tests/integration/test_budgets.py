@@ -12,7 +12,7 @@ import pytest
 from rolebus.bus import Bus
 from rolebus.flows.budgets import BudgetLedger, today
 from rolebus.flows.escalation import EscalationStore, resolve
-from rolebus.flows.escalation_records import EscalationRecord
+from rolebus.flows.escalation_record import EscalationRecord
 from rolebus.history.replay import read_events
 from rolebus.nats.server import EmbeddedServer
 from rolebus.team.roles import Team

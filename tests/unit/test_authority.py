@@ -192,9 +192,9 @@ def test_a_spend_above_the_rules_amount_or_without_one_is_a_persons_to_approve(
 
 
 def test_follow_ups_share_what_their_cause_may_still_cause_and_spend() -> None:
+    from rolebus.flows.brakes import BrakeCheck
     from rolebus.flows.record import TaskState
     from rolebus.team.roles import Brakes
-    from rolebus.worker.brakes import BrakeCheck
 
     role = ROLE.model_copy(update={"brakes": Brakes(tasks_per_flow=10, tokens_per_flow=1000)})
     check = BrakeCheck(role)
@@ -216,9 +216,9 @@ def test_follow_ups_share_what_their_cause_may_still_cause_and_spend() -> None:
 
 
 def test_a_flows_dollars_are_shared_out_only_where_a_role_or_a_task_sets_them() -> None:
+    from rolebus.flows.brakes import BrakeCheck
     from rolebus.flows.record import TaskState
     from rolebus.team.roles import Brakes
-    from rolebus.worker.brakes import BrakeCheck
 
     record = TaskState(task_id="root", state="claimed", role="eng-be", subject="task.backend.x")
     root = Task(id="root", kind="build", title="t")

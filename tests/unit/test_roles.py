@@ -231,8 +231,8 @@ def test_a_then_route_must_name_a_task_subject_of_a_domain_the_team_has(tmp_path
 def test_then_routes_follow_completed_work_not_decisions_nor_what_the_model_asked_already(
     tmp_path: Path,
 ) -> None:
+    from rolebus.flows.routes import with_routes
     from rolebus.wire.messages import FollowUp, Outcome, Task
-    from rolebus.worker.answers import with_routes
 
     write_role(
         tmp_path,

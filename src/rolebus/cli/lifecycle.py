@@ -13,8 +13,7 @@ from rich.table import Table
 
 from rolebus.cli.app import JsonOption, app, out, print_json
 from rolebus.errors import ConfigError
-from rolebus.flows.inputs import INPUTS
-from rolebus.flows.lifecycle import STAGES, TABLE
+from rolebus.flows.lifecycle import STAGES, rows
 from rolebus.web.lifecyclesvg import render_lifecycle
 
 
@@ -46,22 +45,21 @@ def lifecycle(
             svg.write_text(picture)
             out.print(f"wrote {svg}")
         return
-    rows = [
+    listed = [
         {
             "stage": row_stage,
             "input": kind.__name__,
-            "leads_to": list(TABLE[(row_stage, kind)].leads_to),
-            "does": TABLE[(row_stage, kind)].does,
+            "leads_to": [str(target) for target in rule.leads_to],
+            "does": rule.does,
         }
-        for row_stage in STAGES
+        for row_stage, kind, rule in rows()
         if stage in (None, row_stage)
-        for kind in INPUTS
     ]
     if as_json:
-        print_json(rows)
+        print_json(listed)
         return
     table = Table("stage", "input", "leads to", "what happens", title="the task lifecycle")
-    for row in rows:
+    for row in listed:
         leads = ", ".join(row["leads_to"]) or "(stays)"
         table.add_row(str(row["stage"]), str(row["input"]), leads, str(row["does"]))
     out.print(table)

@@ -1,5 +1,10 @@
 """What the worker does when the lifecycle decides: the actions of a
-:class:`Transition`, as data (see :mod:`rolebus.flows.lifecycle`)."""
+:class:`Transition`, as data (see :mod:`rolebus.flows.lifecycle`).
+
+Each action carries everything its carrying out needs (whether its writes may share
+an atomic batch, whether it is a repeat), so the shell that does them never reads
+the name of the rule that made them.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,13 @@ __all__ = [
     "Action",
     "AskBoundary",
     "DeadLetter",
+    "GiveBack",
     "GrantBudget",
     "Ignore",
     "KeepLastTry",
     "Message",
     "Nak",
     "Publish",
-    "Restart",
     "Run",
     "Transition",
 ]
@@ -43,7 +48,13 @@ class AskBoundary:
 
 @dataclass(frozen=True)
 class Publish:
-    """Publish the record's outbox (the same Msg-Ids every time: de-duplicated)."""
+    """Publish the record's outbox (the same Msg-Ids every time: de-duplicated).
+    ``again``: a delivery of work done before (counted as such); ``shares_batch``:
+    the messages may share an atomic batch when the worker has a backlog (a first
+    end's messages are new ids; one stored already would refuse a whole batch)."""
+
+    again: bool = False
+    shares_batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,7 @@ class DeadLetter:
 @dataclass(frozen=True)
 class KeepLastTry:
     """Before the last attempt the server allows, keep a copy of the message where
-    the worker that buries it can read it (see the worker's max-deliveries path)."""
+    the worker that buries it can read it (see :mod:`rolebus.flows.last_try`)."""
 
     task_id: str
 
@@ -90,10 +101,10 @@ class Ignore:
 
 
 @dataclass(frozen=True)
-class Restart:
-    """This attempt's answer was built on a record that is no longer the newest in a
-    way that matters (its messages were numbered without a newer record's): drop it
-    and let the delivery come again, to read first."""
+class GiveBack:
+    """This delivery cannot be finished now: a newer record this attempt did not
+    read, or a write the server could not take. Give it back (the role's retry
+    delay), to be read afresh when it comes again; ``why`` names the reason."""
 
     why: str
 
@@ -108,18 +119,21 @@ Action = (
     | KeepLastTry
     | GrantBudget
     | Ignore
-    | Restart
+    | GiveBack
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Transition:
     """What one input does to a task: the record after it (None: still none), whether
     to append it, and the actions around that write: ``before`` it (a dead letter
-    exists before the record says dead) and ``after`` it."""
+    exists before the record says dead) and ``after`` it. ``rule`` names the
+    outcome of the rule that decided (the transition coverage counts them)."""
 
     record: TaskState | None
     write: bool = False
+    #: The append may share an atomic batch (a saturated worker's): set for ends.
+    shares_batch: bool = False
     before: tuple[Action, ...] = ()
     after: tuple[Action, ...] = ()
     rule: str = ""

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rolebus.errors import RolebusError
-from rolebus.flows.escalation_records import EscalationRecord
+from rolebus.flows.escalation_record import EscalationRecord
 from rolebus.nats.connection import Connection
 from rolebus.team.budget import (
     BUDGET_REASON,

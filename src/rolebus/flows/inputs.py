@@ -28,6 +28,8 @@ __all__ = [
     "HandedOver",
     "Input",
     "Invalid",
+    "OutboxStored",
+    "OutboxStuck",
     "Refused",
     "Stale",
 ]
@@ -176,6 +178,23 @@ class Stale:
     why: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class OutboxStuck:
+    """The record's outbox could not all be stored (a full stream, the server away):
+    the record must say so (the task is done, its follow-ups wait) before the
+    delivery comes again."""
+
+    error: str
+    now: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxStored:
+    """An outbox the record said was stuck is stored now."""
+
+    now: datetime
+
+
 Input = (
     Delivered
     | Decided
@@ -189,6 +208,8 @@ Input = (
     | Invalid
     | GaveUp
     | Stale
+    | OutboxStuck
+    | OutboxStored
 )
 #: Every kind of input, in the order the table lists them.
 INPUTS: Final = (
@@ -204,4 +225,6 @@ INPUTS: Final = (
     Invalid,
     GaveUp,
     Stale,
+    OutboxStuck,
+    OutboxStored,
 )

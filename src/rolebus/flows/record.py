@@ -7,7 +7,9 @@ stream (see :mod:`rolebus.flows.state` for how records are appended, and
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +21,8 @@ __all__ = [
     "STATES",
     "TERMINAL_STATES",
     "WAITING",
+    "Record",
+    "State",
     "TaskState",
     "event_detail",
     "record_map",
@@ -26,16 +30,38 @@ __all__ = [
     "state_of",
 ]
 
+
+class State(StrEnum):
+    """Every stage of a task's life: what its newest record says (``NEW``: it has
+    none yet under this role). The one spelling every reader imports."""
+
+    NEW = "new"
+    #: Running: its handler has it (never stored alone: a claim is held in memory).
+    CLAIMED = "claimed"
+    RETRYING = "retrying"
+    #: ``rolebus dlq redrive`` put it back.
+    REDRIVEN = "redriven"
+    #: Parked until a decision arrives: only that decision may run the task again.
+    PARKED = "input-required"
+    #: A decision arrived and its task runs again: only that decision's delivery may run it.
+    RESUMED = "resumed"
+    COMPLETED = "completed"
+    HANDED_OFF = "handed-off"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+
 #: States after which a task never runs again (unless redriven).
-TERMINAL_STATES = frozenset({"completed", "dead", "rejected", "handed-off", "cancelled"})
-#: Parked until a decision arrives: only that decision may run the task again.
-PARKED = "input-required"
-#: A decision arrived and its task runs again: only that decision's delivery may run it.
-RESUMED = "resumed"
+TERMINAL_STATES: Final = frozenset(
+    {State.COMPLETED, State.DEAD, State.REJECTED, State.HANDED_OFF, State.CANCELLED}
+)
+PARKED: Final = State.PARKED
+RESUMED: Final = State.RESUMED
 #: The states in which a task waits for one escalation's decision.
-WAITING = frozenset({PARKED, RESUMED})
+WAITING: Final = frozenset({State.PARKED, State.RESUMED})
 #: Every state a task record can be in.
-STATES = frozenset({"claimed", "retrying", PARKED, RESUMED, "redriven", *TERMINAL_STATES})
+STATES: Final = frozenset(set(State) - {State.NEW})
 
 
 class TaskState(BaseModel):
@@ -44,6 +70,8 @@ class TaskState(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     task_id: str
+    #: A :class:`State` (kept a string: a record from a newer rolebus may name a
+    #: state this one does not know, and is still read).
     state: str
     role: str
     subject: str
@@ -206,3 +234,12 @@ def state_of(event: Event, subject: str | None = None) -> TaskState | None:
             "detail": detail,
         }
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A task's newest record as it was read (None: it has none yet under this role)
+    and its sequence in the history stream: the compare-and-set's revision (0: none)."""
+
+    state: TaskState | None
+    revision: int = 0

@@ -28,7 +28,9 @@ __all__ = [
     "NeedsLiveError",
     "ProgressSink",
     "RateGate",
+    "close_handler",
     "outcome_from_json",
+    "start_handler",
 ]
 
 
@@ -130,7 +132,26 @@ class HandlerContext:
 
 
 class Handler(Protocol):
+    """A handler. It may also have ``async def start(self)`` (the worker calls it
+    before the first delivery) and ``async def aclose(self)`` (when it stops):
+    a command handler reaps the runs a killed worker left, an LLM handler closes its
+    HTTP pool."""
+
     async def __call__(self, task: Task, context: HandlerContext) -> Outcome: ...
+
+
+async def start_handler(handler: Handler) -> None:
+    """Call the handler's ``start()``, if it has one."""
+    start = getattr(handler, "start", None)
+    if start is not None:
+        await start()
+
+
+async def close_handler(handler: Handler) -> None:
+    """Call the handler's ``aclose()``, if it has one."""
+    close = getattr(handler, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def outcome_from_json(value: Any, *, source: str) -> Outcome:

@@ -42,6 +42,11 @@ class CommandRunner:
         """Kill the runs that workers now dead left behind (at worker start)."""
         return self.runs.reap_orphans() if self.runs is not None else 0
 
+    async def start(self) -> None:
+        """Before the first delivery: the commands a killed worker of this role left
+        behind on this machine are stopped."""
+        await asyncio.to_thread(self.reap_orphans)
+
     async def __call__(self, task: Task, context: HandlerContext) -> Outcome:
         running = self._running.get(task.id)
         if running is not None:

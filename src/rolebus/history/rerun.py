@@ -14,7 +14,8 @@ from typing import Any
 from rolebus.errors import CodecError, RolebusError
 from rolebus.flows.calls import CallStore
 from rolebus.flows.contracts import ContractRegistry
-from rolebus.flows.escalation import EscalationStore, escalation_item
+from rolebus.flows.escalation import EscalationStore
+from rolebus.flows.escalation_rules import escalation_item
 from rolebus.flows.handoffs import review_item
 from rolebus.flows.record import TaskState
 from rolebus.handlers.base import CallLog, Handler, HandlerContext, NeedsLiveError

@@ -14,27 +14,28 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping
 
-from rolebus.flows.lifecycle import STAGES, TABLE, Rule
+from rolebus.flows.lifecycle import STAGES, TABLE, Rows
+from rolebus.flows.record import TERMINAL_STATES, State
 
 __all__ = ["lifecycle_boxes", "lifecycle_edges", "render_lifecycle"]
 
 _H = 36  # a stage's box
 #: Where each box stands (by its first stage): a task arrives, runs, waits, ends.
 _AT: Mapping[str, tuple[int, int]] = {
-    "new": (80, 250),
-    "claimed": (320, 250),
-    "retrying": (320, 110),
-    "redriven": (320, 390),
-    "input-required": (600, 410),
-    "resumed": (600, 110),
-    "completed": (870, 50),
-    "handed-off": (870, 140),
-    "rejected": (870, 230),
-    "cancelled": (870, 320),
-    "dead": (870, 430),
+    State.NEW: (80, 250),
+    State.CLAIMED: (320, 250),
+    State.RETRYING: (320, 110),
+    State.REDRIVEN: (320, 390),
+    State.PARKED: (600, 410),
+    State.RESUMED: (600, 110),
+    State.COMPLETED: (870, 50),
+    State.HANDED_OFF: (870, 140),
+    State.REJECTED: (870, 230),
+    State.CANCELLED: (870, 320),
+    State.DEAD: (870, 430),
 }
-_TERMINAL = {"completed", "handed-off", "rejected", "cancelled", "dead"}
-_COLOURS = {"dead": "#e03131", "input-required": "#f59f00", "resumed": "#2f9e44"}
+_TERMINAL = TERMINAL_STATES
+_COLOURS: dict[str, str] = {State.DEAD: "#e03131", State.PARKED: "#f59f00", State.RESUMED: "#2f9e44"}
 _STYLE = (
     ".stage rect{fill:#fff;stroke-width:2}.stage.end rect{stroke-width:3}"
     ".stage text{font:600 12px system-ui,sans-serif;text-anchor:middle}"
@@ -44,7 +45,7 @@ _STYLE = (
     ".caption{font:11px system-ui,sans-serif;fill:#495057}"
 )
 
-Table = Mapping[tuple[str, type], Rule]
+Table = Mapping[State, Rows]
 
 
 def _e(value: object) -> str:
@@ -54,10 +55,10 @@ def _e(value: object) -> str:
 def lifecycle_boxes(table: Table = TABLE) -> list[tuple[str, ...]]:
     """The boxes: unfinished stages whose every row is the same rule are one box
     (they behave alike, whatever the input); each end is a box of its own."""
-    kinds = sorted({kind for _, kind in table}, key=lambda kind: kind.__name__)
+    kinds = sorted({kind for rows in table.values() for kind in rows}, key=lambda k: k.__name__)
     boxes: dict[object, list[str]] = {}
     for stage in STAGES:
-        key: object = stage if stage in _TERMINAL else tuple(table[(stage, k)] for k in kinds)
+        key: object = stage if stage in _TERMINAL else tuple(table[stage][k] for k in kinds)
         boxes.setdefault(key, []).append(stage)
     return [tuple(stages) for stages in boxes.values()]
 
@@ -65,10 +66,11 @@ def lifecycle_boxes(table: Table = TABLE) -> list[tuple[str, ...]]:
 def lifecycle_edges(table: Table = TABLE) -> dict[tuple[str, str], list[str]]:
     """(from stage, to stage) -> the inputs that lead along it, in table order."""
     edges: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for (stage, kind), rule in table.items():
-        for target in rule.leads_to:
-            if target != stage and kind.__name__ not in edges[(stage, target)]:
-                edges[(stage, target)].append(kind.__name__)
+    for stage, rows in table.items():
+        for kind, rule in rows.items():
+            for target in rule.leads_to:
+                if target != stage and kind.__name__ not in edges[(stage, target)]:
+                    edges[(stage, target)].append(kind.__name__)
     return dict(edges)
 
 

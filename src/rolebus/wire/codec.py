@@ -145,6 +145,7 @@ def decode_as(
             f"message on {subject!r} is not a valid {model.__name__}: {problems}",
             subject=subject,
             hint=f"see the {model.__name__} fields in subjects.md",
+            kind="invalid",
         ) from error
 
 

@@ -1,54 +1,65 @@
-"""Carrying out what the lifecycle decided: the one place a task's record is appended,
-its outbox published, its delivery acked or naked and its message dead-lettered.
+"""Carrying out what was decided: the one place a task's record is appended, its
+outbox published, its delivery acked or naked, its message dead-lettered, and the
+writes a decision asked for first (escalations, contract versions) are made.
 
-No rule lives here (they are :mod:`rolebus.flows.lifecycle`'s): a lost
-compare-and-set is answered by reading the record again and stepping again with the
-same input, so what a newer record means is decided by the table too.
+No rule lives here (they are :mod:`rolebus.flows`'): a lost compare-and-set is
+answered by reading the record again and stepping again with the same input, so
+what a newer record means is decided by the table too. An action that cannot be
+finished gives the delivery back (:class:`~rolebus.errors.RetryLaterError`).
 """
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rolebus.errors import RolebusError, StaleClaimError
-from rolebus.flows import dlq
+from rolebus.errors import RetryLaterError, RolebusError, StaleClaimError
+from rolebus.flows import dlq, last_try
 from rolebus.flows.actions import (
     Ack,
     Action,
     DeadLetter,
+    GiveBack,
+    GrantBudget,
     Ignore,
     KeepLastTry,
     Nak,
     Publish,
-    Restart,
     Transition,
 )
-from rolebus.flows.effects import publish_effects, publish_event
-from rolebus.flows.inputs import Input
+from rolebus.flows.budgets import BudgetLedger
+from rolebus.flows.contracts import ContractRegistry
+from rolebus.flows.effects import publish_effects
+from rolebus.flows.escalation_store import EscalationStore
+from rolebus.flows.inputs import Input, OutboxStored, OutboxStuck
 from rolebus.flows.lifecycle import step
-from rolebus.flows.record import PARKED, TERMINAL_STATES, TaskState
-from rolebus.flows.state import StateStore, StoredState
+from rolebus.flows.preparations import (
+    ClimbEscalation,
+    DecideEscalation,
+    OpenEscalation,
+    Preparation,
+    PublishContract,
+)
+from rolebus.flows.record import Record, State
+from rolebus.flows.state import StateStore
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.team.roles import RoleSpec
 from rolebus.wire.headers import Header
-from rolebus.wire.messages import Event
-from rolebus.wire.subjects import WORK_STREAM, last_try_subject
+from rolebus.wire.messages import utc_now
+from rolebus.wire.subjects import WORK_STREAM
 
-__all__ = ["Delivery", "DispatchStats", "Executor", "Record"]
+__all__ = ["Delivery", "DispatchStats", "Executor"]
 
 #: What is being settled: a delivery (acked or naked when done), or a stored message
 #: the server gave up on (nothing to ack).
 Delivery = InboundMessage | StoredMessage
 
 #: What a written record is logged as, where it is not ``task <state>``.
-_EVENTS = {"retrying": "task failed; will retry", PARKED: "task escalated"}
-#: The rules after which a record's outbox may share an atomic batch (a first run's
-#: messages are new ids; one stored already would refuse a whole batch).
-_BATCHED_RULES = frozenset({"end", "cancel", "reject"})
+_EVENTS: dict[str, str] = {
+    State.RETRYING: "task failed; will retry",
+    State.PARKED: "task escalated",
+}
 
 
 @dataclass
@@ -61,28 +72,29 @@ class DispatchStats:
     by_state: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class Record:
-    """The task's newest record as this delivery knows it (None: none yet) and the
-    compare-and-set's revision (0: none)."""
+@dataclass(frozen=True)
+class Stores:
+    """The stores a role's worker writes."""
 
-    state: TaskState | None
-    revision: int = 0
+    states: StateStore
+    escalations: EscalationStore
+    contracts: ContractRegistry
+    budgets: BudgetLedger
 
 
 class Executor:
-    """Does a transition's actions for one role's worker."""
+    """Does the actions and preparations for one role's worker."""
 
     def __init__(
         self,
         connection: Connection,
         role: RoleSpec,
-        states: StateStore,
+        stores: Stores,
         log: Any,  # a structlog logger bound to the role
     ) -> None:
         self.connection = connection
         self.role = role
-        self.states = states
+        self.stores = stores
         self.stats = DispatchStats()
         self.log = log
 
@@ -95,28 +107,25 @@ class Executor:
             delivery.pending >= 2 * self.role.concurrency
         )
 
+    # --- a transition ---------------------------------------------------------------
+
     async def commit(
-        self,
-        delivery: Delivery,
-        record: Record,
-        transition: Transition,
-        given: Input,
-        before: Callable[[Transition, Record], Awaitable[None]],
+        self, delivery: Delivery, record: Record, transition: Transition, given: Input
     ) -> tuple[Record, Transition]:
         """Do the transition's ``before`` actions, then append its record if nothing
         was written since ``record`` was read; when something was, read the newest
         and step again with ``given`` (its own ``before`` actions first: they are
         idempotent, so one the first transition did already changes nothing).
         Returns the record as stored and the transition that was carried out."""
-        if transition.before:
-            await before(transition, record)
-        batch = transition.rule in _BATCHED_RULES and self.has_backlog(delivery)
+        await self._before(transition, delivery, record)
+        batch = transition.shares_batch and self.has_backlog(delivery)
         while transition.write and transition.record is not None:
-            written = await self.states.append(transition.record, record.revision, batch=batch)
+            states = self.stores.states
+            written = await states.append(transition.record, record.revision, batch=batch)
             if written is not None:
                 self._count(transition)
                 return Record(written.state, written.revision), transition
-            fresh = await self.states.get(transition.record.task_id, role=self.role.id)
+            fresh = await states.get(transition.record.task_id, role=self.role.id)
             if (fresh.revision if fresh is not None else 0) == record.revision:
                 raise StaleClaimError(
                     f"the record of task {transition.record.task_id} was refused, yet no "
@@ -125,18 +134,20 @@ class Executor:
                 )
             record = Record(None) if fresh is None else Record(fresh.state, fresh.revision)
             transition = step(record.state, given)
-            if transition.before:
-                await before(transition, record)
+            await self._before(transition, delivery, record)
             batch = False
-        if transition.rule == "again":
-            self.stats.redelivered_done += 1
         return Record(transition.record, record.revision), transition
 
-    async def do(self, action: Action, delivery: Delivery, record: Record) -> None:
-        """One action that needs nothing but the delivery and the record."""
+    async def _before(self, transition: Transition, delivery: Delivery, record: Record) -> None:
+        for action in transition.before:
+            await self.do(action, delivery, record)
+
+    async def do(self, action: Action, delivery: Delivery, record: Record) -> Input | None:
+        """One action; an input when its outcome is one the lifecycle must decide on
+        (an outbox that could not be stored, or that is stored now)."""
         if isinstance(action, Publish):
-            await self._publish(delivery, record)
-        elif isinstance(action, Ack):
+            return await self._publish(action, delivery, record)
+        if isinstance(action, Ack):
             if isinstance(delivery, InboundMessage):
                 await delivery.ack()
         elif isinstance(action, Nak):
@@ -145,38 +156,42 @@ class Executor:
         elif isinstance(action, DeadLetter):
             await self._dead_letter(delivery, action)
         elif isinstance(action, KeepLastTry):
-            await self._keep_last_try(delivery, action.task_id)
+            if isinstance(delivery, InboundMessage):
+                await last_try.keep(self.connection, self.role.id, action.task_id, delivery)
+        elif isinstance(action, GrantBudget):
+            # The record is the one its decision resumes: its task's allowance grows.
+            task_id = record.state.task_id if record.state is not None else ""
+            await self.stores.budgets.approve(
+                self.role, task_id, escalation_id=action.escalation_id
+            )
         elif isinstance(action, Ignore):
             self.log.info("stale message ignored", subject=delivery.subject, why=action.why)
-        elif isinstance(action, Restart):
-            raise StaleClaimError(action.why)
-        else:  # Run, AskBoundary, GrantBudget: the dispatcher's
+        elif isinstance(action, GiveBack):
+            raise RetryLaterError(action.why)
+        else:  # Run, AskBoundary: the shell's
             raise TypeError(f"the executor does not do {action!r}")
+        return None
 
-    async def _publish(self, delivery: Delivery, record: Record) -> None:
+    async def _publish(self, action: Publish, delivery: Delivery, record: Record) -> Input | None:
         """Publish the record's outbox. If it cannot all be stored (a full stream),
-        the record says so before the error goes on (the delivery is retried): a
-        task must not look done while its follow-ups do not exist. Only that case
-        costs a write; the redelivery that stores them clears it."""
+        the lifecycle hears of it (the record must say so before the delivery comes
+        again); only that case costs a write, and the redelivery that stores them
+        clears it."""
+        if action.again:
+            self.stats.redelivered_done += 1
         state = record.state
         if state is None or not state.effects:
-            return
-        stored = StoredState(state, record.revision)
+            return None
         try:
             await publish_effects(
                 self.connection,
                 state.effects,
                 trace=delivery.headers.get(Header.TRACEPARENT),
-                batch=state.state in TERMINAL_STATES and self.has_backlog(delivery),
+                batch=action.shares_batch and self.has_backlog(delivery),
             )
         except RolebusError as error:
-            if state.effects_pending != error.message:
-                detail = {**state.detail, "effects_pending": error.message}
-                await self.states.change(stored, detail=detail)
-            raise
-        if state.effects_pending:
-            # Kept as None, not dropped: the record was counted as completed once.
-            await self.states.change(stored, detail={**state.detail, "effects_pending": None})
+            return OutboxStuck(error=error.message, now=utc_now())
+        return OutboxStored(now=utc_now()) if state.effects_pending else None
 
     async def _dead_letter(self, delivery: Delivery, action: DeadLetter) -> None:
         """The one dead-letter path: the message goes to ``dlq.>`` with the reason
@@ -194,30 +209,39 @@ class Executor:
             attempts=action.attempts,
         )
 
-    async def _keep_last_try(self, delivery: Delivery, task_id: str) -> None:
-        """Before the last attempt the server allows, a note keeps the message: if
-        this attempt dies too, the server's max-deliveries advisory names only its
-        sequence, and a role may not read the work stream by sequence (that would
-        let it read any role's work). The worker that buries it reads this note."""
-        if not isinstance(delivery, InboundMessage):
-            return
-        note = Event(
-            id=f"{task_id}_last-try_{delivery.stream_seq}",
-            state="last-try",
-            task_id=task_id,
-            role=self.role.id,
-            subject=delivery.subject,
-            attempt=delivery.delivered,
-            detail={
-                "stream_seq": delivery.stream_seq,
-                "time_ns": delivery.time_ns,
-                "data": base64.b64encode(delivery.data).decode(),
-                "headers": dict(delivery.headers),
-            },
+    # --- what a decision writes first -----------------------------------------------
+
+    async def prepare(self, preparations: tuple[Preparation, ...], delivery: Delivery) -> bool:
+        """Make the writes, in order; False as soon as one finds another writer came
+        first (read the facts again, and decide again)."""
+        for preparation in preparations:
+            if not await self._prepare(preparation, delivery):
+                return False
+        return True
+
+    async def _prepare(self, preparation: Preparation, delivery: Delivery) -> bool:
+        escalations = self.stores.escalations
+        if isinstance(preparation, OpenEscalation):
+            return await escalations.write_open(preparation.record) is not None
+        if isinstance(preparation, ClimbEscalation):
+            if await escalations.write_step(preparation.stored, preparation.climbed) is None:
+                return False
+            if preparation.publish:
+                trace = delivery.headers.get(Header.TRACEPARENT)
+                await publish_effects(self.connection, list(preparation.publish), trace=trace)
+            return True
+        if isinstance(preparation, DecideEscalation):
+            return await escalations.write_step(preparation.stored, preparation.decided) is not None
+        if isinstance(preparation, PublishContract):
+            return await self.stores.contracts.create(preparation.version)
+        await self.stores.contracts.put_answer(
+            preparation.contract,
+            preparation.version,
+            role=preparation.role,
+            accepted=preparation.accepted,
+            reasons=list(preparation.reasons),
         )
-        subject = last_try_subject(self.role.id, task_id, delivery.stream_seq)
-        trace = delivery.headers.get(Header.TRACEPARENT)
-        await (await publish_event(self.connection, note, trace=trace, subject=subject)).result()
+        return True
 
     def _count(self, transition: Transition) -> None:
         """Counts and one log line per written record (the common case at debug: a
@@ -225,19 +249,19 @@ class Executor:
         state = transition.record
         assert state is not None
         name = state.state
-        if name == "completed":
+        if name == State.COMPLETED:
             self.stats.completed += 1
             self.stats.by_state[name] = self.stats.by_state.get(name, 0) + 1
             self.log.debug("task completed", task_id=state.task_id, attempt=state.attempt)
             return
-        if name in TERMINAL_STATES and name != "dead":
-            self.stats.by_state[name] = self.stats.by_state.get(name, 0) + 1
-        elif name == "retrying":
-            self.stats.failed += 1
-        elif name == PARKED:
-            self.stats.parked += 1
-        elif name == "dead":
+        if name == State.DEAD:
             self.stats.dead += 1
+        elif state.terminal:
+            self.stats.by_state[name] = self.stats.by_state.get(name, 0) + 1
+        elif name == State.RETRYING:
+            self.stats.failed += 1
+        elif name == State.PARKED:
+            self.stats.parked += 1
         self.log.info(
             _EVENTS.get(name, f"task {name}"),
             task_id=state.task_id,

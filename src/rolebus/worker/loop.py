@@ -4,7 +4,7 @@ Guarantees (each has a test):
 
 - Nothing acknowledged is lost: a message is acked only after its effects
   (follow-ups, events, state) are stored; a crash before that redelivers it.
-- Effects happen once: see :mod:`rolebus.worker.dispatch` and :mod:`rolebus.flows.effects`.
+- Effects happen once: see :mod:`rolebus.worker.shell` and :mod:`rolebus.flows.state`.
 - A live handler is not redelivered: in-flight messages heartbeat
   (``in_progress``) every ``ack_wait / 3``.
 - Bounded: at most ``2 x concurrency`` messages are held; ``concurrency`` run.
@@ -14,7 +14,6 @@ Guarantees (each has a test):
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import time
@@ -25,21 +24,18 @@ from typing import Any
 import structlog
 
 from rolebus.bus import Bus
-from rolebus.errors import CodecError, PermissionDeniedError, RolebusError
+from rolebus.errors import PermissionDeniedError, RolebusError
+from rolebus.flows import last_try
 from rolebus.flows.cancels import Cancellations
-from rolebus.flows.state import StateStore
-from rolebus.handlers.base import Handler
-from rolebus.handlers.command import CommandRunner
-from rolebus.handlers.llm import LlmRunner
+from rolebus.handlers.base import Handler, close_handler, start_handler
 from rolebus.handlers.loader import load_handler
 from rolebus.nats.admin import ConsumerSpec
 from rolebus.nats.delivery import InboundMessage, StoredMessage
 from rolebus.nats.puller import Puller
 from rolebus.team.roles import RoleSpec, Team
-from rolebus.wire import codec
-from rolebus.wire.messages import Event, from_nanoseconds
-from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, consumer_name, last_try_subject
-from rolebus.worker.dispatch import Dispatcher, DispatchStats
+from rolebus.wire.subjects import WORK_STREAM, consumer_name
+from rolebus.worker.executor import DispatchStats
+from rolebus.worker.shell import Shell
 from rolebus.worker.slots import Slots
 
 __all__ = ["Worker", "consumer_spec_for"]
@@ -97,7 +93,7 @@ class Worker:
         )
         self.grace = grace
         self.replica = replica
-        self.dispatcher = Dispatcher(
+        self.shell = Shell(
             bus.connection,
             role,
             team,
@@ -105,7 +101,6 @@ class Worker:
             claimed_after=bus.settings.claimed_after,
             calls_age=bus.settings.calls_retention,
         )
-        self.states = StateStore(bus.connection)
         self._connection = bus.connection
         self._consumer = consumer_name(role.id)
         self._slots = Slots(role.id, role.concurrency, self._process)
@@ -123,7 +118,7 @@ class Worker:
 
     @property
     def stats(self) -> DispatchStats:
-        return self.dispatcher.stats
+        return self.shell.stats
 
     @property
     def in_flight(self) -> int:
@@ -136,9 +131,7 @@ class Worker:
         return consumer_spec_for(self.role)
 
     async def start(self) -> None:
-        if isinstance(self.handler, CommandRunner):
-            # Commands a killed worker of this role left behind on this machine.
-            await asyncio.to_thread(self.handler.reap_orphans)
+        await start_handler(self.handler)
         # An admin may have provisioned it (least-privilege users cannot create it).
         if not await self._connection.admin.consumer_matches(self.consumer_spec):
             await self._connection.admin.ensure_consumer(self.consumer_spec)
@@ -156,7 +149,7 @@ class Worker:
         )
         # The requests made while no worker ran are known before the first delivery.
         cancelled, follow_from = await Cancellations(self._connection).load()
-        self.dispatcher.cancelled.update(cancelled)
+        self.shell.attempts.cancelled.update(cancelled)
         self._slots.start()
         self._background = [
             asyncio.create_task(self._heartbeat(), name=f"{self.role.id} heartbeat"),
@@ -177,7 +170,7 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
         await self._slots.cancel()
-        await self.dispatcher.notices.close()
+        await self.shell.attempts.notices.close()
         for task in self._background:
             task.cancel()
         for task in self._background:
@@ -193,8 +186,7 @@ class Worker:
             await _within(self._puller.close(), 5.0)
         if self._advisories is not None:
             await _within(self._advisories.close(), 5.0)
-        if isinstance(self.handler, LlmRunner):
-            await _within(self.handler.aclose(), 5.0)  # an HTTP pool must not hold the stop
+        await _within(close_handler(self.handler), 5.0)  # an HTTP pool must not hold the stop
         with contextlib.suppress(Exception):
             await self._connection.flush()
         self._log.info("worker stopped", completed=self.stats.completed)
@@ -209,7 +201,7 @@ class Worker:
         self._in_flight[message.stream_seq] = (message, time.monotonic())
         self._idle.clear()
         try:
-            await self.dispatcher.handle(message)
+            await self.shell.handle(message)
             self._failures.pop(message.stream_seq, None)
         except asyncio.CancelledError:
             raise
@@ -244,7 +236,7 @@ class Worker:
                 requests = Cancellations(self._connection).follow(from_seq)
                 async with contextlib.aclosing(requests) as followed:
                     async for task_id, reason in followed:
-                        self.dispatcher.cancel_requested(task_id, reason)
+                        self.shell.cancel_requested(task_id, reason)
             except RolebusError as error:  # the server went away: follow again
                 self._log.warning("cannot follow cancel requests; retrying", error=str(error))
                 await asyncio.sleep(1.0)
@@ -263,20 +255,9 @@ class Worker:
         """The message at ``seq`` of the work stream, from the note its last attempt
         left (the lifecycle's KeepLastTry); without one (that attempt died before it
         wrote it), from the stream itself, if this user may read it by sequence."""
-        note = await self._connection.streams.last(
-            EVENTS_STREAM, last_try_subject(self.role.id, "*", seq)
-        )
+        note = await last_try.kept(self._connection, self.role.id, seq)
         if note is not None:
-            with contextlib.suppress(CodecError, KeyError, ValueError, TypeError):
-                detail = codec.decode_as(Event, note.data, subject=note.subject).detail
-                return StoredMessage(
-                    stream=WORK_STREAM,
-                    seq=seq,
-                    subject=str(codec.decode_map(note.data)["subject"]),
-                    time=from_nanoseconds(int(detail["time_ns"])),
-                    headers={str(k): str(v) for k, v in dict(detail["headers"]).items()},
-                    data=base64.b64decode(str(detail["data"])),
-                )
+            return note
         try:
             return await self._connection.streams.get(WORK_STREAM, seq)
         except PermissionDeniedError as error:
@@ -302,7 +283,7 @@ class Worker:
         if original is None:
             return
         last = self._failures.pop(seq, None)
-        await self.dispatcher.gave_up(
+        await self.shell.gave_up(
             original,
             f"no ack after {deliveries} deliveries (max_deliver {self.role.max_deliver})"
             + (f"; the last attempt failed: {last}" if last else ""),

@@ -13,7 +13,8 @@ import structlog
 
 from rolebus.errors import CodecError, RolebusError
 from rolebus.flows.effects import publish_effects
-from rolebus.flows.escalation import EscalationStore, climb
+from rolebus.flows.escalation import climb_fired
+from rolebus.flows.escalation_store import EscalationStore
 from rolebus.nats.admin import ConsumerSpec
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import InboundMessage
@@ -90,12 +91,11 @@ class Supervisor:
             log.error("unreadable timer dropped", subject=message.subject, error=error.message)
             await message.ack()
             return
-        climbed = await climb(self.escalations, self.team, escalation)
-        if climbed is None:
+        effects = await climb_fired(self.escalations, self.team, escalation)
+        if effects is None:
             log.debug("stale timer", escalation_id=escalation.id, level=escalation.level)
             await message.ack()
             return
-        _, effects = climbed
         await publish_effects(self.connection, effects, trace=None)
         await message.ack()
         self.climbed += 1
