@@ -3,6 +3,8 @@ the guarantees, and random input sequences that must keep the invariants."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +43,7 @@ from rolebus.flows.inputs import (
     Refused,
     Stale,
 )
-from rolebus.flows.lifecycle import STAGES, TABLE, rows, rule_for, stage_of, step
+from rolebus.flows.lifecycle import STAGES, TABLE, rows, rule_for, stage_of, step, witness
 from rolebus.flows.record import PARKED, RESUMED, TERMINAL_STATES, TaskState
 from rolebus.team.roles import NeverRule
 
@@ -539,3 +541,104 @@ def test_an_approved_brake_lets_the_task_go_as_far_again() -> None:
     assert transition.record is not None
     assert transition.record.detail["brakes_approved"] == 1
     assert not any(isinstance(action, GrantBudget) for action in transition.before)
+
+
+# --- transition coverage -------------------------------------------------------------------
+#
+# Every step a test in this module takes is recorded as (stage, input, outcome of its rule)
+# (Temporal's sdk-core does the same for its machines). The last test fails when an outcome
+# a row of the table declares is reached by no test, or a test reaches one it does not
+# declare: the table, its rules and the tests cannot drift apart.
+
+REACHED: set[tuple[str, str, str]] = set()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _record_transitions() -> Iterator[None]:
+    witness(lambda stage, kind, outcome: REACHED.add((str(stage), kind.__name__, outcome)))
+    yield
+    witness(None)
+
+
+def records_in(stage: str) -> list[TaskState | None]:
+    """The records a stage can hold: as usual, waiting for a decision, with a stuck
+    outbox, approved, and parked without its input (an old rolebus)."""
+    if stage == "new":
+        return [None]
+    usual = record(stage)
+    assert usual is not None
+    waiting = {"waiting_for": WAITING_FOR, "sent": 1}
+    source = {"subject": "task.backend.build", "message": {"id": TASK}}
+    return [
+        usual,
+        usual.model_copy(update={"detail": {**usual.detail, **waiting}, "source": source}),
+        usual.model_copy(update={"detail": {**usual.detail, **waiting}, "source": None}),
+        usual.model_copy(update={"detail": {**usual.detail, "effects_pending": "stuck"}}),
+        usual.model_copy(update={"detail": {**usual.detail, "approved_by": "cto"}}),
+    ]
+
+
+def variants(kind: type, sent: int) -> list[Input]:
+    """Each way an input of ``kind`` can come: numbered from the record's count or
+    another, for its own escalation or another, approved or refused, the last try."""
+    boundary = NeverRule(what="spend money", kinds=["build"], action="approval", to="cto")
+    numbered: dict[str, Any] = {"now": NOW, "attempt": 1, "numbered_from": sent}
+    if kind is Delivered:
+        return [
+            delivered(),
+            delivered(last_try=True),
+            delivered(boundary=boundary),
+            delivered(cancelled="stop"),
+        ]
+    if kind is Decided:
+        return [
+            decided(),
+            decided("t1-9"),
+            decided(approval=True, approved=False),
+            decided(approval=True, approved=True, reason="budget"),
+            decided(approval=True, approved=True, reason="brake"),
+            decided(cancelled="stop"),
+            decided(last_try=True),
+        ]
+    if kind in (Completed, HandedOver, Refused, Cancelled, Escalated, Breach):
+        right = sample(kind, sent)
+        wrong = dataclasses.replace(right, numbered_from=sent + 5)  # type: ignore[type-var]
+        return [right, wrong]
+    if kind is Failed:
+        return [
+            Failed(error="boom", retryable=True, max_deliver=5, delay=2.0, **numbered),
+            Failed(error="bad", retryable=False, max_deliver=5, delay=2.0, **numbered),
+            Failed(error="boom", retryable=True, max_deliver=1, delay=2.0, **numbered),
+        ]
+    if kind is OutboxStuck:
+        return [OutboxStuck(error="stuck", now=NOW), OutboxStuck(error="full", now=NOW)]
+    return [sample(kind, sent)]
+
+
+@pytest.mark.parametrize(("stage", "kind"), PAIRS)
+def test_every_variant_of_every_input_leads_where_its_row_says(stage: str, kind: type) -> None:
+    rule = rule_for(stage, kind)
+    for before in records_in(stage):
+        for given_input in variants(kind, before.sent if before else 0):
+            transition = step(before, given_input)
+            if transition.rule == "taken":
+                continue
+            assert transition.rule in rule.outcomes, (stage, kind.__name__, transition.rule)
+            if transition.write and transition.record is not None:
+                written = stage_of(transition.record)
+                assert written in rule.leads_to or written == stage, (stage, kind, written)
+
+
+def test_every_outcome_of_every_rule_is_reached_by_a_test(request: pytest.FixtureRequest) -> None:
+    module = request.node.module.__name__
+    ran = [item for item in request.session.items if item.module.__name__ == module]
+    if len(ran) < len(PAIRS) * 2 + 10:
+        pytest.skip("the coverage is counted over the whole module: run it all")
+    declared = {
+        (str(stage), kind.__name__, outcome)
+        for stage, kind, rule in rows()
+        for outcome in rule.outcomes
+    }
+    reached = {entry for entry in REACHED if entry[2] != "taken"}
+    assert sorted(declared - reached) == [], "outcomes no test reaches"
+    assert sorted(reached - declared) == [], "outcomes a row does not declare"

@@ -101,7 +101,7 @@ _DECISION_AGAIN = Rule(
     rules.resume,
     "its decision again (a resumed attempt that failed retries): resumes; another is ignored",
     (_S.RESUMED, _S.REJECTED, _S.CANCELLED, _S.DEAD),
-    ("resume", "reject", "ignore"),
+    ("resume", "reject", "cancel", "ignore", "bury"),
 )
 
 
