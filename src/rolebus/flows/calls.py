@@ -1,7 +1,7 @@
 """Recorded model calls: what an LLM role paid for, kept in JetStream (KV).
 
 Key ``<role>.<task id>.g<generation>.c<number>`` (the handler's key, see
-:func:`rolebus.handlers.llm.call_key`, under the role that made the call): a role
+:func:`rolebus.handlers.recorded.call_key`, under the role that made the call): a role
 may write only its own, so no role can plant a "recorded" answer that another
 role's redelivery would reuse; a task's calls are listed by their key prefix. The
 record holds the request's fingerprint, the messages, the answer, the model, the

@@ -46,6 +46,7 @@ from rolebus.flows.record import State, TaskState
 
 __all__ = ["STAGES", "TABLE", "Rows", "Rule", "rows", "rule_for", "stage_of", "step", "witness"]
 
+
 @dataclass(frozen=True)
 class Rule:
     """One row: what an input does to a task in a stage (``apply`` is one of

@@ -2,9 +2,10 @@
 
 One task is one conversation: the prompt (:mod:`rolebus.handlers.prompt`), the
 model's answer validated as an Outcome, and up to ``max_repairs`` turns that feed a
-validation error back. Every call is recorded (``context.calls``) before its answer
-is used, keyed by task, generation and call number: a redelivery after a crash, a
-redrive or a rerun reuses the recorded answer instead of paying for it again.
+validation error back. Every call is recorded (``context.calls``, see
+:mod:`rolebus.handlers.recorded`) before its answer is used: a redelivery after a
+crash, a redrive or a rerun reuses the recorded answer instead of paying for it
+again. Tool calls are :mod:`rolebus.handlers.tool_turns`'.
 
 Talking to the server (answer modes, retries, streaming, refusals) is
 :mod:`rolebus.handlers.model_server`'s.
@@ -12,7 +13,6 @@ Talking to the server (answer modes, retries, streaming, refusals) is
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -33,21 +33,17 @@ from rolebus.handlers.completion import (
 from rolebus.handlers.model_server import AttemptEndedError, ModelServer, tokens_of
 from rolebus.handlers.pricing import cost_usd
 from rolebus.handlers.prompt import prompt_messages
-from rolebus.handlers.tools import Toolbox, ToolCall, ToolError
-from rolebus.team.authority import TOOL_REASON, approver_for, breach_request, model_refusal
+from rolebus.handlers.recorded import call_key, read_or_make
+from rolebus.handlers.tool_turns import Attempt, tool_turn
+from rolebus.handlers.tools import Toolbox, ToolError
+from rolebus.team.authority import breach_request, model_refusal
 from rolebus.team.handler_specs import LlmHandler
-from rolebus.team.roles import PERSON
-from rolebus.wire.messages import EscalationRequest, Outcome, Task, Usage
+from rolebus.wire.messages import Outcome, Task, Usage
 
-__all__ = ["MODES", "LlmRunner", "call_key"]
+__all__ = ["MODES", "LlmRunner"]
 
 T = TypeVar("T")
 log = structlog.get_logger("rolebus.handlers.llm")
-
-
-def call_key(task_id: str, generation: int, number: int) -> str:
-    """Where call ``number`` of a task's generation is recorded."""
-    return f"{task_id}.g{generation}.c{number}"
 
 
 @dataclass(frozen=True)
@@ -56,20 +52,6 @@ class _Answer:
     usage: Usage
     #: The role-tool calls it asked for: (id, name, arguments).
     calls: list[tuple[str, str, str]] = field(default_factory=list)
-
-
-@dataclass
-class _Run:
-    """One attempt's running figures."""
-
-    usage: Usage
-    toolbox: Toolbox
-    number: int = 0  # model calls so far (each is recorded under its number)
-    tagged: int = 0  # calls to boundary-tagged tools so far
-
-
-async def _done(text: str) -> str:
-    return text
 
 
 class LlmRunner:
@@ -94,7 +76,7 @@ class LlmRunner:
         base: list[dict[str, Any]] = list(prompt_messages(task, context))
         # The key is read now, at call time, and goes only into the request header.
         key = os.environ.get(self.spec.api_key_env) or ""
-        run = _Run(Usage(model=self.spec.llm), self._toolbox(context))
+        run = Attempt(Usage(model=self.spec.llm), self._toolbox(context))
         try:
             tools = await run.toolbox.definitions() if run.toolbox else None
         except ToolError as error:
@@ -116,7 +98,7 @@ class LlmRunner:
                             "times (handler.max_tool_steps)",
                             retryable=False,
                         ).model_copy(update={"usage": run.usage})
-                    turn = await self._tool_turn(answer, task, context, run)
+                    turn = await tool_turn(answer.calls, answer.text, task, context, run)
                     if isinstance(turn, Outcome):  # a boundary: the task asks first
                         return turn.model_copy(update={"usage": run.usage})
                     conversation = messages = [*messages, *turn]
@@ -156,124 +138,6 @@ class LlmRunner:
             toolbox = self._toolboxes[context.role.id] = Toolbox(context.role)
         return toolbox
 
-    # --- tools ---------------------------------------------------------------------
-
-    async def _tool_turn(
-        self, answer: _Answer, task: Task, context: HandlerContext, run: _Run
-    ) -> list[dict[str, Any]] | Outcome:
-        """The tool messages answering the model's calls (run in parallel), or the
-        escalation a boundary asks for first."""
-        calls = [ToolCall(*call) for call in answer.calls]
-        results: list[str | None] = []
-        for call in calls:  # in order: the n-th call with a tag needs n approvals of that tag
-            ruled = self._ruling(call, task, context, run)
-            if isinstance(ruled, Outcome):
-                return ruled
-            results.append(ruled)
-        texts = await asyncio.gather(
-            *(
-                self._tool(call, task, context, run) if ruled is None else _done(ruled)
-                for call, ruled in zip(calls, results, strict=True)
-            )
-        )
-        return [
-            {
-                "role": "assistant",
-                "content": answer.text or None,
-                "tool_calls": [call.as_message() for call in calls],
-            },
-            *(
-                {"role": "tool", "tool_call_id": call.id, "content": text}
-                for call, text in zip(calls, texts, strict=True)
-            ),
-        ]
-
-    def _ruling(
-        self, call: ToolCall, task: Task, context: HandlerContext, run: _Run
-    ) -> str | Outcome | None:
-        """What the role's card says of this call: None (it runs), a refusal the
-        model reads, or an approval to ask for first."""
-        role = context.role
-        if not run.toolbox.allowed(call.name):
-            return (
-                f"refused: the tool {call.name!r} is not allowed for role {role.id} "
-                f"(its tools: {', '.join(run.toolbox.names)})"
-            )
-        tag = run.toolbox.boundary(call.name)
-        if tag is None:
-            return None
-        rule = next((rule for rule in role.never if tag in rule.kinds), None)
-        if rule is not None and rule.action == "refuse":
-            return f"refused: {role.id} must never {rule.what} (the tool {call.name!r} is {tag})"
-        run.tagged += 1
-        reason = f"{TOOL_REASON}{tag}"
-        approvals = sum(
-            1
-            for decision in context.decisions
-            if decision.approved and (decision.model_extra or {}).get("reason") == reason
-        )
-        if approvals >= run.tagged:
-            return None  # approved: it runs (once: its result is recorded)
-        approver = (approver_for(rule, task) if rule is not None else None) or role.reports_to
-        return Outcome(
-            status="escalate",
-            escalation=EscalationRequest(
-                # Not the boundary's own reason: that approval the bus opens for a task
-                # of the kind, and refuses from any handler.
-                reason=reason,
-                question=(
-                    f"{role.title} ({role.id}) asks to call the {tag} tool {call.name!r} "
-                    f"with {call.arguments[:500]}: approve?"
-                ),
-                to=approver or PERSON,
-                approval=True,
-            ),
-        )
-
-    async def _tool(self, call: ToolCall, task: Task, context: HandlerContext, run: _Run) -> str:
-        """Run one call, or read its recorded result: a tool that is not idempotent
-        runs once a task, whatever the deliveries, and never in a rerun."""
-        try:
-            arguments = json.loads(call.arguments or "{}")
-        except ValueError:
-            arguments = None
-        if not isinstance(arguments, dict):
-            return "invalid arguments: a JSON object is needed"
-        digest = hashlib.sha256(f"{call.name}\n{call.arguments}".encode()).hexdigest()[:32]
-        record_key = f"{task.id}.g{context.generation}.t{digest}"
-        once = not run.toolbox.idempotent(call.name)
-        if once and context.calls is not None:
-            recorded = await context.calls.get(record_key)
-            if recorded is not None and recorded.get("tool") == call.name:
-                return str(recorded.get("answer", ""))
-        if once and context.extra.get("rerun"):
-            return f"the tool {call.name!r} is not run in a rerun, and no result was recorded"
-        await context.progress(f"tool {call.name}", step=run.number)
-        started = time.monotonic()
-        try:
-            text, failed = await run.toolbox.call(call.name, arguments)
-        except ToolError as error:
-            text, failed = f"the tool cannot be reached: {error.message}", True
-        if context.calls is not None:
-            # Stored before the result is used: what happens next may crash. (An
-            # idempotent tool's is kept too, to be seen, and never reused.)
-            await context.calls.put(
-                record_key,
-                {
-                    "task_id": task.id,
-                    "generation": context.generation,
-                    "number": run.number,  # the model call that asked for it
-                    "tool": call.name,
-                    "model": f"tool {call.name}",
-                    "mode": "tool call",
-                    "messages": [{"role": "arguments", "content": call.arguments}],
-                    "answer": text,
-                    "error": failed,
-                    "latency_ms": round((time.monotonic() - started) * 1000, 1),
-                },
-            )
-        return text
-
     # --- one call, recorded --------------------------------------------------------
 
     async def _answer(
@@ -285,21 +149,47 @@ class LlmRunner:
         key: str,
         tools: list[dict[str, Any]] | None = None,
     ) -> _Answer:
-        record_key = call_key(task.id, context.generation, number)
+        """Model call ``number``: from its record when the request is the same,
+        else asked (and recorded before its answer is used)."""
         fingerprint = self._fingerprint(messages, tools)
-        if context.calls is not None:
-            recorded = await context.calls.get(record_key)
-            if recorded is not None and recorded.get("fingerprint") == fingerprint:
-                usage = Usage.model_validate(
-                    {**recorded["usage"], "latency_ms": recorded.get("latency_ms", 0.0)}
-                )
-                return _Answer(
-                    str(recorded["answer"]),
-                    usage.model_copy(update={"calls": 0, "reused_calls": 1}),
-                    [tuple(call) for call in recorded.get("tool_calls", [])],
-                )
-            if context.extra.get("recorded_only"):
-                raise NeedsLiveError(number)
+
+        def reuse(recorded: dict[str, Any]) -> _Answer | None:
+            if recorded.get("fingerprint") != fingerprint:
+                return None
+            usage = Usage.model_validate(
+                {**recorded["usage"], "latency_ms": recorded.get("latency_ms", 0.0)}
+            )
+            return _Answer(
+                str(recorded["answer"]),
+                usage.model_copy(update={"calls": 0, "reused_calls": 1}),
+                [tuple(call) for call in recorded.get("tool_calls", [])],
+            )
+
+        def unmade() -> _Answer:
+            raise NeedsLiveError(number)
+
+        return await read_or_make(
+            context.calls,
+            call_key(task.id, context.generation, f"c{number}"),
+            make=lambda: self._ask(messages, task, context, number, key, tools, fingerprint),
+            reuse=reuse,
+            unmade=unmade
+            if context.calls is not None and context.extra.get("recorded_only")
+            else None,
+        )
+
+    async def _ask(
+        self,
+        messages: list[dict[str, Any]],
+        task: Task,
+        context: HandlerContext,
+        number: int,
+        key: str,
+        tools: list[dict[str, Any]] | None,
+        fingerprint: str,
+    ) -> tuple[_Answer, dict[str, Any]]:
+        """Ask the model server (within the budget and the rate limit); the answer
+        and its record."""
         reserved = await self._reserve(messages, context)
         started = time.monotonic()
         try:
@@ -348,26 +238,21 @@ class LlmRunner:
         )
         if reserved is not None and context.budget is not None:
             await context.budget.settle(reserved, (usage.tokens, usage.cost_usd or 0.0))
-        if context.calls is not None:
-            # Stored before the answer is acted on: what happens next may crash.
-            await context.calls.put(
-                record_key,
-                {
-                    "task_id": task.id,
-                    "generation": context.generation,
-                    "number": number,
-                    "fingerprint": fingerprint,
-                    "model": self.spec.llm,
-                    "base_url": self.base_url,
-                    "mode": mode,
-                    "messages": messages,
-                    "answer": text,
-                    "usage": usage.model_dump(mode="json", exclude_defaults=True),
-                    "latency_ms": round(latency * 1000, 1),
-                    **({"tool_calls": [list(call) for call in calls]} if calls else {}),
-                },
-            )
-        return _Answer(text, usage, calls)
+        record = {
+            "task_id": task.id,
+            "generation": context.generation,
+            "number": number,
+            "fingerprint": fingerprint,
+            "model": self.spec.llm,
+            "base_url": self.base_url,
+            "mode": mode,
+            "messages": messages,
+            "answer": text,
+            "usage": usage.model_dump(mode="json", exclude_defaults=True),
+            "latency_ms": round(latency * 1000, 1),
+            **({"tool_calls": [list(call) for call in calls]} if calls else {}),
+        }
+        return _Answer(text, usage, calls), record
 
     async def _reserve(
         self, messages: list[dict[str, Any]], context: HandlerContext

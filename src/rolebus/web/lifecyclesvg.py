@@ -35,7 +35,11 @@ _AT: Mapping[str, tuple[int, int]] = {
     State.DEAD: (870, 430),
 }
 _TERMINAL = TERMINAL_STATES
-_COLOURS: dict[str, str] = {State.DEAD: "#e03131", State.PARKED: "#f59f00", State.RESUMED: "#2f9e44"}
+_COLOURS: dict[str, str] = {
+    State.DEAD: "#e03131",
+    State.PARKED: "#f59f00",
+    State.RESUMED: "#2f9e44",
+}
 _STYLE = (
     ".stage rect{fill:#fff;stroke-width:2}.stage.end rect{stroke-width:3}"
     ".stage text{font:600 12px system-ui,sans-serif;text-anchor:middle}"
