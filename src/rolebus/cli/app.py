@@ -38,8 +38,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-roles_app = typer.Typer(help="The team: list the roles, or check the role files.")
-app.add_typer(roles_app, name="roles")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

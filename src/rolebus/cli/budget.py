@@ -11,7 +11,6 @@ from rolebus.bus import Bus
 from rolebus.cli.app import (
     JsonOption,
     RolesOption,
-    app,
     out,
     print_json,
     run,
@@ -45,7 +44,6 @@ async def _row(ledger: BudgetLedger, role: RoleSpec) -> dict[str, Any]:
     }
 
 
-@app.command("budget")
 def budget_command(
     words: Annotated[
         list[str] | None,

@@ -10,28 +10,46 @@ what just happened. Each run is a new flow; the history keeps them all.
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
 from rolebus.bus import Bus
-from rolebus.cli.app import keep_whole
+from rolebus.cli.app import (
+    RolesOption,
+    embedded_server_if_needed,
+    err,
+    keep_whole,
+    out,
+    run,
+    settings_for,
+    team_for,
+)
 from rolebus.config import Settings
-from rolebus.errors import CodecError, RolebusError
+from rolebus.errors import CodecError, ConfigError, RolebusError
 from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
 from rolebus.flows.record import TaskState
-from rolebus.history.replay import flow_states
+from rolebus.history.replay import (
+    flow_states,
+)
 from rolebus.nats.delivery import StoredMessage, Subscription
-from rolebus.team.roles import RoleSpec, Team
+from rolebus.team.roles import RoleSpec, Team, with_model
 from rolebus.wire import codec
 from rolebus.wire.messages import Decision, Escalation, Event, Handoff, Task
-from rolebus.wire.subjects import WORK_STREAM, consumer_name, sender_of
+from rolebus.wire.subjects import (
+    WORK_STREAM,
+    consumer_name,
+    sender_of,
+)
 from rolebus.worker.runner import Crew, start_workers
 
 __all__ = ["DemoResult", "play"]
@@ -260,3 +278,82 @@ async def print_summary(console: Console, bus: Bus, result: DemoResult) -> None:
         "  rolebus escalations --all; rolebus contracts diff orders-api 1.0.0 1.1.0",
         highlight=False,
     )
+
+
+def demo(
+    roles: RolesOption = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(help="Give up after this many seconds (default 90, with --llm 900)."),
+    ] = None,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm",
+            help="Play it with LLM roles (examples/llm-team/roles unless --roles) against "
+            "the OpenAI-compatible server at OPENAI_BASE_URL.",
+        ),
+    ] = False,
+    model: Annotated[
+        str | None, typer.Option(help="With --llm: the model every LLM role uses.")
+    ] = None,
+) -> None:
+    """Play one feature through the whole team, live.
+
+    Starts the embedded server unless NATS_URL is set (or `rolebus server` runs),
+    brings up the six roles, prints every message as it flows, then a summary and
+    the commands to replay it. No network, no model: the agents are scripted. With
+    `--llm` the roles think: set OPENAI_BASE_URL (and OPENAI_API_KEY) first.
+    """
+    if llm:
+        if not os.environ.get("OPENAI_BASE_URL"):
+            raise ConfigError(
+                "rolebus demo --llm needs OPENAI_BASE_URL: the OpenAI-compatible server "
+                "the roles' model runs on",
+                hint="for Ollama: export OPENAI_BASE_URL=http://localhost:11434/v1 "
+                "OPENAI_API_KEY=ollama (and `ollama pull llama3.2`); for another server, "
+                "its /v1 URL, its key in OPENAI_API_KEY, and --model NAME",
+            )
+        if roles is None:
+            roles = Path("examples/llm-team/roles")
+            if not roles.is_dir():
+                raise ConfigError(
+                    "no examples/llm-team/roles here",
+                    hint="run it from the rolebus checkout, or give --roles DIR",
+                )
+    settings = settings_for(roles)
+    team = team_for(settings)
+    if model is not None:
+        team = with_model(team, model)
+    with embedded_server_if_needed(settings) as live:
+        thinking = " (LLM roles)" if llm else ""
+        out.print(
+            f"[bold]rolebus demo[/]{thinking}: {len(team)} roles, one feature, "
+            "every message shown\n"
+        )
+        result = run(
+            play(
+                live,
+                team,
+                console=out,
+                timeout=timeout or (900.0 if llm else 90.0),
+                parked_is_quiet=llm,
+            )
+        )
+    if live.nats_url != settings.nats_url:
+        # The demo's own server stopped with it; its store (the history) is kept.
+        out.print(
+            "  (these need a server: run `rolebus server` in another terminal first; the "
+            f"demo's history is kept in {settings.home})",
+            highlight=False,
+        )
+    dead = [state for state in result.states if state.state == "dead"]
+    if dead:
+        # A flow that did not finish is not a demo that worked: say what died, and fail.
+        err.print(
+            f"[bold red]the flow did not finish:[/] {len(dead)} task(s) dead", highlight=False
+        )
+        for state in dead:
+            err.print(f"  {state.task_id} ({state.role}): {state.error}", highlight=False)
+        err.print("  hint: `rolebus dlq list` shows them; `rolebus dlq redrive ID` tries again")
+        raise typer.Exit(1)

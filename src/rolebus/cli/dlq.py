@@ -11,7 +11,6 @@ from rich.table import Table
 from rolebus.bus import Bus
 from rolebus.cli.app import (
     JsonOption,
-    app,
     keep_whole,
     out,
     print_json,
@@ -30,7 +29,6 @@ dlq_app = typer.Typer(
     "good, or out of attempts), with why.",
     no_args_is_help=True,
 )
-app.add_typer(dlq_app, name="dlq")
 
 
 # --- dead letters --------------------------------------------------------------------------

@@ -11,13 +11,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rolebus.cli.app import JsonOption, app, out, print_json
+from rolebus.cli.app import JsonOption, out, print_json
 from rolebus.errors import ConfigError
 from rolebus.flows.lifecycle import STAGES, rows
 from rolebus.web.lifecyclesvg import render_lifecycle
 
 
-@app.command("lifecycle")
 def lifecycle(
     stage: Annotated[
         str | None,

@@ -8,14 +8,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rolebus.cli.app import JsonOption, RolesOption, app, out, print_json, run, settings_for
+from rolebus.cli.app import JsonOption, RolesOption, out, print_json, run, settings_for
 from rolebus.errors import ConfigError
 from rolebus.handlers.probe import Report, check_server
 from rolebus.team.handler_specs import LlmHandler
 from rolebus.team.roles import load_team
 
 llm_app = typer.Typer(help="LLM roles: check the model server a role runs on.")
-app.add_typer(llm_app, name="llm")
 
 
 def _spec(

@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from rolebus.bus import Bus
-from rolebus.cli.app import JsonOption, app, keep_whole, out, print_json, run, settings_for
+from rolebus.cli.app import JsonOption, keep_whole, out, print_json, run, settings_for
 from rolebus.config import Settings
 
 _DAY = 86400.0
@@ -57,7 +57,6 @@ async def _storage(settings: Settings) -> list[dict[str, Any]]:
     return entries
 
 
-@app.command("storage")
 def storage(as_json: JsonOption = False) -> None:
     """Bytes per stream and bucket, their growth per day, and how long they are kept.
 

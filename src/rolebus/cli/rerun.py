@@ -1,5 +1,4 @@
-"""What a handler would do, or be told: rerun (recorded inputs through a handler,
-nothing published) and prompt (what an LLM role's model would be sent)."""
+"""`rolebus rerun`: what-if, a role's handler again on recorded inputs."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from rolebus.bus import Bus
 from rolebus.cli.app import (
     JsonOption,
     RolesOption,
-    app,
     err,
     out,
     print_json,
@@ -24,25 +22,18 @@ from rolebus.cli.app import (
     settings_for,
     team_for,
 )
-from rolebus.errors import ConfigError, NotFoundError
-from rolebus.flows.contracts import ContractRegistry
-from rolebus.flows.record import TaskState
-from rolebus.flows.state import StateStore, published_tasks
+from rolebus.errors import ConfigError
 from rolebus.handlers.llm import LlmRunner
 from rolebus.handlers.loader import load_handler
 from rolebus.handlers.pricing import cost_usd
-from rolebus.handlers.prompt import prompt_messages
 from rolebus.history.replay import all_states, parse_since
-from rolebus.history.rerun import RerunResult, context_for, rerun, work_item
+from rolebus.history.rerun import RerunResult, rerun
 from rolebus.history.whatif import FailOn, KeptRun, compare, failed_gate, rows_of, totals
 from rolebus.team.handler_specs import CommandHandler, LlmHandler
 from rolebus.team.roles import RoleSpec
 from rolebus.wire.codec import validation_problems
-from rolebus.wire.messages import Task
-from rolebus.wire.subjects import WORK_STREAM
 
 
-@app.command("rerun")
 def rerun_command(
     role: Annotated[
         str | None, typer.Option(help="Whose recorded inputs to replay (not with --compare).")
@@ -339,59 +330,3 @@ def _report(
             err.print(f"[red]--fail-on {gate}[/]: {refused}", highlight=False)
     if refused or (gate is None and any(row["changed"] or row["error"] for row in rows)):
         raise typer.Exit(1)
-
-
-@app.command("prompt")
-def prompt_command(
-    role: Annotated[str, typer.Argument(help="The role whose model would be asked.")],
-    task_id: Annotated[str, typer.Argument(help="A task (handled, or waiting for a worker).")],
-    roles: RolesOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Print what the role's model would be sent for a task: the system message (the
-    role's identity card, the team, the outcome protocol) and the user message (the
-    task and its context). Nothing is sent; no key is needed."""
-    settings = settings_for(roles)
-    team = team_for(settings)
-    spec = team.role(role)
-
-    async def go() -> list[dict[str, str]]:
-        async with await Bus.connect(settings, name="rolebus-prompt", provision=False) as bus:
-            found = await StateStore(bus.connection).get(task_id)
-            if found is not None:
-                state = found.state
-                task = await work_item(bus.connection, state)
-                if task is None:
-                    raise NotFoundError(f"task {task_id!r} is no longer in {WORK_STREAM}")
-            else:
-                task, subject = await _published_task(bus, task_id)
-                state = TaskState(
-                    task_id=task.id,
-                    role=spec.id,
-                    state="claimed",
-                    subject=subject,
-                    kind=task.kind,
-                    title=task.title,
-                )
-            contracts = await ContractRegistry(bus.connection, team=team).resolve(
-                task.payload.get("contracts")
-            )
-            context = context_for(spec, team, state, task, contracts, calls=None)
-            return prompt_messages(task, context)
-
-    messages = run(go())
-    if as_json:
-        print_json(messages)
-        return
-    for message in messages:
-        out.print(f"[bold]--- {message['role']} ---[/]")
-        out.print(message["content"], markup=False, highlight=False)
-
-
-async def _published_task(bus: Bus, task_id: str) -> tuple[Task, str]:
-    """A task no worker has picked up yet, and its subject."""
-    async for task, stored in published_tasks(bus.connection, task_id):
-        return task, stored.subject
-    raise NotFoundError(
-        f"no task {task_id!r}", hint="`rolebus tasks` lists them; ids are case-sensitive"
-    )
