@@ -11,12 +11,12 @@ from pathlib import Path
 
 from rolebus.bus import Bus
 from rolebus.config import Settings
+from rolebus.flows.progress import RATE
 from rolebus.handlers.base import HandlerContext
 from rolebus.history.replay import read_events
 from rolebus.nats.server import EmbeddedServer
 from rolebus.team.roles import load_team
 from rolebus.wire.messages import Outcome, Task
-from rolebus.worker.progress import RATE
 from rolebus.worker.runner import start_workers
 
 from ..team import write_team

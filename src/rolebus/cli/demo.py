@@ -37,7 +37,7 @@ from rolebus.config import Settings
 from rolebus.errors import CodecError, ConfigError, RolebusError
 from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
-from rolebus.flows.record import TaskState
+from rolebus.flows.record import State, TaskState
 from rolebus.history.replay import (
     flow_states,
 )
@@ -55,6 +55,10 @@ from rolebus.worker.runner import Crew, start_workers
 __all__ = ["DemoResult", "play"]
 
 FEATURE = "Order history page"
+
+
+#: The ends of an attempt the demo prints in red.
+_LOUD = frozenset({State.RETRYING, State.REJECTED, State.DEAD})
 
 
 @dataclass
@@ -117,13 +121,17 @@ class FlowPrinter:
             return f"{arrow} [green]{subject}[/]  {verdict}{message.decision}"
         if (
             isinstance(message, Event)
-            and message.state == "completed"
+            and message.state == State.COMPLETED
             and isinstance(message.result, dict)
             and "met" in message.result
         ):
             report = ", ".join(f"{key} {value}" for key, value in message.result.items())
             return f"{message.role or '?':>9}    [green]reports[/]   {report}"
-        if isinstance(message, Event) and message.state in ("retrying", "rejected", "dead"):
+        if isinstance(message, Event) and message.state in (
+            State.RETRYING,
+            State.REJECTED,
+            State.DEAD,
+        ):
             return (
                 f"{message.role or '?':>9}    [red]{message.state:<9}[/] "
                 f"task {message.task_id}: {message.error}"
@@ -139,7 +147,7 @@ async def _quiet(
     a person)."""
     states = await flow_states(bus.connection, root_id)
     settled = [
-        state.terminal or (parked_is_quiet and state.state == "input-required") for state in states
+        state.terminal or (parked_is_quiet and state.state == State.PARKED) for state in states
     ]
     if not states or not all(settled):
         return None
@@ -206,7 +214,7 @@ def latency_ms(states: list[TaskState]) -> tuple[float, float]:
     samples = sorted(
         (state.updated_at - state.created_at).total_seconds() * 1000
         for state in states
-        if state.created_at is not None and state.state == "completed"
+        if state.created_at is not None and state.state == State.COMPLETED
     )
     if not samples:
         return 0.0, 0.0
@@ -347,7 +355,7 @@ def demo(
             f"demo's history is kept in {settings.home})",
             highlight=False,
         )
-    dead = [state for state in result.states if state.state == "dead"]
+    dead = [state for state in result.states if state.state == State.DEAD]
     if dead:
         # A flow that did not finish is not a demo that worked: say what died, and fail.
         err.print(

@@ -18,7 +18,7 @@ from rolebus.cli.app import (
 )
 from rolebus.errors import NotFoundError
 from rolebus.flows.contracts import ContractRegistry
-from rolebus.flows.record import TaskState
+from rolebus.flows.record import State, TaskState
 from rolebus.flows.state import StateStore, published_tasks
 from rolebus.handlers.prompt import prompt_messages
 from rolebus.history.rerun import context_for, work_item
@@ -52,7 +52,7 @@ def prompt_command(
                 state = TaskState(
                     task_id=task.id,
                     role=spec.id,
-                    state="claimed",
+                    state=State.CLAIMED,
                     subject=subject,
                     kind=task.kind,
                     title=task.title,

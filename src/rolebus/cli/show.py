@@ -23,7 +23,7 @@ from rolebus.cli.app import (
 from rolebus.errors import ConfigError, NotFoundError
 from rolebus.flows.calls import CallStore, call_summary
 from rolebus.flows.escalation import EscalationRecord, EscalationStore
-from rolebus.flows.record import TaskState
+from rolebus.flows.record import State, TaskState
 from rolebus.flows.state import StateStore, published_tasks
 from rolebus.history.flow import Flow, read_flow
 from rolebus.history.replay import (
@@ -32,15 +32,17 @@ from rolebus.history.replay import (
 from rolebus.web.flowsvg import render_flow
 from rolebus.wire.subjects import WORK_STREAM
 
+_COLOURS: dict[str, str] = {
+    State.COMPLETED: "green",
+    State.DEAD: "red",
+    State.REJECTED: "red",
+    State.PARKED: "yellow",
+}
+
 
 def _tree_label(state: TaskState) -> str:
     attempts = f" [{state.attempt} attempts]" if state.attempt > 1 else ""
-    colour = {
-        "completed": "green",
-        "dead": "red",
-        "rejected": "red",
-        "input-required": "yellow",
-    }.get(state.state, "white")
+    colour = _COLOURS.get(state.state, "white")
     detail = state.error or ""
     if state.effects_pending:
         detail = f"effects pending: {state.effects_pending}"

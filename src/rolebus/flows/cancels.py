@@ -14,7 +14,7 @@ import json
 from collections.abc import AsyncGenerator
 
 from rolebus.errors import NotFoundError
-from rolebus.flows.record import TaskState
+from rolebus.flows.record import State, TaskState
 from rolebus.flows.state import StateStore, StoredState, published_tasks
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import Team
@@ -23,7 +23,7 @@ from rolebus.wire.subjects import CANCELS_BUCKET, TASK
 
 __all__ = ["CANCELLED", "Cancellations", "cancel"]
 
-CANCELLED = "cancelled"
+CANCELLED = State.CANCELLED
 
 
 class Cancellations:

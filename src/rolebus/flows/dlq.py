@@ -18,6 +18,7 @@ from datetime import datetime
 import structlog
 
 from rolebus.errors import CodecError, NotFoundError, SubjectError
+from rolebus.flows.record import State
 from rolebus.flows.state import StateStore
 from rolebus.nats.connection import Connection
 from rolebus.nats.delivery import StoredMessage
@@ -204,7 +205,7 @@ async def redrive(connection: Connection, entry: DeadLetter) -> PubAck:
             await states.put(
                 current.state.model_copy(
                     update={
-                        "state": "redriven",
+                        "state": State.REDRIVEN,
                         "error": None,
                         "updated_at": utc_now(),
                         "detail": {**detail, "dlq_seq": entry.seq},

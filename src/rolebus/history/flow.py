@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from rolebus.flows.calls import CallStore, call_summary
+from rolebus.flows.record import TERMINAL_STATES, State
 from rolebus.history.replay import ReplayFilter, replay
 from rolebus.nats.connection import Connection
 from rolebus.team.roles import Team
@@ -22,7 +23,7 @@ from rolebus.wire.subjects import EVENTS_STREAM, WORK_STREAM, sender_of
 __all__ = ["Box", "Flow", "Span", "read_flow"]
 
 #: How a work item's attempt ends; its span on the picture ends there.
-_ENDS = frozenset({"completed", "dead", "rejected", "handed-off", "cancelled"})
+_ENDS = TERMINAL_STATES
 _WAIT = "waiting for a decision"
 
 
@@ -140,9 +141,9 @@ async def read_flow(connection: Connection, team: Team, correlation: str) -> Flo
     flow.boxes = [await _with_tool_calls(connection, box) for box in flow.boxes]
     by_id = {box.id: box for box in flow.boxes}
     for event in events:
-        if event.entity != "task" or event.state not in ("retrying", "dead"):
+        if event.entity != "task" or event.state not in (State.RETRYING, State.DEAD):
             continue
-        kind = "retry" if event.state == "retrying" else "dead-letter"
+        kind = "retry" if event.state == State.RETRYING else "dead-letter"
         flow.boxes.append(
             Box(
                 id=event.id,
@@ -214,16 +215,16 @@ def _task_spans(box: Box, history: list[Event]) -> list[Span]:
             spans.append(Span(box.lane, start, until, "working", box.id))
 
     for event in history:
-        if event.state == "claimed" and event.at > start:
+        if event.state == State.CLAIMED and event.at > start:
             spans.append(Span(box.lane, start, event.at, "queued", box.id, queued_label))
             start, queued_label = event.at, ""
-        elif event.state == "retrying":
+        elif event.state == State.RETRYING:
             handled(event.at, event)
             start, queued_label = event.at, "waiting to retry"
-        elif event.state == "input-required":
+        elif event.state == State.PARKED:
             handled(event.at, event)
             waiting_since = event.at
-        elif event.state == "resumed" and waiting_since is not None:
+        elif event.state == State.RESUMED and waiting_since is not None:
             spans.append(Span(box.lane, waiting_since, event.at, "waiting", box.id, _WAIT))
             waiting_since, start, queued_label = None, event.at, ""
         elif event.state in _ENDS:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 import structlog
 
 from rolebus.errors import CodecError
-from rolebus.flows.record import TaskState
+from rolebus.flows.record import State, TaskState
 from rolebus.flows.state import decode_state
 from rolebus.nats.connection import Connection
 from rolebus.wire.subjects import EVENTS_STREAM, TASK_RECORDS
@@ -183,7 +183,7 @@ class TaskProjection:
         # A task whose effects waited is written again when they are stored: count
         # its completion once (when first read, if its earlier writes were not).
         if (
-            state.state == "completed"
+            state.state == State.COMPLETED
             and state.created_at is not None
             and not state.effects_pending
             and not counted_before

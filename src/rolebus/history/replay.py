@@ -26,7 +26,7 @@ from rolebus.team.durations import parse_duration
 from rolebus.team.roles import Team
 from rolebus.wire import codec
 from rolebus.wire.headers import Header
-from rolebus.wire.messages import Envelope, Event, Task
+from rolebus.wire.messages import Envelope, Event
 from rolebus.wire.subjects import (
     DLQ_STREAM,
     EVENTS_STREAM,
@@ -252,13 +252,6 @@ def _origin(stored: StoredMessage) -> codec.Origin | None:
         original = int(stored.headers[Header.DLQ_STREAM_SEQ] or 0)
         return codec.Origin(original, stored.time, stored.headers.get(Header.MSG_ID))
     return None
-
-
-def task_from(stored: StoredMessage) -> Task | None:
-    try:
-        return codec.decode_as(Task, stored.data, subject=stored.subject, origin=_origin(stored))
-    except CodecError:
-        return None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.escalation import EscalationStore
 from rolebus.flows.escalation_rules import escalation_item
 from rolebus.flows.handoffs import review_item
-from rolebus.flows.record import TaskState
+from rolebus.flows.record import State, TaskState
 from rolebus.handlers.base import CallLog, Handler, HandlerContext, NeedsLiveError
 from rolebus.history.replay import all_states
 from rolebus.nats.connection import Connection
@@ -141,7 +141,7 @@ async def rerun(
     ``include_failed``: dead and rejected inputs too."""
     registry = ContractRegistry(connection, team=team)
     calls = None if live else CallStore(connection, role=role.id, read_only=True)
-    ends = {"dead", "rejected"}
+    ends = {State.DEAD, State.REJECTED}
     states = [
         state
         for state in await all_states(connection)

@@ -14,6 +14,7 @@ from typing import Any
 from rolebus.flows import dlq
 from rolebus.flows.budgets import BudgetLedger
 from rolebus.flows.escalation import EscalationStore
+from rolebus.flows.record import TERMINAL_STATES, State
 from rolebus.history.projection import TaskProjection
 from rolebus.history.replay import ReplayFilter, replay
 from rolebus.history.usage import UsageLedger
@@ -69,9 +70,8 @@ def _slo(
     return {"target": target, "value": value, "met": met}
 
 
-_ATTEMPT_ENDS = frozenset(
-    {"completed", "retrying", "input-required", "handed-off", "rejected", "dead"}
-)
+#: The records that end an attempt (a retry, a park, every end).
+_ATTEMPT_ENDS = frozenset({*TERMINAL_STATES, State.RETRYING, State.PARKED})
 
 
 class AttemptCounts:
@@ -104,7 +104,7 @@ class AttemptCounts:
             # Every attempt ends in exactly one of these (`claimed` is not published
             # for fast tasks, so it cannot count them).
             attempt = event.state in _ATTEMPT_ENDS
-            failure = event.state in ("retrying", "dead")
+            failure = event.state in (State.RETRYING, State.DEAD)
             if attempt or failure:
                 second = int(item.stored.time.timestamp())
                 counts = self._seconds.setdefault(event.role, {}).setdefault(second, [0, 0])

@@ -26,6 +26,7 @@ import pytest_asyncio
 from rolebus.bus import Bus
 from rolebus.config import Settings
 from rolebus.errors import CodecError
+from rolebus.flows.record import TERMINAL_STATES, State
 from rolebus.nats.connection import Connection
 from rolebus.nats.server import EmbeddedServer
 
@@ -149,7 +150,7 @@ class HistoryReport:
         assert self.ok, f"history check failed: {self}"
 
 
-TERMINAL_EVENTS = frozenset({"completed", "dead", "rejected", "handed-off"})
+TERMINAL_EVENTS = TERMINAL_STATES
 
 
 async def check_history(
@@ -183,7 +184,7 @@ async def check_history(
                     ended.add(event.task_id)
                 # A record saying whether its effects are stored repeats the
                 # completed one: it is not another completion.
-                if event.state == "completed" and "effects_pending" not in event.detail:
+                if event.state == State.COMPLETED and "effects_pending" not in event.detail:
                     completed[event.task_id] += 1
             elif stream == WORK_STREAM and "_redrive_" not in message.headers.get(
                 Header.MSG_ID, ""

@@ -26,6 +26,7 @@ from rolebus.flows.contracts import ContractRegistry
 from rolebus.flows.effects import publish_event
 from rolebus.flows.intake import Item
 from rolebus.flows.limits import RateLimiter
+from rolebus.flows.progress import ProgressReporter
 from rolebus.flows.record import State, TaskState
 from rolebus.handlers.base import BudgetBreachError, Handler, HandlerContext
 from rolebus.nats.connection import Connection
@@ -37,7 +38,6 @@ from rolebus.wire.headers import Header
 from rolebus.wire.messages import Decision, Event, Outcome
 from rolebus.wire.subjects import note_subject
 from rolebus.worker.notices import ClaimedNotices
-from rolebus.worker.progress import ProgressReporter
 
 __all__ = ["Attempts"]
 

@@ -22,7 +22,7 @@ from rolebus.wire.subjects import note_subject
 
 __all__ = ["LIMIT", "RATE", "ProgressReporter"]
 
-log = structlog.get_logger("rolebus.worker")
+log = structlog.get_logger("rolebus.flows.progress")
 
 RATE = 4.0  # events a second, per task
 LIMIT = 500  # events per attempt
